@@ -1,0 +1,61 @@
+//! Typed errors of the `models` crate: each variant names the file, field or value at fault.
+
+use std::path::PathBuf;
+
+/// Errors from configs, parameter tables and checkpoint formats.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A model configuration is inconsistent.
+    #[error("invalid model config: {0}")]
+    Config(String),
+
+    /// An unknown preset name.
+    #[error("unknown model '{name}'; known models: {known}")]
+    UnknownModel { name: String, known: String },
+
+    /// Reading or writing a file failed.
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A file is not in the format expected, or is damaged.
+    #[error("{}: {reason}", path.display())]
+    Format { path: PathBuf, reason: String },
+
+    /// A tensor has a shape other than the one expected.
+    #[error("{}: tensor '{name}' has shape {found:?}, expected {expected:?}", path.display())]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+
+    /// A required tensor or field is absent.
+    #[error("{}: missing {what}", path.display())]
+    Missing { path: PathBuf, what: String },
+}
+
+/// Result alias of the crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Shorthand for a [`Error::Format`] error.
+    pub fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
+        Error::Format {
+            path: path.into(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Shorthand for an [`Error::Io`] error.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io {
+            path: path.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project virtualenv with libtorch and ONNX Runtime from PyPI, then
+# builds the workspace. Safe to run again: it only does what is not done yet.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+
+command -v cargo >/dev/null || { say "cargo not found: install Rust (rustup) first"; exit 1; }
+py=${PYTHON:-python3}
+command -v "$py" >/dev/null || { say "python3 not found: install Python 3.10 or later"; exit 1; }
+
+venv="$root/.venv"
+stamp="$venv/.requirements.sha256"
+want=$(sha256sum requirements.txt | cut -d' ' -f1)
+if [ ! -x "$venv/bin/python" ]; then
+  say "creating virtualenv $venv"
+  "$py" -m venv "$venv"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  say "installing requirements.txt into $venv (torch is large: a few GB)"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -r requirements.txt
+  echo "$want" > "$stamp"
+fi
+
+# tch finds libtorch through LIBTORCH=.venv/libtorch (set in .cargo/config.toml).
+torch_dir=$("$venv/bin/python" - <<'PY'
+import importlib.util, os
+spec = importlib.util.find_spec("torch")
+print(os.path.dirname(spec.origin))
+PY
+)
+ln -sfn "$torch_dir" "$venv/libtorch"
+
+if [ "${MAE_SETUP_NO_BUILD:-0}" != 1 ]; then
+  say "building the workspace (the first build compiles libtorch bindings: several minutes)"
+  cargo build --workspace --bins
+fi
+say "ready: binaries in $root/target/debug (mae-train, mae-export, mae-run)"

@@ -1,0 +1,53 @@
+//! Links libtorch so that `mae-train` uses CUDA where present and finds libtorch on its own.
+//!
+//! tch's own build links `torch_cuda`, but the default `--as-needed` linker mode drops it because
+//! no symbol of ours refers to it directly; without it libtorch never registers its CUDA backend.
+//! We therefore relink it with `--no-as-needed`, and record the library folder as a run path so
+//! the binaries start without `LD_LIBRARY_PATH` (which, when set, still takes precedence).
+
+use std::env;
+use std::path::PathBuf;
+
+const EXPECTED_TORCH: &str = "2.11.0";
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=LIBTORCH");
+    println!("cargo:rerun-if-changed=build.rs");
+    let Some(root) = env::var_os("LIBTORCH").map(PathBuf::from) else {
+        println!(
+            "cargo:warning=LIBTORCH is not set; run scripts/setup.sh (it creates .venv/libtorch)"
+        );
+        return;
+    };
+    let root = root.canonicalize().unwrap_or(root);
+    check_version(&root);
+    let lib = root.join("lib");
+    if lib.join("libtorch_cuda.so").exists() {
+        println!(
+            "cargo:rustc-link-arg=-Wl,--no-as-needed,-L{},-ltorch_cuda,--as-needed",
+            lib.display()
+        );
+    }
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+}
+
+/// Fails the build early with a clear message when the libtorch found is not the one tch expects.
+fn check_version(root: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(root.join("version.py")) else {
+        return; // a plain libtorch folder has no version.py; tch checks `build-version` itself
+    };
+    let found = text
+        .lines()
+        .find_map(|l| l.strip_prefix("__version__ = "))
+        .map(|v| v.trim_matches(|c| c == '\'' || c == '"').to_string());
+    if let Some(found) = found {
+        let base = found.split('+').next().unwrap_or(&found);
+        if base != EXPECTED_TORCH {
+            panic!(
+                "libtorch at {} is torch {found}, but tch 0.24 needs {EXPECTED_TORCH}; \
+                 rerun scripts/setup.sh",
+                root.display()
+            );
+        }
+    }
+}
