@@ -5,7 +5,10 @@
 pub mod checkpoint;
 pub mod config;
 pub mod error;
+pub mod imaging;
 pub mod io;
+pub mod metrics;
+pub mod npz;
 pub mod preprocess;
 pub mod probe;
 pub mod report;

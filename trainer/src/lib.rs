@@ -1,8 +1,18 @@
 //! `mae-train`: MAE pretraining, fine-tuning, linear probing and evaluation on libtorch.
 
+pub mod bench;
 pub mod cli;
 mod cmd;
+pub mod data;
+pub mod finetune;
+pub mod mixup;
+pub mod model;
+pub mod optim;
+pub mod pretrain;
+pub mod rng;
+pub mod run;
 pub mod synth;
+pub mod visualize;
 
 use std::process::ExitCode;
 
@@ -15,5 +25,10 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(a) => cmd::models(&a),
         Command::Inspect(a) => cmd::inspect(&a),
         Command::Synth(a) => cmd::synth(&a),
+        Command::Finetune(a) => finetune::finetune(&a),
+        Command::Eval(a) => finetune::eval(&a),
+        Command::Pretrain(a) => pretrain::pretrain(&a),
+        Command::Visualize(a) => visualize::visualize(&a),
+        Command::Bench(a) => bench::bench(&a),
     }
 }

@@ -1,0 +1,285 @@
+//! Data sets (ImageFolder trees and MedMNIST `.npz` files), subsets, transforms and a
+//! multi-threaded batch loader that decodes and augments ahead of the model.
+
+pub mod loader;
+pub mod transform;
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use image::RgbImage;
+use mae_models::checkpoint::Task;
+
+use crate::rng::Rng;
+
+/// Extensions read from ImageFolder trees.
+pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+
+/// Where one sample's pixels are.
+#[derive(Debug, Clone)]
+pub enum Pixels {
+    File(PathBuf),
+    Memory(Arc<RgbImage>),
+}
+
+/// One sample: its pixels and its labels (one class index, or a 0/1 vector for multi-label).
+#[derive(Debug, Clone)]
+pub struct Item {
+    pub pixels: Pixels,
+    pub labels: Vec<i64>,
+    /// How the sample is named in reports (a path, or `file.npz:split[i]`).
+    pub name: String,
+}
+
+impl Item {
+    /// Decodes the pixels; errors name the file.
+    pub fn image(&self) -> anyhow::Result<RgbImage> {
+        match &self.pixels {
+            Pixels::File(p) => Ok(mae_models::imaging::load_rgb(p)?),
+            Pixels::Memory(img) => Ok((**img).clone()),
+        }
+    }
+
+    /// The single class of a multi-class or binary sample.
+    pub fn class(&self) -> usize {
+        self.labels.first().copied().unwrap_or(0).max(0) as usize
+    }
+}
+
+/// A labelled split.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    pub items: Vec<Item>,
+    pub class_names: Vec<String>,
+    pub task: Task,
+    pub source: String,
+}
+
+impl Dataset {
+    /// Outputs of the head: classes, or labels for multi-label tasks.
+    pub fn num_outputs(&self) -> usize {
+        self.class_names.len()
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+}
+
+/// Opens split `split` of `data_path`: a MedMNIST `.npz` file or an ImageFolder root holding
+/// `{split}/{class}/image`.
+pub fn open(data_path: &Path, split: &str) -> anyhow::Result<Dataset> {
+    if data_path.extension().is_some_and(|e| e == "npz") {
+        open_npz(data_path, split)
+    } else {
+        open_image_folder(&data_path.join(split))
+    }
+}
+
+fn open_image_folder(root: &Path) -> anyhow::Result<Dataset> {
+    let mut classes: Vec<String> = std::fs::read_dir(root)
+        .with_context(|| format!("cannot read data folder {}", root.display()))?
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_dir())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    classes.sort();
+    if classes.len() < 2 {
+        bail!(
+            "{} must hold one folder per class (found {})",
+            root.display(),
+            classes.len()
+        );
+    }
+    let mut items = Vec::new();
+    for (label, class) in classes.iter().enumerate() {
+        let mut files = Vec::new();
+        collect_images(&root.join(class), &mut files)?;
+        files.sort();
+        items.extend(files.into_iter().map(|p| Item {
+            name: p.display().to_string(),
+            pixels: Pixels::File(p),
+            labels: vec![label as i64],
+        }));
+    }
+    if items.is_empty() {
+        bail!(
+            "no images ({}) under {}",
+            IMAGE_EXTENSIONS.join(", "),
+            root.display()
+        );
+    }
+    let task = if classes.len() == 2 {
+        Task::Binary
+    } else {
+        Task::MultiClass
+    };
+    Ok(Dataset {
+        items,
+        class_names: classes,
+        task,
+        source: root.display().to_string(),
+    })
+}
+
+/// Every image file under `dir`, recursively.
+pub fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let p = e
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .path();
+        if p.is_dir() {
+            collect_images(&p, out)?;
+        } else if p
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
+
+fn open_npz(path: &Path, split: &str) -> anyhow::Result<Dataset> {
+    let s = mae_models::npz::read_split(path, split)?;
+    let n = s.images.len();
+    let width = s.labels.first().map_or(1, Vec::len);
+    let (task, class_names) = if width > 1 {
+        (
+            Task::MultiLabel,
+            (0..width).map(|i| format!("label_{i}")).collect(),
+        )
+    } else {
+        let max = s
+            .labels
+            .iter()
+            .filter_map(|l| l.first())
+            .copied()
+            .max()
+            .unwrap_or(0);
+        let k = (max + 1).max(2) as usize;
+        let task = if k == 2 {
+            Task::Binary
+        } else {
+            Task::MultiClass
+        };
+        (task, (0..k).map(|i| i.to_string()).collect())
+    };
+    let items = s
+        .images
+        .into_iter()
+        .zip(s.labels)
+        .enumerate()
+        .map(|(i, (img, labels))| Item {
+            pixels: Pixels::Memory(Arc::new(img)),
+            labels,
+            name: format!("{}:{split}[{i}]", path.display()),
+        })
+        .collect();
+    if n == 0 {
+        bail!("{}: split '{split}' is empty", path.display());
+    }
+    Ok(Dataset {
+        items,
+        class_names,
+        task,
+        source: format!("{}:{split}", path.display()),
+    })
+}
+
+/// A seeded, class-stratified subset of `n` items (by the first label for multi-label data):
+/// each class keeps its share of `n`, rounded so the total is exactly `n`.
+pub fn stratified_subset(ds: &Dataset, n: usize, seed: u64) -> Vec<usize> {
+    if n >= ds.len() {
+        return (0..ds.len()).collect();
+    }
+    let k = ds.num_outputs().max(1);
+    let mut by_class: Vec<Vec<usize>> = vec![Vec::new(); k];
+    for (i, item) in ds.items.iter().enumerate() {
+        by_class[item.class().min(k - 1)].push(i);
+    }
+    let mut rng = Rng::derive(&[seed, 0x5eed]);
+    for c in &mut by_class {
+        rng.shuffle(c);
+    }
+    // Largest-remainder apportionment of n over the class sizes.
+    let total = ds.len() as f64;
+    let mut quotas: Vec<(usize, f64)> = by_class
+        .iter()
+        .map(|c| {
+            let exact = n as f64 * c.len() as f64 / total;
+            (exact.floor() as usize, exact - exact.floor())
+        })
+        .collect();
+    let mut left = n - quotas.iter().map(|q| q.0).sum::<usize>();
+    let mut order: Vec<usize> = (0..k).collect();
+    order.sort_by(|&a, &b| quotas[b].1.total_cmp(&quotas[a].1).then(a.cmp(&b)));
+    for &c in order.iter().cycle().take(k * 2) {
+        if left == 0 {
+            break;
+        }
+        if quotas[c].0 < by_class[c].len() {
+            quotas[c].0 += 1;
+            left -= 1;
+        }
+    }
+    let mut chosen: Vec<usize> = by_class
+        .iter()
+        .zip(&quotas)
+        .flat_map(|(c, q)| c.iter().take(q.0).copied())
+        .collect();
+    chosen.sort_unstable();
+    chosen
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fake(counts: &[usize]) -> Dataset {
+        let mut items = Vec::new();
+        for (c, &n) in counts.iter().enumerate() {
+            for i in 0..n {
+                items.push(Item {
+                    pixels: Pixels::File(PathBuf::from(format!("{c}/{i}.png"))),
+                    labels: vec![c as i64],
+                    name: format!("{c}/{i}"),
+                });
+            }
+        }
+        Dataset {
+            items,
+            class_names: counts
+                .iter()
+                .enumerate()
+                .map(|(i, _)| i.to_string())
+                .collect(),
+            task: Task::MultiClass,
+            source: "fake".into(),
+        }
+    }
+
+    #[test]
+    fn stratified_subset_keeps_class_shares() {
+        let ds = fake(&[300, 100, 600]);
+        let s = stratified_subset(&ds, 100, 1);
+        assert_eq!(s.len(), 100);
+        let count = |c: i64| s.iter().filter(|&&i| ds.items[i].labels[0] == c).count();
+        assert_eq!((count(0), count(1), count(2)), (30, 10, 60));
+        assert_eq!(s, stratified_subset(&ds, 100, 1));
+        assert_ne!(s, stratified_subset(&ds, 100, 2));
+        let mut d = s.clone();
+        d.dedup();
+        assert_eq!(d.len(), 100);
+        // Uneven shares still sum to n.
+        let ds = fake(&[7, 5, 3]);
+        assert_eq!(stratified_subset(&ds, 8, 0).len(), 8);
+        assert_eq!(stratified_subset(&ds, 100, 0).len(), 15);
+    }
+}

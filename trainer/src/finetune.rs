@@ -1,0 +1,597 @@
+//! `mae-train finetune` and `mae-train eval`: the MAE fine-tuning recipe
+//! (facebookresearch/mae `main_finetune.py`, `engine_finetune.py`).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use indicatif::{ProgressBar, ProgressStyle};
+use mae_models::checkpoint::{self, CheckpointKind, CheckpointMeta, ProbeRecord, Task};
+use mae_models::metrics::{self, EvalOptions, Metrics};
+use mae_models::{ModelConfig, Overrides, VitConfig};
+use tch::nn::{self, ModuleT};
+use tch::{Device, Kind, Tensor};
+
+use crate::cli::{DeviceArg, EvalArgs, FinetuneArgs};
+use crate::data::loader::{Batch, Loader, LoaderConfig};
+use crate::data::transform::TrainAug;
+use crate::data::{self, Dataset};
+use crate::mixup::{mix, MixConfig};
+use crate::model::load::{adapt_for_classifier, load_into, state_dict};
+use crate::model::vit::VisionTransformer;
+use crate::optim::{lr_at, param_groups, scaled_lr, AdamW};
+use crate::rng::Rng;
+use crate::run::{load_optim, save_checkpoint, RunDir};
+
+/// Seed and size of the probe batch recorded in every classifier checkpoint.
+pub const PROBE_SEED: u64 = 0;
+pub const PROBE_BATCH: usize = 2;
+
+/// The device a run uses.
+pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
+    match arg {
+        DeviceArg::Cpu => Ok(Device::Cpu),
+        DeviceArg::Auto => Ok(Device::cuda_if_available()),
+        DeviceArg::Cuda if tch::Cuda::is_available() => Ok(Device::Cuda(0)),
+        DeviceArg::Cuda => bail!("--device cuda: libtorch sees no CUDA device on this machine"),
+    }
+}
+
+/// Outputs of a model on a data set: probabilities, labels and the mean loss.
+#[derive(Debug)]
+pub struct Evaluation {
+    pub metrics: Metrics,
+    pub seconds: f64,
+}
+
+fn targets(labels: &[Vec<i64>], task: Task, classes: usize, smoothing: f64) -> Tensor {
+    let b = labels.len();
+    let mut t = vec![0f32; b * classes];
+    for (i, l) in labels.iter().enumerate() {
+        match task {
+            Task::MultiLabel => {
+                for (j, &v) in l.iter().take(classes).enumerate() {
+                    t[i * classes + j] = (v != 0) as u8 as f32;
+                }
+            }
+            _ => {
+                let off = smoothing as f32 / classes as f32;
+                for j in 0..classes {
+                    t[i * classes + j] = off;
+                }
+                let c = (l.first().copied().unwrap_or(0).max(0) as usize).min(classes - 1);
+                t[i * classes + c] += 1.0 - smoothing as f32;
+            }
+        }
+    }
+    Tensor::from_slice(&t).reshape([b as i64, classes as i64])
+}
+
+/// Soft-target cross-entropy (multi-class, binary) or binary cross-entropy (multi-label).
+fn loss_fn(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
+    match task {
+        Task::MultiLabel => logits.binary_cross_entropy_with_logits::<Tensor>(
+            target,
+            None,
+            None,
+            tch::Reduction::Mean,
+        ),
+        _ => (-(target * logits.log_softmax(-1, Kind::Float)))
+            .sum_dim_intlist(-1, false, Kind::Float)
+            .mean(Kind::Float),
+    }
+}
+
+fn probabilities(logits: &Tensor, task: Task) -> Tensor {
+    match task {
+        Task::MultiLabel => logits.sigmoid(),
+        _ => logits.softmax(-1, Kind::Float),
+    }
+}
+
+/// A batch as a `[b, 3, s, s]` tensor on `device`.
+pub fn to_input(b: &Batch, size: usize, device: Device) -> Tensor {
+    let n = b.labels.len() as i64;
+    let s = size as i64;
+    Tensor::from_slice(&b.pixels)
+        .reshape([n, 3, s, s])
+        .to_device(device)
+}
+
+/// Runs the model over `ds` with the evaluation transform and computes the metrics.
+pub fn evaluate(
+    model: &VisionTransformer,
+    ds: &Arc<Dataset>,
+    spec: &mae_models::preprocess::PreprocessSpec,
+    device: Device,
+    batch_size: usize,
+    workers: usize,
+    label: &str,
+) -> anyhow::Result<Evaluation> {
+    let start = Instant::now();
+    let cfg = LoaderConfig {
+        spec: spec.clone(),
+        aug: None,
+        reprob: 0.0,
+        batch_size,
+        drop_last: false,
+        workers,
+        seed: 0,
+        epoch: 0,
+    };
+    let loader = Loader::new(ds.clone(), (0..ds.len()).collect(), cfg);
+    let bar = progress(loader.len() as u64, label);
+    let c = ds.num_outputs();
+    let (mut probs, mut labels, mut loss_sum) = (Vec::new(), Vec::new(), 0.0);
+    tch::no_grad(|| -> anyhow::Result<()> {
+        for b in loader {
+            let b = b?;
+            let logits = model.forward_t(&to_input(&b, spec.input_size, device), false);
+            let t = targets(&b.labels, ds.task, c, 0.0).to_device(device);
+            loss_sum += loss_fn(&logits, &t, ds.task).double_value(&[]) * b.labels.len() as f64;
+            let p = probabilities(&logits, ds.task)
+                .to_device(Device::Cpu)
+                .flatten(0, -1);
+            probs.extend(Vec::<f32>::try_from(p)?);
+            labels.extend(b.labels);
+            bar.inc(1);
+        }
+        Ok(())
+    })?;
+    bar.finish_and_clear();
+    let n = labels.len().max(1);
+    let opts = EvalOptions {
+        threshold: 0.5,
+        class_names: ds.class_names.clone(),
+    };
+    let mut metrics = metrics::evaluate_with(ds.task, &probs, c, &labels, &opts)?;
+    metrics.loss = Some(loss_sum / n as f64);
+    Ok(Evaluation {
+        metrics,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// A progress bar with images/s and ETA.
+pub fn progress(len: u64, label: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    let style = ProgressStyle::with_template(
+        "{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar.set_prefix(label.to_string());
+    bar
+}
+
+/// Records the model's outputs on the seeded probe batch, for the exporter's check.
+fn probe(model: &VisionTransformer, device: Device) -> ProbeRecord {
+    let s = model.cfg.img_size;
+    let xs = mae_models::probe::probe_batch(PROBE_SEED, PROBE_BATCH, 3, s);
+    let xs = Tensor::from_slice(&xs).reshape([PROBE_BATCH as i64, 3, s as i64, s as i64]);
+    let out = tch::no_grad(|| model.forward_t(&xs.to_device(device), false));
+    let outputs =
+        Vec::<f32>::try_from(out.to_device(Device::Cpu).flatten(0, -1)).unwrap_or_default();
+    ProbeRecord {
+        seed: PROBE_SEED,
+        batch: PROBE_BATCH,
+        outputs,
+    }
+}
+
+/// Reads the checkpoint of `--finetune` and loads what fits, printing the load report.
+fn init_from(vs: &nn::VarStore, cfg: &VitConfig, path: &Path) -> anyhow::Result<()> {
+    let ck = checkpoint::load(path)
+        .with_context(|| format!("cannot read --finetune checkpoint {}", path.display()))?;
+    let mut sd = ck.tensors;
+    println!("Load pre-trained checkpoint from: {}", path.display());
+    for note in adapt_for_classifier(&mut sd, &cfg.parameters()) {
+        println!("{note}");
+    }
+    let report = load_into(vs, &sd);
+    println!("{report}");
+    if !report.mismatched.is_empty() {
+        bail!(
+            "{}: {} tensors do not fit {} (first: {})",
+            path.display(),
+            report.mismatched.len(),
+            "the model",
+            report.mismatched[0].name
+        );
+    }
+    if report.applied.is_empty() {
+        bail!(
+            "{}: no tensor of this checkpoint fits the model",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// `mae-train finetune`.
+pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
+    let device = device(a.device)?;
+    if a.dist_eval || a.world_size.is_some_and(|w| w > 1) {
+        eprintln!("note: one process; --dist-eval and --world-size apply to distributed runs only");
+    }
+    if a.precision
+        .is_some_and(|p| p != crate::cli::Precision::Fp32)
+    {
+        eprintln!("note: this build computes in fp32; --precision applies to CUDA autocast, not yet available");
+    }
+    if let Some(policy) = &a.aa {
+        eprintln!("note: --aa {policy}: RandAugment is not applied by this build");
+    }
+    let run = RunDir::create(&a.output_dir)?;
+    let train = data::open(&a.data_path, "train")?;
+    let val = data::open(&a.data_path, "val")?;
+    if let Some(n) = a.nb_classes {
+        if n != train.num_outputs() {
+            bail!(
+                "--nb-classes {n} but {} has {} classes",
+                train.source,
+                train.num_outputs()
+            );
+        }
+    }
+    let resume = match &a.resume {
+        Some(p) => Some(
+            checkpoint::load(p)
+                .with_context(|| format!("cannot read --resume checkpoint {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let cfg = match resume.as_ref().and_then(|r| r.meta.as_ref()) {
+        Some(meta) => match &meta.config {
+            ModelConfig::Vit(c) => c.clone(),
+            ModelConfig::Mae(_) => {
+                bail!("--resume needs a classifier checkpoint; use --finetune for MAE weights")
+            }
+        },
+        None if resume.is_some() => {
+            bail!("--resume checkpoint has no mae metadata; use --finetune")
+        }
+        None => {
+            let o = Overrides {
+                img_size: a.input_size,
+                num_classes: Some(train.num_outputs()),
+                depth: a.depth,
+                ..Default::default()
+            };
+            let ModelConfig::Vit(mut c) = ModelConfig::preset(&a.model)?.with_overrides(&o)? else {
+                bail!(
+                    "--model {} is an MAE model; fine-tune its encoder with a vit_* model",
+                    a.model
+                )
+            };
+            c.global_pool = !a.cls_token;
+            c
+        }
+    };
+    let spec = mae_models::preprocess::PreprocessSpec::imagenet(cfg.img_size);
+
+    let mut order: Vec<usize> = (0..train.len()).collect();
+    if let Some(n) = a.train_samples {
+        order = data::stratified_subset(&train, n, a.seed);
+        let list: String = order
+            .iter()
+            .map(|&i| format!("{}\n", train.items[i].name))
+            .collect();
+        run.write("train_subset.txt", &list)?;
+    }
+    let train = Arc::new(train);
+    let val = Arc::new(val);
+
+    tch::manual_seed(a.seed as i64);
+    let mut vs = nn::VarStore::new(device);
+    let model = VisionTransformer::new(&vs.root(), &cfg, a.drop_path);
+    let n_parameters: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    if let Some(p) = &a.finetune {
+        if resume.is_none() {
+            init_from(&vs, &cfg, p)?;
+        }
+    }
+    let names_dims: Vec<(String, usize)> = {
+        let mut v: Vec<_> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.dim()))
+            .collect();
+        v.sort();
+        v
+    };
+    let groups = param_groups(
+        &names_dims,
+        cfg.depth,
+        a.weight_decay,
+        a.layer_decay,
+        &["cls_token", "pos_embed"],
+    );
+    let mut opt = AdamW::new(&vs, &groups, (0.9, 0.999));
+    let eff_batch = a.batch_size * a.accum_iter;
+    let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
+    let mut start_epoch = 0;
+    let mut best = f64::NEG_INFINITY;
+    if let (Some(ck), Some(path)) = (&resume, &a.resume) {
+        let report = load_into(&vs, &ck.tensors);
+        if !report.is_exact() {
+            bail!(
+                "{}: weights do not match the recorded architecture:\n{report}",
+                path.display()
+            );
+        }
+        let (moments, step) = load_optim(path)?;
+        opt.load_state(&moments, step)
+            .map_err(|e| anyhow::anyhow!("{}: optimizer state: {e}", path.display()))?;
+        let meta = ck.meta.as_ref().expect("checked above");
+        start_epoch = meta.epoch.map_or(0, |e| e + 1);
+        best = meta
+            .metrics
+            .get("best")
+            .copied()
+            .unwrap_or(f64::NEG_INFINITY);
+        run.truncate_log(start_epoch)?;
+        println!(
+            "Resume checkpoint {} (epoch {start_epoch}, step {step})",
+            path.display()
+        );
+    }
+    let args_json = args_json(a);
+    run.write("args.json", &serde_json::to_string_pretty(&args_json)?)?;
+    println!(
+        "model {} ({n_parameters} parameters), {} classes ({}), {} train / {} val images, device {device:?}",
+        a.model,
+        train.num_outputs(),
+        train.task.as_str(),
+        order.len(),
+        val.len()
+    );
+    println!(
+        "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}",
+        lr * 256.0 / eff_batch as f64
+    );
+
+    if a.eval {
+        let ev = evaluate(
+            &model,
+            &val,
+            &spec,
+            device,
+            a.batch_size,
+            a.num_workers,
+            "eval",
+        )?;
+        println!("{}", ev.metrics);
+        return Ok(ExitCode::SUCCESS);
+    }
+
+    let steps_per_epoch = order.len() / a.batch_size.max(1);
+    if steps_per_epoch == 0 {
+        bail!(
+            "batch size {} is larger than the {} training images",
+            a.batch_size,
+            order.len()
+        );
+    }
+    let last_epoch = a
+        .stop_after
+        .map_or(a.epochs, |n| (start_epoch + n).min(a.epochs));
+    let mix_cfg = MixConfig {
+        mixup_alpha: a.mixup,
+        cutmix_alpha: a.cutmix,
+        prob: a.mixup_prob,
+        switch_prob: a.mixup_switch_prob,
+    };
+    let aug = TrainAug {
+        scale: (a.min_crop_scale, 1.0),
+        hflip: true,
+    };
+    let c = train.num_outputs();
+    let started = Instant::now();
+    for epoch in start_epoch..last_epoch {
+        tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
+        let mut ep_order = order.clone();
+        Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut ep_order);
+        let cfg_l = LoaderConfig {
+            spec: spec.clone(),
+            aug: Some(aug.clone()),
+            reprob: a.reprob,
+            batch_size: a.batch_size,
+            drop_last: true,
+            workers: a.num_workers,
+            seed: a.seed,
+            epoch,
+        };
+        let loader = Loader::new(train.clone(), ep_order, cfg_l);
+        let bar = progress(loader.len() as u64, &format!("epoch {epoch}"));
+        let (mut loss_sum, mut seen, mut cur_lr) = (0.0, 0usize, 0.0);
+        opt.zero_grad();
+        for (it, b) in loader.enumerate() {
+            let b = b?;
+            if it % a.accum_iter == 0 {
+                cur_lr = lr_at(
+                    epoch as f64 + it as f64 / steps_per_epoch as f64,
+                    lr,
+                    a.min_lr,
+                    a.warmup_epochs,
+                    a.epochs as f64,
+                );
+            }
+            let xs = to_input(&b, spec.input_size, device);
+            let t = targets(&b.labels, train.task, c, a.smoothing).to_device(device);
+            let mut mix_rng = Rng::derive(&[a.seed, epoch, it as u64, 2]);
+            let (xs, t, _) = mix(&xs, &t, &mix_cfg, &mut mix_rng);
+            let loss = loss_fn(&model.forward_t(&xs, true), &t, train.task);
+            let lv = loss.double_value(&[]);
+            if !lv.is_finite() {
+                bar.abandon();
+                bail!("loss is {lv} at epoch {epoch}, step {it}; stopping training (the last saved checkpoint is intact)");
+            }
+            (loss / a.accum_iter as f64).backward();
+            if (it + 1) % a.accum_iter == 0 {
+                if let Some(max) = a.clip_grad {
+                    opt.clip_grad_norm(max);
+                }
+                opt.step(cur_lr);
+                opt.zero_grad();
+            }
+            loss_sum += lv * b.labels.len() as f64;
+            seen += b.labels.len();
+            bar.set_message(format!(
+                "loss {:.4} lr {cur_lr:.2e}",
+                loss_sum / seen as f64
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_loss = loss_sum / seen.max(1) as f64;
+        let ev = evaluate(
+            &model,
+            &val,
+            &spec,
+            device,
+            a.batch_size,
+            a.num_workers,
+            "val",
+        )?;
+        let m = &ev.metrics;
+        let score = m.auc.unwrap_or(m.acc1);
+        let is_best = score > best;
+        if is_best {
+            best = score;
+        }
+        println!(
+            "epoch {epoch}: train_loss {train_loss:.4} lr {cur_lr:.2e} | val loss {:.4} acc1 {:.2}% auc {} | {:.0}s",
+            m.loss.unwrap_or(f64::NAN),
+            m.acc1 * 100.0,
+            m.auc.map_or("-".into(), |v| format!("{v:.4}")),
+            started.elapsed().as_secs_f64()
+        );
+        let mut entry = serde_json::json!({
+            "train_lr": cur_lr, "train_loss": train_loss, "test_loss": m.loss,
+            "test_acc1": m.acc1 * 100.0, "test_acc5": m.acc5.map(|v| v * 100.0),
+            "test_auc": m.auc, "epoch": epoch, "n_parameters": n_parameters,
+        });
+        if let Some(o) = entry.as_object_mut() {
+            o.retain(|_, v| !v.is_null());
+        }
+        run.log(&entry)?;
+
+        let mut meta = CheckpointMeta::new(
+            CheckpointKind::Classifier,
+            &a.model,
+            ModelConfig::Vit(cfg.clone()),
+            concat!("mae-train ", env!("CARGO_PKG_VERSION")),
+        );
+        meta.task = Some(train.task);
+        meta.class_names = train.class_names.clone();
+        meta.preprocess = spec.clone();
+        meta.epoch = Some(epoch);
+        meta.args = args_json.clone();
+        meta.metrics = m.summary();
+        meta.metrics.insert("best".into(), best);
+        meta.probe = Some(probe(&model, device));
+        let weights = state_dict(&vs);
+        let path = run.file(&format!("checkpoint-{epoch}.safetensors"));
+        save_checkpoint(&path, &weights, &meta, Some(&opt))?;
+        if is_best {
+            save_checkpoint(
+                &run.file("checkpoint-best.safetensors"),
+                &weights,
+                &meta,
+                None,
+            )?;
+        }
+        run.write("metrics.json", &serde_json::to_string_pretty(m)?)?;
+    }
+    vs.freeze();
+    println!(
+        "training time {:.0}s; outputs in {}",
+        started.elapsed().as_secs_f64(),
+        run.path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn args_json(a: &FinetuneArgs) -> serde_json::Value {
+    serde_json::json!({
+        "data_path": a.data_path, "model": a.model, "input_size": a.input_size, "depth": a.depth,
+        "finetune": a.finetune, "batch_size": a.batch_size, "epochs": a.epochs,
+        "accum_iter": a.accum_iter, "lr": a.lr, "blr": a.blr, "min_lr": a.min_lr,
+        "warmup_epochs": a.warmup_epochs, "layer_decay": a.layer_decay,
+        "weight_decay": a.weight_decay, "clip_grad": a.clip_grad, "drop_path": a.drop_path,
+        "smoothing": a.smoothing, "mixup": a.mixup, "cutmix": a.cutmix,
+        "mixup_prob": a.mixup_prob, "mixup_switch_prob": a.mixup_switch_prob, "reprob": a.reprob,
+        "aa": a.aa, "min_crop_scale": a.min_crop_scale, "cls_token": a.cls_token,
+        "train_samples": a.train_samples, "seed": a.seed,
+    })
+}
+
+/// `mae-train eval`.
+pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
+    let device = device(a.device)?;
+    let ck = checkpoint::load(&a.resume)
+        .with_context(|| format!("cannot read checkpoint {}", a.resume.display()))?;
+    let meta = ck.meta.as_ref().with_context(|| {
+        format!(
+            "{} has no mae metadata (architecture, classes)",
+            a.resume.display()
+        )
+    })?;
+    let ModelConfig::Vit(cfg) = &meta.config else {
+        bail!(
+            "{} is an MAE pretraining checkpoint, not a classifier",
+            a.resume.display()
+        );
+    };
+    let ds = data::open(&a.data_path, &a.split)?;
+    if ds.num_outputs() != cfg.num_classes {
+        bail!(
+            "{} has {} classes, the checkpoint {}",
+            ds.source,
+            ds.num_outputs(),
+            cfg.num_classes
+        );
+    }
+    let vs = nn::VarStore::new(device);
+    let model = VisionTransformer::new(&vs.root(), cfg, 0.0);
+    let report = load_into(&vs, &ck.tensors);
+    if !report.is_exact() {
+        bail!(
+            "{}: weights do not match the recorded architecture:\n{report}",
+            a.resume.display()
+        );
+    }
+    let mut ds = ds;
+    ds.class_names = meta.class_names.clone();
+    let ds = Arc::new(ds);
+    let ev = evaluate(
+        &model,
+        &ds,
+        &meta.preprocess,
+        device,
+        a.batch_size,
+        a.num_workers,
+        &a.split,
+    )?;
+    println!(
+        "{} on {} ({} images, {:.1}s)",
+        a.resume.display(),
+        ds.source,
+        ds.len(),
+        ev.seconds
+    );
+    println!("{}", ev.metrics);
+    if let Some(out) = &a.output {
+        mae_models::io::atomic_write(out, serde_json::to_string_pretty(&ev.metrics)?.as_bytes())?;
+        println!("metrics written to {}", out.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}

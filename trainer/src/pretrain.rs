@@ -1,0 +1,274 @@
+//! `mae-train pretrain`: MAE self-supervised pretraining (facebookresearch/mae
+//! `main_pretrain.py`, `engine_pretrain.py`).
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use mae_models::checkpoint::{self, CheckpointKind, CheckpointMeta, Task};
+use mae_models::preprocess::PreprocessSpec;
+use mae_models::{ModelConfig, Overrides};
+use tch::{nn, Kind, Tensor};
+
+use crate::cli::PretrainArgs;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::transform::TrainAug;
+use crate::data::{self, Dataset, Item, Pixels};
+use crate::finetune::{device, progress, to_input};
+use crate::model::load::{load_into, state_dict};
+use crate::model::mae::MaskedAutoencoderViT;
+use crate::optim::{lr_at, param_groups, scaled_lr, AdamW};
+use crate::rng::Rng;
+use crate::run::{load_optim, save_checkpoint, RunDir};
+use crate::visualize::{render_grid, save_png};
+
+/// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
+/// image under a flat folder (labels are not used).
+pub fn open_unlabeled(path: &Path) -> anyhow::Result<Dataset> {
+    let is_npz = path.extension().is_some_and(|e| e == "npz");
+    if is_npz || path.join("train").is_dir() {
+        return data::open(path, "train");
+    }
+    let mut files = Vec::new();
+    data::collect_images(path, &mut files)?;
+    files.sort();
+    if files.is_empty() {
+        bail!(
+            "no images ({}) under {}",
+            data::IMAGE_EXTENSIONS.join(", "),
+            path.display()
+        );
+    }
+    let items = files
+        .into_iter()
+        .map(|p| Item {
+            name: p.display().to_string(),
+            pixels: Pixels::File(p),
+            labels: vec![0],
+        })
+        .collect();
+    Ok(Dataset {
+        items,
+        class_names: vec!["image".into()],
+        task: Task::MultiClass,
+        source: path.display().to_string(),
+    })
+}
+
+/// `mae-train pretrain`.
+pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
+    if !(0.0..1.0).contains(&a.mask_ratio) {
+        bail!("--mask-ratio {} must be in [0, 1)", a.mask_ratio);
+    }
+    let device = device(a.device)?;
+    let run = RunDir::create(&a.output_dir)?;
+    let train = Arc::new(open_unlabeled(&a.data_path)?);
+    let resume = match &a.resume {
+        Some(p) => Some(
+            checkpoint::load(p)
+                .with_context(|| format!("cannot read --resume checkpoint {}", p.display()))?,
+        ),
+        None => None,
+    };
+    let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
+        Some(Some(meta)) => match &meta.config {
+            ModelConfig::Mae(c) => c.clone(),
+            ModelConfig::Vit(_) => bail!("--resume needs an MAE pretraining checkpoint"),
+        },
+        Some(None) => bail!("--resume checkpoint has no mae metadata"),
+        None => {
+            let o = Overrides {
+                img_size: a.input_size,
+                depth: a.depth,
+                ..Default::default()
+            };
+            let ModelConfig::Mae(mut c) = ModelConfig::preset(&a.model)?.with_overrides(&o)? else {
+                bail!(
+                    "--model {} is not an MAE model; pretraining needs mae_* presets",
+                    a.model
+                )
+            };
+            c.norm_pix_loss = a.norm_pix_loss;
+            c
+        }
+    };
+    let spec = PreprocessSpec::imagenet(cfg.img_size);
+    tch::manual_seed(a.seed as i64);
+    let vs = nn::VarStore::new(device);
+    let model = MaskedAutoencoderViT::new(&vs.root(), &cfg);
+    let mut names: Vec<(String, usize)> = vs
+        .variables()
+        .into_iter()
+        .filter(|(_, t)| t.requires_grad())
+        .map(|(k, t)| (k, t.dim()))
+        .collect();
+    names.sort();
+    let n_parameters: i64 = vs
+        .trainable_variables()
+        .iter()
+        .map(|t| t.numel() as i64)
+        .sum();
+    let groups = param_groups(&names, cfg.depth, a.weight_decay, 1.0, &[]);
+    let mut opt = AdamW::new(&vs, &groups, (0.9, 0.95));
+    let eff_batch = a.batch_size * a.accum_iter;
+    let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
+    let mut start_epoch = 0;
+    if let (Some(ck), Some(path)) = (&resume, &a.resume) {
+        let report = load_into(&vs, &ck.tensors);
+        if !report.is_exact() {
+            bail!(
+                "{}: weights do not match the recorded architecture:\n{report}",
+                path.display()
+            );
+        }
+        let (moments, step) = load_optim(path)?;
+        opt.load_state(&moments, step)
+            .map_err(|e| anyhow::anyhow!("{}: optimizer state: {e}", path.display()))?;
+        start_epoch = ck.meta.as_ref().and_then(|m| m.epoch).map_or(0, |e| e + 1);
+        run.truncate_log(start_epoch)?;
+        println!(
+            "Resume checkpoint {} (epoch {start_epoch}, step {step})",
+            path.display()
+        );
+    }
+    let args = serde_json::json!({
+        "data_path": a.data_path, "model": a.model, "input_size": cfg.img_size, "mask_ratio": a.mask_ratio,
+        "norm_pix_loss": cfg.norm_pix_loss, "batch_size": a.batch_size, "epochs": a.epochs,
+        "accum_iter": a.accum_iter, "lr": lr, "blr": a.blr, "min_lr": a.min_lr,
+        "warmup_epochs": a.warmup_epochs, "weight_decay": a.weight_decay, "seed": a.seed,
+    });
+    run.write("args.json", &serde_json::to_string_pretty(&args)?)?;
+    println!(
+        "model {} ({n_parameters} trainable parameters), {} images, device {device:?}",
+        a.model,
+        train.len()
+    );
+    println!(
+        "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}",
+        lr * 256.0 / eff_batch as f64
+    );
+
+    let steps_per_epoch = train.len() / a.batch_size.max(1);
+    if steps_per_epoch == 0 {
+        bail!(
+            "batch size {} is larger than the {} images",
+            a.batch_size,
+            train.len()
+        );
+    }
+    let vis = vis_batch(&train, &spec, &model, a.seed)?;
+    let last_epoch = a
+        .stop_after
+        .map_or(a.epochs, |n| (start_epoch + n).min(a.epochs));
+    let started = Instant::now();
+    for epoch in start_epoch..last_epoch {
+        tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
+        let mut order: Vec<usize> = (0..train.len()).collect();
+        Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut order);
+        let lcfg = LoaderConfig {
+            spec: spec.clone(),
+            aug: Some(TrainAug {
+                scale: (0.2, 1.0),
+                hflip: true,
+            }),
+            reprob: 0.0,
+            batch_size: a.batch_size,
+            drop_last: true,
+            workers: a.num_workers,
+            seed: a.seed,
+            epoch,
+        };
+        let loader = Loader::new(train.clone(), order, lcfg);
+        let bar = progress(loader.len() as u64, &format!("epoch {epoch}"));
+        let (mut loss_sum, mut seen, mut cur_lr) = (0.0, 0usize, 0.0);
+        opt.zero_grad();
+        for (it, b) in loader.enumerate() {
+            let b = b?;
+            if it % a.accum_iter == 0 {
+                let e = epoch as f64 + it as f64 / steps_per_epoch as f64;
+                cur_lr = lr_at(e, lr, a.min_lr, a.warmup_epochs, a.epochs as f64);
+            }
+            let out = model.forward(&to_input(&b, spec.input_size, device), a.mask_ratio);
+            let lv = out.loss.double_value(&[]);
+            if !lv.is_finite() {
+                bar.abandon();
+                bail!("loss is {lv} at epoch {epoch}, step {it}; stopping training (the last saved checkpoint is intact)");
+            }
+            (out.loss / a.accum_iter as f64).backward();
+            if (it + 1) % a.accum_iter == 0 {
+                opt.step(cur_lr);
+                opt.zero_grad();
+            }
+            loss_sum += lv * b.labels.len() as f64;
+            seen += b.labels.len();
+            bar.set_message(format!(
+                "loss {:.4} lr {cur_lr:.2e}",
+                loss_sum / seen as f64
+            ));
+            bar.inc(1);
+        }
+        bar.finish_and_clear();
+        let train_loss = loss_sum / seen.max(1) as f64;
+        println!(
+            "epoch {epoch}: train_loss {train_loss:.4} lr {cur_lr:.2e} | {:.0}s",
+            started.elapsed().as_secs_f64()
+        );
+        run.log(&serde_json::json!({"train_lr": cur_lr, "train_loss": train_loss, "epoch": epoch, "n_parameters": n_parameters}))?;
+        let mut meta = CheckpointMeta::new(
+            CheckpointKind::MaePretrain,
+            &a.model,
+            ModelConfig::Mae(cfg.clone()),
+            concat!("mae-train ", env!("CARGO_PKG_VERSION")),
+        );
+        meta.preprocess = spec.clone();
+        meta.epoch = Some(epoch);
+        meta.args = args.clone();
+        meta.metrics.insert("train_loss".into(), train_loss);
+        let path = run.file(&format!("checkpoint-{epoch}.safetensors"));
+        save_checkpoint(&path, &state_dict(&vs), &meta, Some(&opt))?;
+        if a.vis_every > 0 && ((epoch + 1) % a.vis_every == 0 || epoch + 1 == a.epochs) {
+            let (imgs, noise) = &vis;
+            let grid = render_grid(
+                &model,
+                &imgs.to_device(device),
+                &noise.to_device(device),
+                a.mask_ratio,
+                &spec,
+            );
+            std::fs::create_dir_all(run.file("vis")).context("cannot create vis folder")?;
+            save_png(&grid, &run.file(&format!("vis/epoch-{epoch:04}.png")))?;
+        }
+    }
+    println!(
+        "training time {:.0}s; outputs in {}",
+        started.elapsed().as_secs_f64(),
+        run.path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The fixed images and masking noise of the progress grids: the first four images.
+fn vis_batch(
+    ds: &Dataset,
+    spec: &PreprocessSpec,
+    model: &MaskedAutoencoderViT,
+    seed: u64,
+) -> anyhow::Result<(Tensor, Tensor)> {
+    let k = ds.len().min(4);
+    let s = spec.input_size as i64;
+    let mut px = Vec::new();
+    for item in &ds.items[..k] {
+        px.extend(mae_models::imaging::preprocess_eval(&item.image()?, spec));
+    }
+    let l = model.pos_embed.size()[1] - 1;
+    let mut rng = Rng::derive(&[seed, 0x715]);
+    let noise: Vec<f32> = (0..k as i64 * l).map(|_| rng.unit() as f32).collect();
+    Ok((
+        Tensor::from_slice(&px).reshape([k as i64, 3, s, s]),
+        Tensor::from_slice(&noise)
+            .reshape([k as i64, l])
+            .to_kind(Kind::Float),
+    ))
+}

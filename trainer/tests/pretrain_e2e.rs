@@ -1,0 +1,151 @@
+//! `mae-train pretrain` end to end: a tiny run on generated images, stopped and resumed,
+//! then fine-tuned from its checkpoint; `visualize` writes a PNG of the expected size.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+use std::process::Command;
+
+use mae_models::checkpoint;
+
+fn mae_train(dir: &Path, args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .unwrap();
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    assert!(
+        out.status.success(),
+        "mae-train {args:?} failed:\n{}\n{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+const PRETRAIN: &[&str] = &[
+    "pretrain",
+    "--data-path",
+    "data",
+    "--model",
+    "mae_vit_tiny_patch4_28",
+    "--depth",
+    "1",
+    "--batch-size",
+    "16",
+    "--epochs",
+    "3",
+    "--warmup-epochs",
+    "1",
+    "--num-workers",
+    "2",
+    "--norm-pix-loss",
+    "--vis-every",
+    "1",
+];
+
+#[test]
+fn pretrain_resume_visualize_and_finetune_from_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mae_train(
+        d,
+        &[
+            "synth",
+            "--output",
+            "data",
+            "--per-class",
+            "16",
+            "--size",
+            "28",
+        ],
+    );
+
+    let full: Vec<&str> = PRETRAIN
+        .iter()
+        .copied()
+        .chain(["--output-dir", "full"])
+        .collect();
+    mae_train(d, &full);
+    let part: Vec<&str> = PRETRAIN
+        .iter()
+        .copied()
+        .chain(["--output-dir", "part", "--stop-after", "1"])
+        .collect();
+    mae_train(d, &part);
+    let resumed: Vec<&str> = PRETRAIN
+        .iter()
+        .copied()
+        .chain([
+            "--output-dir",
+            "part",
+            "--resume",
+            "part/checkpoint-0.safetensors",
+        ])
+        .collect();
+    assert!(mae_train(d, &resumed).contains("Resume checkpoint"));
+
+    let a = checkpoint::load(&d.join("full/checkpoint-2.safetensors")).unwrap();
+    let b = checkpoint::load(&d.join("part/checkpoint-2.safetensors")).unwrap();
+    for (name, ta) in &a.tensors {
+        let (va, vb) = (ta.to_f32_vec(), b.tensors[name].to_f32_vec());
+        let worst = va
+            .iter()
+            .zip(&vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: resumed run differs by {worst}");
+    }
+    let meta = b.meta.unwrap();
+    assert_eq!(meta.kind, checkpoint::CheckpointKind::MaePretrain);
+    assert!(b.tensors.contains_key("decoder_pred.weight") && b.tensors.contains_key("mask_token"));
+    let log = std::fs::read_to_string(d.join("part/log.txt")).unwrap();
+    assert_eq!(log.lines().count(), 3);
+
+    // Progress grids, and a grid for one image on demand: 4 panels of 28·4 px plus 3 gaps.
+    let grid = image::open(d.join("part/vis/epoch-0002.png")).unwrap();
+    assert_eq!(grid.width(), 4 * 112 + 3 * 4);
+    let out = mae_train(
+        d,
+        &[
+            "visualize",
+            "--checkpoint",
+            "part/checkpoint-2.safetensors",
+            "--image",
+            "data/val/circle/0000.png",
+            "-o",
+            "v.png",
+        ],
+    );
+    assert!(out.contains("v.png"), "{out}");
+    let v = image::open(d.join("v.png")).unwrap();
+    assert_eq!((v.width(), v.height()), (4 * 112 + 3 * 4, 112));
+
+    // Fine-tuning from our pretrain checkpoint: decoder dropped, head and fc_norm missing.
+    let out = mae_train(
+        d,
+        &[
+            "finetune",
+            "--data-path",
+            "data",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--depth",
+            "1",
+            "--finetune",
+            "part/checkpoint-2.safetensors",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--output-dir",
+            "ft",
+        ],
+    );
+    assert!(out.contains("dropped") && out.contains("decoder"), "{out}");
+    assert!(
+        out.contains("missing_keys=['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']"),
+        "{out}"
+    );
+    assert!(d.join("ft/checkpoint-0.safetensors").exists());
+}
