@@ -21,9 +21,9 @@ use crate::data::{self, Dataset};
 use crate::mixup::{mix, MixConfig};
 use crate::model::load::{adapt_for_classifier, load_into, state_dict};
 use crate::model::vit::VisionTransformer;
-use crate::optim::{lr_at, param_groups, scaled_lr, AdamW};
+use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{load_optim, save_checkpoint, RunDir};
+use crate::run::{save_checkpoint, train_epoch, RunDir, Schedule};
 
 /// Seed and size of the probe batch recorded in every classifier checkpoint.
 pub const PROBE_SEED: u64 = 0;
@@ -320,28 +320,13 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let mut start_epoch = 0;
     let mut best = f64::NEG_INFINITY;
     if let (Some(ck), Some(path)) = (&resume, &a.resume) {
-        let report = load_into(&vs, &ck.tensors);
-        if !report.is_exact() {
-            bail!(
-                "{}: weights do not match the recorded architecture:\n{report}",
-                path.display()
-            );
-        }
-        let (moments, step) = load_optim(path)?;
-        opt.load_state(&moments, step)
-            .map_err(|e| anyhow::anyhow!("{}: optimizer state: {e}", path.display()))?;
+        start_epoch = crate::run::resume(&vs, &mut opt, ck, path, &run)?;
         let meta = ck.meta.as_ref().expect("checked above");
-        start_epoch = meta.epoch.map_or(0, |e| e + 1);
         best = meta
             .metrics
             .get("best")
             .copied()
             .unwrap_or(f64::NEG_INFINITY);
-        run.truncate_log(start_epoch)?;
-        println!(
-            "Resume checkpoint {} (epoch {start_epoch}, step {step})",
-            path.display()
-        );
     }
     let args_json = args_json(a);
     run.write("args.json", &serde_json::to_string_pretty(&args_json)?)?;
@@ -383,6 +368,14 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let last_epoch = a
         .stop_after
         .map_or(a.epochs, |n| (start_epoch + n).min(a.epochs));
+    let sched = Schedule {
+        lr,
+        min_lr: a.min_lr,
+        warmup_epochs: a.warmup_epochs,
+        epochs: a.epochs,
+        accum_iter: a.accum_iter,
+        clip_grad: a.clip_grad,
+    };
     let mix_cfg = MixConfig {
         mixup_alpha: a.mixup,
         cutmix_alpha: a.cutmix,
@@ -410,48 +403,14 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             epoch,
         };
         let loader = Loader::new(train.clone(), ep_order, cfg_l);
-        let bar = progress(loader.len() as u64, &format!("epoch {epoch}"));
-        let (mut loss_sum, mut seen, mut cur_lr) = (0.0, 0usize, 0.0);
-        opt.zero_grad();
-        for (it, b) in loader.enumerate() {
-            let b = b?;
-            if it % a.accum_iter == 0 {
-                cur_lr = lr_at(
-                    epoch as f64 + it as f64 / steps_per_epoch as f64,
-                    lr,
-                    a.min_lr,
-                    a.warmup_epochs,
-                    a.epochs as f64,
-                );
-            }
-            let xs = to_input(&b, spec.input_size, device);
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, it| {
+            let xs = to_input(b, spec.input_size, device);
             let t = targets(&b.labels, train.task, c, a.smoothing).to_device(device);
             let mut mix_rng = Rng::derive(&[a.seed, epoch, it as u64, 2]);
             let (xs, t, _) = mix(&xs, &t, &mix_cfg, &mut mix_rng);
-            let loss = loss_fn(&model.forward_t(&xs, true), &t, train.task);
-            let lv = loss.double_value(&[]);
-            if !lv.is_finite() {
-                bar.abandon();
-                bail!("loss is {lv} at epoch {epoch}, step {it}; stopping training (the last saved checkpoint is intact)");
-            }
-            (loss / a.accum_iter as f64).backward();
-            if (it + 1) % a.accum_iter == 0 {
-                if let Some(max) = a.clip_grad {
-                    opt.clip_grad_norm(max);
-                }
-                opt.step(cur_lr);
-                opt.zero_grad();
-            }
-            loss_sum += lv * b.labels.len() as f64;
-            seen += b.labels.len();
-            bar.set_message(format!(
-                "loss {:.4} lr {cur_lr:.2e}",
-                loss_sum / seen as f64
-            ));
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let train_loss = loss_sum / seen.max(1) as f64;
+            loss_fn(&model.forward_t(&xs, true), &t, train.task)
+        })?;
+        let (train_loss, cur_lr) = (stats.loss, stats.lr);
         let ev = evaluate(
             &model,
             &val,

@@ -16,12 +16,12 @@ use crate::cli::PretrainArgs;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset, Item, Pixels};
-use crate::finetune::{device, progress, to_input};
-use crate::model::load::{load_into, state_dict};
+use crate::finetune::{device, to_input};
+use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
-use crate::optim::{lr_at, param_groups, scaled_lr, AdamW};
+use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{load_optim, save_checkpoint, RunDir};
+use crate::run::{save_checkpoint, train_epoch, RunDir, Schedule};
 use crate::visualize::{render_grid, save_png};
 
 /// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
@@ -116,22 +116,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
     let mut start_epoch = 0;
     if let (Some(ck), Some(path)) = (&resume, &a.resume) {
-        let report = load_into(&vs, &ck.tensors);
-        if !report.is_exact() {
-            bail!(
-                "{}: weights do not match the recorded architecture:\n{report}",
-                path.display()
-            );
-        }
-        let (moments, step) = load_optim(path)?;
-        opt.load_state(&moments, step)
-            .map_err(|e| anyhow::anyhow!("{}: optimizer state: {e}", path.display()))?;
-        start_epoch = ck.meta.as_ref().and_then(|m| m.epoch).map_or(0, |e| e + 1);
-        run.truncate_log(start_epoch)?;
-        println!(
-            "Resume checkpoint {} (epoch {start_epoch}, step {step})",
-            path.display()
-        );
+        start_epoch = crate::run::resume(&vs, &mut opt, ck, path, &run)?;
     }
     let args = serde_json::json!({
         "data_path": a.data_path, "model": a.model, "input_size": cfg.img_size, "mask_ratio": a.mask_ratio,
@@ -158,6 +143,14 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
             train.len()
         );
     }
+    let sched = Schedule {
+        lr,
+        min_lr: a.min_lr,
+        warmup_epochs: a.warmup_epochs,
+        epochs: a.epochs,
+        accum_iter: a.accum_iter,
+        clip_grad: None,
+    };
     let vis = vis_batch(&train, &spec, &model, a.seed)?;
     let last_epoch = a
         .stop_after
@@ -181,36 +174,12 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
             epoch,
         };
         let loader = Loader::new(train.clone(), order, lcfg);
-        let bar = progress(loader.len() as u64, &format!("epoch {epoch}"));
-        let (mut loss_sum, mut seen, mut cur_lr) = (0.0, 0usize, 0.0);
-        opt.zero_grad();
-        for (it, b) in loader.enumerate() {
-            let b = b?;
-            if it % a.accum_iter == 0 {
-                let e = epoch as f64 + it as f64 / steps_per_epoch as f64;
-                cur_lr = lr_at(e, lr, a.min_lr, a.warmup_epochs, a.epochs as f64);
-            }
-            let out = model.forward(&to_input(&b, spec.input_size, device), a.mask_ratio);
-            let lv = out.loss.double_value(&[]);
-            if !lv.is_finite() {
-                bar.abandon();
-                bail!("loss is {lv} at epoch {epoch}, step {it}; stopping training (the last saved checkpoint is intact)");
-            }
-            (out.loss / a.accum_iter as f64).backward();
-            if (it + 1) % a.accum_iter == 0 {
-                opt.step(cur_lr);
-                opt.zero_grad();
-            }
-            loss_sum += lv * b.labels.len() as f64;
-            seen += b.labels.len();
-            bar.set_message(format!(
-                "loss {:.4} lr {cur_lr:.2e}",
-                loss_sum / seen as f64
-            ));
-            bar.inc(1);
-        }
-        bar.finish_and_clear();
-        let train_loss = loss_sum / seen.max(1) as f64;
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, _| {
+            model
+                .forward(&to_input(b, spec.input_size, device), a.mask_ratio)
+                .loss
+        })?;
+        let (train_loss, cur_lr) = (stats.loss, stats.lr);
         println!(
             "epoch {epoch}: train_loss {train_loss:.4} lr {cur_lr:.2e} | {:.0}s",
             started.elapsed().as_secs_f64()

@@ -116,3 +116,103 @@ pub fn load_optim(ckpt: &Path) -> anyhow::Result<(StateDict, u64)> {
         .with_context(|| format!("{}: no step count", p.display()))?;
     Ok((sd, step.max(0) as u64))
 }
+
+/// Restores weights and optimizer state from `ck` (read from `path`) and drops the log lines
+/// of the epochs that will be rerun; returns the first epoch to train.
+pub fn resume(
+    vs: &tch::nn::VarStore,
+    opt: &mut AdamW,
+    ck: &checkpoint::Checkpoint,
+    path: &Path,
+    run: &RunDir,
+) -> anyhow::Result<u64> {
+    let report = crate::model::load::load_into(vs, &ck.tensors);
+    if !report.is_exact() {
+        anyhow::bail!(
+            "{}: weights do not match the recorded architecture:\n{report}",
+            path.display()
+        );
+    }
+    let (moments, step) = load_optim(path)?;
+    opt.load_state(&moments, step)
+        .map_err(|e| anyhow::anyhow!("{}: optimizer state: {e}", path.display()))?;
+    let start = ck.meta.as_ref().and_then(|m| m.epoch).map_or(0, |e| e + 1);
+    run.truncate_log(start)?;
+    println!(
+        "Resume checkpoint {} (epoch {start}, step {step})",
+        path.display()
+    );
+    Ok(start)
+}
+
+/// The learning-rate schedule and optimisation settings of a run.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub lr: f64,
+    pub min_lr: f64,
+    pub warmup_epochs: f64,
+    pub epochs: u64,
+    pub accum_iter: usize,
+    pub clip_grad: Option<f64>,
+}
+
+/// Mean training loss and last learning rate of an epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct EpochStats {
+    pub loss: f64,
+    pub lr: f64,
+}
+
+/// One training epoch: per-step schedule, gradient accumulation, clipping, AdamW, progress
+/// bar; `loss_of(batch, step)` computes a batch's loss. A non-finite loss stops the run.
+pub fn train_epoch(
+    loader: crate::data::loader::Loader,
+    epoch: u64,
+    sched: &Schedule,
+    opt: &mut AdamW,
+    mut loss_of: impl FnMut(&crate::data::loader::Batch, usize) -> tch::Tensor,
+) -> anyhow::Result<EpochStats> {
+    let steps = loader.len().max(1);
+    let accum = sched.accum_iter.max(1);
+    let bar = crate::finetune::progress(loader.len() as u64, &format!("epoch {epoch}"));
+    let (mut loss_sum, mut seen, mut lr) = (0.0, 0usize, 0.0);
+    opt.zero_grad();
+    for (it, b) in loader.enumerate() {
+        let b = b?;
+        if it % accum == 0 {
+            let e = epoch as f64 + it as f64 / steps as f64;
+            lr = crate::optim::lr_at(
+                e,
+                sched.lr,
+                sched.min_lr,
+                sched.warmup_epochs,
+                sched.epochs as f64,
+            );
+        }
+        let loss = loss_of(&b, it);
+        let lv = loss.double_value(&[]);
+        if !lv.is_finite() {
+            bar.abandon();
+            anyhow::bail!(
+                "loss is {lv} at epoch {epoch}, step {it}; stopping training (the last saved checkpoint is intact)"
+            );
+        }
+        (loss / accum as f64).backward();
+        if (it + 1) % accum == 0 {
+            if let Some(max) = sched.clip_grad {
+                opt.clip_grad_norm(max);
+            }
+            opt.step(lr);
+            opt.zero_grad();
+        }
+        loss_sum += lv * b.labels.len() as f64;
+        seen += b.labels.len();
+        bar.set_message(format!("loss {:.4} lr {lr:.2e}", loss_sum / seen as f64));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(EpochStats {
+        loss: loss_sum / seen.max(1) as f64,
+        lr,
+    })
+}

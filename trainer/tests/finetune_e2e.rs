@@ -3,26 +3,14 @@
 //! and metrics, and `eval` reproduces the recorded metrics.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::mae_train;
+
 use std::path::Path;
 use std::process::Command;
 
 use mae_models::checkpoint;
-
-fn mae_train(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    assert!(
-        out.status.success(),
-        "mae-train {args:?} failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 const TRAIN: &[&str] = &[
     "finetune",

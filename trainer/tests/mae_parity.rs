@@ -3,10 +3,12 @@
 //! (betas 0.9/0.95, no weight decay on 1-D tensors) changes the weights in the same way.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
+use common::assert_close;
 use mae_models::checkpoint::{self, StateDict};
 use mae_models::MaeConfig;
 use mae_trainer::model::load::{interpolate_pos_embed, load_into, to_tensor};
@@ -20,22 +22,8 @@ const TOL: f64 = 1e-5;
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join("../.venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: run scripts/setup.sh first",
-            python.display()
-        );
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trainer-mae-parity");
-        std::fs::create_dir_all(&out).unwrap();
-        let ok = Command::new(python)
-            .arg(root.join("tests/fixtures/gen_mae_reference.py"))
-            .arg(&out)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "reference generator failed");
+        let out = common::tmp_dir("trainer-mae-parity");
+        common::generate("gen_mae_reference.py", &out, &[]);
         out
     })
 }
@@ -59,12 +47,6 @@ fn tiny(norm_pix_loss: bool) -> MaeConfig {
         norm_pix_loss,
         layer_norm_eps: 1e-6,
     }
-}
-
-fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
-    assert_eq!(a.size(), b.size(), "{what}: shapes");
-    let worst = (a - b).abs().max().double_value(&[]);
-    assert!(worst <= tol, "{what}: max |diff| {worst:e} exceeds {tol:e}");
 }
 
 fn check(tag: &str, norm_pix: bool) {

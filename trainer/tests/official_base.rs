@@ -3,45 +3,16 @@
 //! size with `pos_embed` interpolated.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::Command;
+mod common;
 
-fn run(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    assert!(
-        out.status.success(),
-        "mae-train {args:?} failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
+use common::mae_train;
 
 #[test]
 fn official_mae_base_checkpoint_fine_tunes_at_224_and_at_112() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("../.venv/bin/python");
-    assert!(
-        python.exists(),
-        "{} is missing: run scripts/setup.sh first",
-        python.display()
-    );
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let ok = Command::new(&python)
-        .arg(root.join("tests/fixtures/gen_mae_reference.py"))
-        .arg(d)
-        .arg("--base")
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok, "reference generator failed");
-    run(
+    common::generate("gen_mae_reference.py", d, &["--base"]);
+    mae_train(
         d,
         &[
             "synth",
@@ -72,7 +43,7 @@ fn official_mae_base_checkpoint_fine_tunes_at_224_and_at_112() {
         "1",
     ];
 
-    let out = run(d, &[&common[..], &["--output-dir", "ft224"]].concat());
+    let out = mae_train(d, &[&common[..], &["--output-dir", "ft224"]].concat());
     assert!(out.contains("dropped 104 MAE decoder tensors"), "{out}");
     assert!(
         out.contains("missing_keys=['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']"),
@@ -84,7 +55,7 @@ fn official_mae_base_checkpoint_fine_tunes_at_224_and_at_112() {
     );
     assert!(!out.contains("position interpolate"), "{out}");
 
-    let out = run(
+    let out = mae_train(
         d,
         &[
             &common[..],

@@ -3,17 +3,19 @@
 //! does, and the layer-decay groups of ViT-B are upstream's.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 
+use common::assert_close;
 use mae_models::checkpoint::{self, StateDict};
 use mae_models::VitConfig;
 use mae_trainer::model::load::{load_into, to_tensor};
 use mae_trainer::model::vit::VisionTransformer;
 use mae_trainer::optim::{param_groups, AdamW};
 use tch::nn::{self, ModuleT};
-use tch::{Kind, Tensor};
+use tch::Kind;
 
 /// Largest absolute difference allowed between our fp32 logits and PyTorch's.
 const LOGITS_TOL: f64 = 1e-4;
@@ -23,21 +25,8 @@ const STEP_TOL: f64 = 1e-5;
 fn fixtures() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let python = root.join("../.venv/bin/python");
-        assert!(
-            python.exists(),
-            "{} is missing: run scripts/setup.sh first",
-            python.display()
-        );
-        let out = Path::new(env!("CARGO_TARGET_TMPDIR")).join("trainer-parity");
-        std::fs::create_dir_all(&out).unwrap();
-        let status = Command::new(python)
-            .arg(root.join("tests/fixtures/gen_reference.py"))
-            .arg(&out)
-            .status()
-            .unwrap();
-        assert!(status.success(), "reference generator failed");
+        let out = common::tmp_dir("trainer-parity");
+        common::generate("gen_reference.py", &out, &[]);
         out
     })
 }
@@ -60,19 +49,6 @@ fn tiny(global_pool: bool) -> VitConfig {
         global_pool,
         layer_norm_eps: 1e-6,
     }
-}
-
-/// Asserts `a ≈ b` elementwise, naming the worst element on failure.
-fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
-    assert_eq!(a.size(), b.size(), "{what}: shapes");
-    let diff = (a - b).abs().flatten(0, -1);
-    let (worst, idx) = diff.max_dim(0, false);
-    let worst = worst.double_value(&[]);
-    assert!(
-        worst <= tol,
-        "{what}: max |diff| {worst:e} at flat index {} exceeds {tol:e}",
-        idx.int64_value(&[])
-    );
 }
 
 fn logits_match(tag: &str, global_pool: bool) {

@@ -2,26 +2,11 @@
 //! then fine-tuned from its checkpoint; `visualize` writes a PNG of the expected size.
 #![allow(clippy::unwrap_used)]
 
-use std::path::Path;
-use std::process::Command;
+mod common;
+
+use common::mae_train;
 
 use mae_models::checkpoint;
-
-fn mae_train(dir: &Path, args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
-        .current_dir(dir)
-        .args(args)
-        .output()
-        .unwrap();
-    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
-    assert!(
-        out.status.success(),
-        "mae-train {args:?} failed:\n{}\n{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
 
 const PRETRAIN: &[&str] = &[
     "pretrain",
