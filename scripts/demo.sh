@@ -29,7 +29,7 @@ say "4. evaluate on the held-out test split"
   --split test --output "$out/test-metrics.json"
 
 onnx="$out/model.onnx"
-if has mae-export --onnx; then
+if has mae-export "--output"; then
   say "5. export to ONNX"
   "$bin/mae-export" --onnx --checkpoint "$out/train/checkpoint-14.safetensors" --output "$onnx"
 else
