@@ -1,35 +1,95 @@
-//! `mae-export`: turns a checkpoint into a self-describing ONNX model, without libtorch.
+//! `mae-export`: turns a checkpoint into a self-describing, verified ONNX model, without
+//! libtorch.
+//!
+//! The graph is written from the architecture config and the weights ([`onnx::vit`]), wrapped
+//! with the metadata of [`metadata`], written atomically ([`staging`]) and, unless `--no-check`,
+//! loaded back with tract and run on the seeded probe batch ([`check`]) before it is published.
 
-use std::path::PathBuf;
+pub mod check;
+pub mod metadata;
+pub mod onnx;
+pub mod source;
+pub mod staging;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
 use mae_models::checkpoint;
 use mae_models::{LoadReport, ModelConfig};
+use sha2::{Digest, Sha256};
 
-/// Export MAE / ViT checkpoints (ours or official facebookresearch/mae `.pth` files).
+use crate::check::{CheckReport, CheckSpec};
+use crate::onnx::vit::{GraphOptions, Output, Precision};
+use crate::source::Request;
+use crate::staging::Staging;
+
+/// Export MAE / ViT checkpoints (ours or official facebookresearch/mae `.pth` files) to ONNX.
 #[derive(Debug, Parser)]
 #[command(name = "mae-export", version)]
+#[command(group = clap::ArgGroup::new("action").required(true).args(["onnx", "inspect"]))]
 pub struct Cli {
     /// The checkpoint: our `.safetensors` or an official `.pth`.
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Architecture of a checkpoint that does not describe itself (official `.pth` files).
+    /// Architecture of a checkpoint that does not describe itself (official `.pth` files),
+    /// e.g. `vit_base_patch16`; `mae_vit_base_patch16` for a pretrained encoder with --features.
     #[arg(long)]
     pub model: Option<String>,
     /// Write an ONNX model.
-    #[arg(long, conflicts_with = "inspect")]
+    #[arg(long)]
     pub onnx: bool,
     /// Only read the checkpoint and print what it holds and how it matches the model.
     #[arg(long)]
     pub inspect: bool,
+    /// Where to write the model (weights over 2 GB go to `<output>.data` beside it).
+    #[arg(long, default_value = "model.onnx")]
+    pub output: PathBuf,
+    /// Class names, comma-separated, one per output of the head (default: the checkpoint's,
+    /// else `class_0`, `class_1`, ...).
+    #[arg(long, value_delimiter = ',')]
+    pub class_names: Option<Vec<String>>,
+    /// ONNX opset; below 17 LayerNormalization is written as primitive ops.
+    #[arg(long, default_value_t = onnx::DEFAULT_OPSET,
+          value_parser = clap::value_parser!(i64).range(onnx::MIN_OPSET..=onnx::MAX_OPSET))]
+    pub opset: i64,
+    /// Output the pooled embedding (`features`) instead of logits; the only export of an MAE
+    /// pretraining checkpoint.
+    #[arg(long)]
+    pub features: bool,
+    /// float16 weights and compute (float32 inputs and outputs).
+    #[arg(long, conflicts_with = "int8")]
+    pub fp16: bool,
+    /// Dynamic int8 quantisation of the linear layers.
+    #[arg(long)]
+    pub int8: bool,
+    /// Take `image`, uint8 `[batch, H, W, 3]` RGB at the model's size, and normalise it inside
+    /// the graph.
+    #[arg(long)]
+    pub with_preprocessing: bool,
+    /// Write the weights to `<output>.data` beside the model (ONNX external data) even when they
+    /// are under 2 GB; larger models always are.
+    #[arg(long)]
+    pub external_data: bool,
+    /// Skip loading the written model with tract and running the probe batch.
+    #[arg(long)]
+    pub no_check: bool,
 }
 
 /// Runs one parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let ck = checkpoint::load(&cli.checkpoint)
-        .with_context(|| format!("cannot read checkpoint {}", cli.checkpoint.display()))?;
+    if cli.inspect {
+        return inspect(&cli);
+    }
+    export(&cli)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn inspect(cli: &Cli) -> anyhow::Result<ExitCode> {
+    let ck = load(&cli.checkpoint)?;
     let cfg = match (&cli.model, &ck.meta) {
         (Some(name), _) => ModelConfig::preset(name)?,
         (None, Some(meta)) => meta.config.clone(),
@@ -41,10 +101,218 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let report = LoadReport::compare(&cfg.parameters(), ck.shapes());
     println!("{}: {} tensors", cli.checkpoint.display(), ck.tensors.len());
     println!("{report}");
-    if cli.onnx {
-        bail!("ONNX writing is not part of this build yet; --inspect reads the checkpoint");
-    }
     Ok(ExitCode::SUCCESS)
+}
+
+fn load(path: &Path) -> anyhow::Result<checkpoint::Checkpoint> {
+    checkpoint::load(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct Exported {
+    pub path: PathBuf,
+    pub data_path: Option<PathBuf>,
+    pub bytes: u64,
+    pub check: Option<CheckReport>,
+}
+
+/// Exports the checkpoint of `cli` to ONNX; prints what it did.
+pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
+    let started = Instant::now();
+    let precision = match (cli.fp16, cli.int8) {
+        (true, _) => Precision::Fp16,
+        (_, true) => Precision::Int8,
+        _ => Precision::Fp32,
+    };
+    let ck = load(&cli.checkpoint)?;
+    let sha256 = sha256_file(&cli.checkpoint)?;
+    let req = Request {
+        model: cli.model.clone(),
+        class_names: cli.class_names.clone(),
+        features: cli.features,
+    };
+    let r = source::resolve(ck, &req)?;
+    println!(
+        "{}: {} ({}, {} classes, {} head)",
+        cli.checkpoint.display(),
+        r.arch,
+        if r.task.is_some() {
+            "classifier"
+        } else {
+            "features"
+        },
+        r.cfg.num_classes,
+        if r.cfg.global_pool {
+            "global-pool"
+        } else {
+            "class-token"
+        }
+    );
+    println!("{}", r.report);
+    if !r.ignored.is_empty() {
+        println!(
+            "not exported: {} tensors ({})",
+            r.ignored.len(),
+            summary(&r.ignored)
+        );
+    }
+
+    let opts = GraphOptions {
+        opset: cli.opset,
+        precision,
+        output: r.task.map_or(Output::Features, Output::Logits),
+        preprocessing: cli.with_preprocessing.then(|| r.preprocess.clone()),
+    };
+    let graph = onnx::vit::build(&r.cfg, &r.tensors, &opts).with_context(|| {
+        format!(
+            "cannot build the ONNX graph of {}",
+            cli.checkpoint.display()
+        )
+    })?;
+    let input_name = if cli.with_preprocessing {
+        onnx::vit::IMAGE
+    } else {
+        onnx::vit::PIXEL_VALUES
+    };
+    let props = metadata::props(&metadata::ModelInfo {
+        task: r.task,
+        class_names: &r.class_names,
+        input_name,
+        preprocess: &r.preprocess,
+        architecture: &r.arch,
+        config: &r.cfg,
+        precision,
+        checkpoint_file: &source::file_name(&cli.checkpoint),
+        checkpoint_sha256: &sha256,
+        metrics: &r.metrics,
+        epoch: r.epoch,
+    });
+    let doc = format!(
+        "{} exported by mae-export {} from {}",
+        r.arch,
+        env!("CARGO_PKG_VERSION"),
+        source::file_name(&cli.checkpoint)
+    );
+    let mut model = onnx::model(graph, cli.opset, props, &doc);
+    drop(r.tensors);
+
+    let name = staging::file_name(&cli.output)?;
+    let mut staged = Staging::new(&cli.output)?;
+    let mut data_name = None;
+    if cli.external_data || onnx::weight_bytes(&model) >= onnx::MAX_INLINE_BYTES {
+        let data = format!("{name}.data");
+        let chunks = onnx::externalize(&mut model, &data);
+        staged.write_with(&data, |w| {
+            for (pad, bytes) in &chunks {
+                w.write_all(&vec![0u8; *pad])?;
+                w.write_all(bytes)?;
+            }
+            Ok(())
+        })?;
+        data_name = Some(data);
+    }
+    let bytes = onnx::encode(&model);
+    drop(model);
+    staged.write_with(&name, |w| w.write_all(&bytes))?;
+    let mut size = bytes.len() as u64;
+    if let Some(d) = &data_name {
+        size += std::fs::metadata(staged.path(d)).map_or(0, |m| m.len());
+    }
+    drop(bytes);
+
+    let check = if cli.no_check {
+        None
+    } else {
+        let spec = CheckSpec {
+            img_size: r.cfg.img_size,
+            in_chans: r.cfg.in_chans,
+            task: r.task,
+            width: if r.task.is_some() {
+                r.cfg.num_classes
+            } else {
+                r.cfg.embed_dim
+            },
+            preprocessing: cli.with_preprocessing,
+            precision,
+            probe: r.probe.as_ref(),
+        };
+        let report = check::self_check(&staged.path(&name), &spec)
+            .context("self-check failed; nothing was written")?;
+        print_check(&report).context("self-check failed; nothing was written")?;
+        Some(report)
+    };
+    staged.commit()?;
+    let dir = cli.output.parent().unwrap_or(Path::new(""));
+    let data_path = data_name.map(|d| dir.join(d));
+    println!(
+        "wrote {} ({:.1} MB{}, opset {}, {}) in {:.1} s",
+        cli.output.display(),
+        size as f64 / 1e6,
+        data_path
+            .as_ref()
+            .map_or(String::new(), |d| format!(", weights in {}", d.display())),
+        cli.opset,
+        match precision {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Int8 => "int8",
+        },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(Exported {
+        path: cli.output.clone(),
+        data_path,
+        bytes: size,
+        check,
+    })
+}
+
+/// Prints the self-check's outcome; a probe mismatch is an error.
+fn print_check(report: &CheckReport) -> anyhow::Result<()> {
+    let what = format!(
+        "self-check (tract): probe seed {} batch {}",
+        report.seed, report.batch
+    );
+    match &report.vs_probe {
+        Some((c, tol)) if c.within => {
+            println!(
+                "{what}: max |Δ| vs the checkpoint's probe outputs {:.3e} (tolerance {tol})",
+                c.max_abs
+            );
+            Ok(())
+        }
+        Some((c, tol)) => {
+            let (i, got, want) = c.worst;
+            bail!(
+                "the exported model disagrees with the checkpoint's probe outputs: max |Δ| {:.3e} \
+                 beyond tolerance {tol}; worst element {i}: {got} vs {want}",
+                c.max_abs
+            )
+        }
+        None => {
+            let note = report.note.as_deref().unwrap_or("no comparison");
+            println!("{what}: outputs finite and well formed ({note})");
+            Ok(())
+        }
+    }
+}
+
+fn summary(keys: &[String]) -> String {
+    let mut s: Vec<&str> = keys.iter().take(4).map(String::as_str).collect();
+    if keys.len() > 4 {
+        s.push("...");
+    }
+    s.join(", ")
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
+    let mut f =
+        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 #[cfg(test)]

@@ -1,0 +1,262 @@
+//! A loaded model: a backend plus what the metadata says about preprocessing and labels; turns
+//! batches of images into probabilities and labelled predictions.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use mae_models::checkpoint::Task;
+use mae_models::metrics::top_k;
+use serde::Serialize;
+
+use crate::backend::{self, Backend, LoadOptions, RawOutputs};
+use crate::model::{MetaOverrides, ModelFile, ModelMeta};
+
+/// A model ready to run.
+pub struct Engine {
+    pub file: ModelFile,
+    pub meta: ModelMeta,
+    backend: Box<dyn Backend>,
+    /// Time to read, check and load the model.
+    pub load_time: Duration,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("model", &self.file.path)
+            .field("backend", &self.backend.describe())
+            .finish()
+    }
+}
+
+impl Engine {
+    /// Reads `path`, checks its SHA-256 against `expect_sha256`, interprets its metadata and
+    /// loads it into the backend.
+    pub fn load(
+        path: &Path,
+        expect_sha256: Option<&str>,
+        overrides: &MetaOverrides,
+        opts: &LoadOptions,
+    ) -> anyhow::Result<Self> {
+        let start = Instant::now();
+        if !path.exists() {
+            bail!("model {} does not exist", path.display());
+        }
+        let file = ModelFile::read(path)?;
+        if let Some(want) = expect_sha256 {
+            if !want.trim().eq_ignore_ascii_case(&file.sha256) {
+                bail!(
+                    "{} has SHA-256 {}, not the expected {} (--expect-sha256): refusing to use it",
+                    path.display(),
+                    file.sha256,
+                    want.trim()
+                );
+            }
+        }
+        let meta = ModelMeta::from_file(&file, overrides)?;
+        let backend = backend::load(path, &meta, opts)?;
+        Ok(Self {
+            file,
+            meta,
+            backend,
+            load_time: start.elapsed(),
+        })
+    }
+
+    pub fn describe_backend(&self) -> String {
+        self.backend.describe()
+    }
+
+    /// Floats in one image tensor.
+    pub fn image_len(&self) -> usize {
+        let s = self.meta.preprocess.input_size;
+        3 * s * s
+    }
+
+    /// Raw outputs of one batch, split into the graph's fixed batch when it has one.
+    pub fn run_raw(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs> {
+        if pixels.len() != batch * self.image_len() {
+            bail!(
+                "{} input values for a batch of {batch} (expected {})",
+                pixels.len(),
+                batch * self.image_len()
+            );
+        }
+        match self.meta.fixed_batch {
+            Some(fb) if fb != batch => {
+                // Run one graph-sized batch at a time, padding the last one.
+                let len = self.image_len();
+                let mut out = RawOutputs::default();
+                for chunk in pixels.chunks(fb * len) {
+                    let n = chunk.len() / len;
+                    let mut padded = chunk.to_vec();
+                    padded.resize(fb * len, 0.0);
+                    let r = self.backend.run(&padded, fb)?;
+                    out.classes = r.classes;
+                    let keep = n * r.classes;
+                    if let Some(l) = r.logits {
+                        out.logits.get_or_insert_with(Vec::new).extend(&l[..keep]);
+                    }
+                    if let Some(p) = r.probabilities {
+                        out.probabilities
+                            .get_or_insert_with(Vec::new)
+                            .extend(&p[..keep]);
+                    }
+                }
+                Ok(out)
+            }
+            _ => self.backend.run(pixels, batch),
+        }
+    }
+
+    /// Probabilities `[batch, classes]` of one batch of preprocessed images, calibrated when
+    /// the model carries a temperature.
+    pub fn probabilities(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        let raw = self.run_raw(pixels, batch)?;
+        let c = raw.classes;
+        if c == 0 {
+            bail!("the model returned no class scores");
+        }
+        let task = self.meta.task;
+        let probs: Vec<f32> = match (&raw.logits, &raw.probabilities, self.meta.temperature) {
+            (Some(l), _, Some(t)) => activate(l, c, task, t as f32),
+            (_, Some(p), None) => p.clone(),
+            (Some(l), None, None) => activate(l, c, task, 1.0),
+            (None, Some(_), Some(_)) => {
+                bail!("the model is calibrated (temperature) but has no 'logits' output")
+            }
+            (None, None, _) => bail!("the model has neither 'logits' nor 'probabilities'"),
+        };
+        if probs.len() != batch * c {
+            bail!(
+                "the model returned {} values for {batch} images of {c} classes",
+                probs.len()
+            );
+        }
+        if !self.meta.class_names.is_empty() && self.meta.class_names.len() != c {
+            bail!(
+                "the model has {} class names but {c} outputs",
+                self.meta.class_names.len()
+            );
+        }
+        Ok(probs.chunks(c).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The labelled prediction for one row of probabilities.
+    pub fn label(&self, probs: &[f32], k: usize) -> Prediction {
+        label(&self.meta, probs, k)
+    }
+}
+
+/// The labelled prediction for one row of probabilities: the top `k` classes, and the
+/// predicted class (argmax; binary: the positive class above the threshold) or labels
+/// (multi-label: every label above the threshold).
+pub fn label(meta: &ModelMeta, probs: &[f32], k: usize) -> Prediction {
+    let threshold = meta.decision_threshold();
+    let top: Vec<ClassProb> = top_k(probs, k.max(1))
+        .into_iter()
+        .map(|(i, p)| ClassProb {
+            index: i,
+            name: meta.class_name(i),
+            probability: p,
+        })
+        .collect();
+    let labels: Vec<usize> = match meta.task {
+        Task::MultiClass => top.first().map(|t| t.index).into_iter().collect(),
+        Task::Binary => {
+            let pos = probs.len().saturating_sub(1);
+            vec![usize::from(probs.get(pos).is_some_and(|&p| p as f64 > threshold)).min(pos)]
+        }
+        Task::MultiLabel => (0..probs.len())
+            .filter(|&i| probs[i] as f64 > threshold)
+            .collect(),
+    };
+    let (class, probability) = match labels.first() {
+        Some(&i) if meta.task != Task::MultiLabel => {
+            (Some(meta.class_name(i)), probs.get(i).copied())
+        }
+        _ => (None, None),
+    };
+    Prediction {
+        class,
+        probability,
+        labels: labels.iter().map(|&i| meta.class_name(i)).collect(),
+        top,
+        probabilities: probs.to_vec(),
+    }
+}
+
+/// Softmax (sigmoid for multi-label) of `logits / t`, row by row.
+pub fn activate(logits: &[f32], c: usize, task: Task, t: f32) -> Vec<f32> {
+    let mut out = Vec::with_capacity(logits.len());
+    for row in logits.chunks(c) {
+        if task == Task::MultiLabel {
+            out.extend(row.iter().map(|&x| 1.0 / (1.0 + (-x / t).exp())));
+        } else {
+            let m = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x / t));
+            let e: Vec<f32> = row.iter().map(|&x| (x / t - m).exp()).collect();
+            let s: f32 = e.iter().sum();
+            out.extend(e.iter().map(|v| v / s));
+        }
+    }
+    out
+}
+
+/// One class and its probability.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClassProb {
+    pub index: usize,
+    pub name: String,
+    pub probability: f32,
+}
+
+/// The labelled output for one image.
+#[derive(Debug, Clone, Serialize)]
+pub struct Prediction {
+    /// The predicted class (multi-class, binary).
+    pub class: Option<String>,
+    /// Its probability.
+    pub probability: Option<f32>,
+    /// Predicted labels: the class, or every label above the threshold (multi-label).
+    pub labels: Vec<String>,
+    /// The `k` most probable classes.
+    pub top: Vec<ClassProb>,
+    /// Every class's probability, in class order.
+    pub probabilities: Vec<f32>,
+}
+
+/// Runs `f` and returns its value with the time it took.
+pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
+    let start = Instant::now();
+    let v = f();
+    (v, start.elapsed())
+}
+
+/// Number of threads to use: `requested`, else every core.
+pub fn threads(requested: Option<usize>) -> usize {
+    requested
+        .filter(|&n| n > 0)
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// Context helper for the binaries: `model.onnx: ...`.
+pub fn with_model<T>(r: anyhow::Result<T>, path: &Path) -> anyhow::Result<T> {
+    r.with_context(|| format!("model {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn softmax_and_temperature() {
+        let p = activate(&[0.0, 0.0, 2.0f32.ln()], 3, Task::MultiClass, 1.0);
+        assert!((p[2] - 0.5).abs() < 1e-6 && (p[0] - 0.25).abs() < 1e-6);
+        let p = activate(&[0.0, 2.0], 2, Task::Binary, 2.0);
+        let want = 1.0 / (1.0 + (-1.0f32).exp());
+        assert!((p[1] - want).abs() < 1e-6);
+        let p = activate(&[0.0, 100.0], 2, Task::MultiLabel, 1.0);
+        assert!((p[0] - 0.5).abs() < 1e-6 && p[1] > 0.999);
+    }
+}

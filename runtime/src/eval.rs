@@ -1,0 +1,261 @@
+//! `mae-run eval`: metrics on labelled data, through the shared implementation
+//! (`mae_models::metrics`) that `mae-train eval` uses.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use mae_models::metrics::{evaluate_with, EvalOptions, Metrics};
+use serde_json::json;
+
+use crate::engine::Engine;
+use crate::inputs::{self, Failure, Item, Source};
+use crate::predict::progress;
+use crate::ModelArgs;
+
+/// Arguments of `mae-run eval`.
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// A MedMNIST .npz file, an ImageFolder root (its `<split>/` folder is read), or a folder
+    /// with one subfolder of images per class.
+    #[arg(long, value_name = "DIR|FILE.npz")]
+    pub data_path: PathBuf,
+    /// Split of a .npz file or an ImageFolder root.
+    #[arg(long, default_value = "test")]
+    pub split: String,
+    /// Images per inference batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch_size: usize,
+    /// Evaluate the first N samples only.
+    #[arg(long, value_name = "N")]
+    pub limit: Option<usize>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = EvalFormat::Table)]
+    pub format: EvalFormat,
+    /// Write the metrics to FILE (atomically) instead of standard output.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    /// Also write every sample's label, prediction and probabilities as CSV to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub predictions: Option<PathBuf>,
+    /// Threads decoding and preprocessing images while the model runs.
+    #[arg(long, default_value_t = 1)]
+    pub decode_threads: usize,
+}
+
+/// `eval --format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EvalFormat {
+    Table,
+    Json,
+}
+
+/// Labelled samples of a data set: `.npz` split, an ImageFolder root whose `<split>/` holds the
+/// class folders (as `mae-train eval --data-path ROOT --split test` reads it), or class folders.
+pub fn labelled_items(
+    path: &Path,
+    split: &str,
+    class_names: &[String],
+) -> anyhow::Result<Vec<Item>> {
+    let split_dir = path.join(split);
+    let path = if path.is_dir() && split_dir.is_dir() {
+        split_dir.as_path()
+    } else {
+        path
+    };
+    if path.is_dir() {
+        let mut classes: Vec<String> = std::fs::read_dir(path)
+            .with_context(|| format!("cannot list {}", path.display()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        classes.sort();
+        if classes.is_empty() {
+            bail!(
+                "{}: expected one subfolder of images per class",
+                path.display()
+            );
+        }
+        let mut items = Vec::new();
+        for (k, class) in classes.iter().enumerate() {
+            // The model's class order when it names the folder; else the sorted folder order.
+            let label = class_names.iter().position(|c| c == class).unwrap_or(k);
+            let (found, failures) = inputs::collect(&[path.join(class)], split);
+            if let Some(f) = failures.first() {
+                bail!("{}: {}", f.input, f.error);
+            }
+            items.extend(found.into_iter().map(|mut i| {
+                i.label = Some(vec![label as i64]);
+                i
+            }));
+        }
+        Ok(items)
+    } else {
+        let split_data = mae_models::npz::read_split(path, split)?;
+        Ok(split_data
+            .images
+            .into_iter()
+            .zip(split_data.labels)
+            .enumerate()
+            .map(|(i, (img, label))| Item {
+                name: format!("{}:{split}[{i}]", path.display()),
+                source: Source::Image(std::sync::Arc::new(img)),
+                label: Some(label),
+            })
+            .collect())
+    }
+}
+
+/// Probabilities and labels of every sample that could be read.
+#[derive(Debug, Default)]
+pub struct Scored {
+    pub names: Vec<String>,
+    pub probs: Vec<Vec<f32>>,
+    pub labels: Vec<Vec<i64>>,
+    pub failures: Vec<Failure>,
+}
+
+/// Runs the model over labelled items.
+pub fn score(
+    engine: &mut Engine,
+    items: Vec<Item>,
+    batch_size: usize,
+    decode_threads: usize,
+) -> anyhow::Result<Scored> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let bar = progress(items.len() as u64);
+    let rx = inputs::pipeline(
+        items,
+        engine.meta.preprocess.clone(),
+        batch_size,
+        decode_threads,
+    );
+    let mut out = Scored::default();
+    for batch in rx {
+        bar.inc((batch.items.len() + batch.failures.len()) as u64);
+        out.failures.extend(batch.failures);
+        if batch.items.is_empty() {
+            continue;
+        }
+        let probs = engine.probabilities(&batch.pixels, batch.items.len())?;
+        for (item, p) in batch.items.into_iter().zip(probs) {
+            out.names.push(item.name);
+            out.labels.push(item.label.unwrap_or_default());
+            out.probs.push(p);
+        }
+    }
+    bar.finish_and_clear();
+    Ok(out)
+}
+
+/// Metrics of scored samples, with the model's threshold and class names.
+pub fn metrics(engine: &Engine, scored: &Scored) -> anyhow::Result<Metrics> {
+    let c = scored
+        .probs
+        .first()
+        .map_or(engine.meta.class_names.len(), Vec::len);
+    if c == 0 {
+        bail!("nothing was evaluated");
+    }
+    let flat: Vec<f32> = scored.probs.iter().flatten().copied().collect();
+    let opts = EvalOptions {
+        threshold: engine.meta.decision_threshold(),
+        class_names: (0..c).map(|i| engine.meta.class_name(i)).collect(),
+    };
+    Ok(evaluate_with(
+        engine.meta.task,
+        &flat,
+        c,
+        &scored.labels,
+        &opts,
+    )?)
+}
+
+/// Runs `mae-run eval`.
+pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
+    let mut engine = args.model.load()?;
+    crate::note_calibration(&engine);
+    let mut items = labelled_items(&args.data_path, &args.split, &engine.meta.class_names)?;
+    if let Some(n) = args.limit {
+        items.truncate(n);
+    }
+    if items.is_empty() {
+        bail!("{}: no samples", args.data_path.display());
+    }
+    let scored = score(&mut engine, items, args.batch_size, args.decode_threads)?;
+    let m = metrics(&engine, &scored)?;
+    let header = format!(
+        "model {} · sha256 {} · {}\ndata {} ({})\n",
+        engine.file.path.display(),
+        engine.file.sha256,
+        engine.describe_backend(),
+        args.data_path.display(),
+        args.split
+    );
+    let text = match args.format {
+        EvalFormat::Table => format!("{header}{m}"),
+        EvalFormat::Json => {
+            serde_json::to_string_pretty(&json!({
+                "model": {
+                    "path": engine.file.path,
+                    "sha256": engine.file.sha256,
+                    "arch": engine.meta.arch,
+                    "backend": engine.describe_backend(),
+                    "temperature": engine.meta.temperature,
+                    "threshold": engine.meta.decision_threshold(),
+                },
+                "data": {"path": args.data_path, "split": args.split},
+                "summary": m.summary(),
+                "metrics": m,
+                "failures": scored.failures,
+            }))? + "\n"
+        }
+    };
+    crate::emit(args.output.as_deref(), &text)?;
+    if let Some(p) = &args.predictions {
+        let mut s = String::from("index,input,label,prediction");
+        for i in 0..m.num_classes {
+            let _ = write!(s, ",p{i}");
+        }
+        s.push('\n');
+        for (i, ((name, label), probs)) in scored
+            .names
+            .iter()
+            .zip(&scored.labels)
+            .zip(&scored.probs)
+            .enumerate()
+        {
+            let pred = engine.label(probs, 1);
+            let label: Vec<String> = label.iter().map(i64::to_string).collect();
+            let predicted: Vec<String> = pred.labels.clone();
+            let _ = write!(
+                s,
+                "{i},\"{}\",{},{}",
+                name.replace('"', "\"\""),
+                label.join(" "),
+                predicted.join(" ")
+            );
+            for v in probs {
+                let _ = write!(s, ",{v:.7}");
+            }
+            s.push('\n');
+        }
+        mae_models::io::atomic_write(p, s.as_bytes())?;
+        eprintln!("mae-run: wrote {}", p.display());
+    }
+    for f in &scored.failures {
+        eprintln!("mae-run: failed: {}: {}", f.input, f.error);
+    }
+    Ok(if scored.failures.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

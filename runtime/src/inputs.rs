@@ -1,0 +1,270 @@
+//! Inputs of `predict`, `eval` and `calibrate`: image files, folders (recursive), DICOM files and
+//! MedMNIST `.npz` splits, decoded and preprocessed on a background thread while the model runs.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{sync_channel, Receiver};
+use std::sync::Arc;
+
+use anyhow::Context;
+use image::RgbImage;
+use mae_models::imaging::{decode_rgb, preprocess_eval};
+use mae_models::preprocess::PreprocessSpec;
+
+/// File extensions picked up when walking a folder.
+const EXTENSIONS: [&str; 9] = [
+    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom", "npz",
+];
+
+/// One image to run.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The file, or `file.npz:split[i]`.
+    pub name: String,
+    pub source: Source,
+    /// The label(s) when known (`.npz` splits, class folders).
+    pub label: Option<Vec<i64>>,
+}
+
+/// Where an item's pixels come from.
+#[derive(Debug, Clone)]
+pub enum Source {
+    File(PathBuf),
+    Image(Arc<RgbImage>),
+}
+
+/// An input that could not be read, by name.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Failure {
+    pub input: String,
+    pub error: String,
+}
+
+/// Expands `inputs` (files, folders walked recursively in name order, `.npz` files read at
+/// `split`) into items; what cannot be listed or read is returned as failures.
+pub fn collect(inputs: &[PathBuf], split: &str) -> (Vec<Item>, Vec<Failure>) {
+    let mut items = Vec::new();
+    let mut failures = Vec::new();
+    for input in inputs {
+        let fail = |e: String| Failure {
+            input: input.display().to_string(),
+            error: e,
+        };
+        match std::fs::metadata(input) {
+            Err(e) => failures.push(fail(format!("cannot read: {e}"))),
+            Ok(m) if m.is_dir() => {
+                let mut files = Vec::new();
+                walk(input, &mut files, &mut failures);
+                files.sort();
+                for f in files {
+                    push_file(&f, split, &mut items, &mut failures);
+                }
+            }
+            Ok(_) => push_file(input, split, &mut items, &mut failures),
+        }
+    }
+    (items, failures)
+}
+
+fn walk(dir: &Path, files: &mut Vec<PathBuf>, failures: &mut Vec<Failure>) {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) => {
+            failures.push(Failure {
+                input: dir.display().to_string(),
+                error: format!("cannot list folder: {e}"),
+            });
+            return;
+        }
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if hidden {
+            continue;
+        }
+        match entry.file_type() {
+            Ok(t) if t.is_dir() => walk(&path, files, failures),
+            Ok(_) => {
+                let ext = path
+                    .extension()
+                    .and_then(|e| e.to_str())
+                    .map(str::to_lowercase);
+                if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+                    files.push(path);
+                }
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn is_npz(path: &Path) -> bool {
+    path.extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("npz"))
+}
+
+fn push_file(path: &Path, split: &str, items: &mut Vec<Item>, failures: &mut Vec<Failure>) {
+    if !is_npz(path) {
+        items.push(Item {
+            name: path.display().to_string(),
+            source: Source::File(path.to_path_buf()),
+            label: None,
+        });
+        return;
+    }
+    match mae_models::npz::read_split(path, split) {
+        Ok(s) => {
+            for (i, (img, label)) in s.images.into_iter().zip(s.labels).enumerate() {
+                items.push(Item {
+                    name: format!("{}:{split}[{i}]", path.display()),
+                    source: Source::Image(Arc::new(img)),
+                    label: Some(label),
+                });
+            }
+        }
+        Err(e) => failures.push(Failure {
+            input: path.display().to_string(),
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// Decodes image or DICOM bytes to RGB; `name` names the source in errors.
+pub fn decode_bytes(bytes: &[u8], name: &Path) -> anyhow::Result<RgbImage> {
+    let dicom_ext = name
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("dcm") || e.eq_ignore_ascii_case("dicom"));
+    if crate::dicom::is_dicom(bytes) || dicom_ext {
+        return crate::dicom::decode(bytes, name);
+    }
+    Ok(decode_rgb(bytes, name)?)
+}
+
+/// Reads and decodes one item; also returns the SHA-256 of its bytes (of its raw RGB pixels
+/// for `.npz` items), for audit logs.
+pub fn load(item: &Item) -> anyhow::Result<(RgbImage, String)> {
+    match &item.source {
+        Source::Image(img) => Ok(((**img).clone(), sha256_hex(img.as_raw()))),
+        Source::File(p) => {
+            let bytes =
+                std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+            Ok((decode_bytes(&bytes, p)?, sha256_hex(&bytes)))
+        }
+    }
+}
+
+/// Lowercase hex SHA-256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    crate::model::hex(&sha2::Sha256::digest(bytes))
+}
+
+/// A batch ready for the model: the items, their preprocessed pixels (the failed ones left
+/// out) and the failures.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Items whose pixels are in `pixels`, in order.
+    pub items: Vec<Item>,
+    /// SHA-256 of each item's input bytes.
+    pub sha256: Vec<String>,
+    pub pixels: Vec<f32>,
+    pub failures: Vec<Failure>,
+}
+
+/// Decodes and preprocesses `items` on `workers` background threads, in order, in batches of
+/// `batch_size`; the model runs on the caller's thread meanwhile.
+pub fn pipeline(
+    items: Vec<Item>,
+    spec: PreprocessSpec,
+    batch_size: usize,
+    workers: usize,
+) -> Receiver<Batch> {
+    let (tx, rx) = sync_channel::<Batch>(2);
+    let batch_size = batch_size.max(1);
+    std::thread::spawn(move || {
+        for chunk in items.chunks(batch_size) {
+            let results: Vec<anyhow::Result<(Vec<f32>, String)>> =
+                parallel_map(chunk, workers, |item| {
+                    load(item).map(|(img, sha)| (preprocess_eval(&img, &spec), sha))
+                });
+            let mut batch = Batch::default();
+            for (item, r) in chunk.iter().zip(results) {
+                match r {
+                    Ok((px, sha)) => {
+                        batch.pixels.extend(px);
+                        batch.sha256.push(sha);
+                        batch.items.push(item.clone());
+                    }
+                    Err(e) => batch.failures.push(Failure {
+                        input: item.name.clone(),
+                        error: format!("{e:#}"),
+                    }),
+                }
+            }
+            if tx.send(batch).is_err() {
+                return;
+            }
+        }
+    });
+    rx
+}
+
+/// `f` over `xs` on up to `workers` scoped threads, results in order.
+fn parallel_map<T: Sync, R: Send>(xs: &[T], workers: usize, f: impl Fn(&T) -> R + Sync) -> Vec<R> {
+    let workers = workers.clamp(1, xs.len().max(1));
+    if workers == 1 {
+        return xs.iter().map(f).collect();
+    }
+    let per = xs.len().div_ceil(workers);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = xs
+            .chunks(per)
+            .map(|c| s.spawn(|| c.iter().map(&f).collect::<Vec<R>>()))
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn walks_folders_in_order_and_reports_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
+        for f in ["b/c/2.png", "a.jpg", "b/1.dcm", "notes.txt", ".hidden.png"] {
+            std::fs::write(dir.path().join(f), b"x").unwrap();
+        }
+        let missing = dir.path().join("missing.png");
+        let (items, failures) = collect(&[dir.path().to_path_buf(), missing], "test");
+        let names: Vec<String> = items
+            .iter()
+            .map(|i| {
+                Path::new(&i.name)
+                    .strip_prefix(dir.path())
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(names, ["a.jpg", "b/1.dcm", "b/c/2.png"]);
+        assert_eq!(failures.len(), 1);
+        assert!(failures[0].input.ends_with("missing.png"));
+    }
+
+    #[test]
+    fn parallel_map_keeps_order() {
+        let xs: Vec<u32> = (0..37).collect();
+        assert_eq!(
+            parallel_map(&xs, 4, |x| x * 2),
+            xs.iter().map(|x| x * 2).collect::<Vec<_>>()
+        );
+    }
+}
