@@ -35,6 +35,8 @@ ln -sfn "$torch_dir" "$venv/libtorch"
 
 if [ "${MAE_SETUP_NO_BUILD:-0}" != 1 ]; then
   say "building the workspace (the first build compiles libtorch bindings: several minutes)"
-  cargo build --workspace --bins
+  # MAE_SETUP_TARGETS=--all-targets builds the tests too, with the same dependency features as
+  # `cargo test` (dev-dependencies change some features; one build then serves both).
+  cargo build --workspace ${MAE_SETUP_TARGETS:---bins}
 fi
 say "ready: binaries in $root/target/debug (mae-train, mae-export, mae-run)"

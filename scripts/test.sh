@@ -10,5 +10,5 @@ cargo fmt --all -- --check
 say "cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 say "cargo test"
-cargo build --workspace --bins
+cargo build --workspace --all-targets
 cargo test --workspace "$@"

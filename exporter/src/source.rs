@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use mae_models::checkpoint::{Checkpoint, ProbeRecord, StateDict, Task};
+use mae_models::checkpoint::{self, Checkpoint, ProbeRecord, StateDict, Task};
 use mae_models::preprocess::PreprocessSpec;
 use mae_models::{LoadReport, ModelConfig, VitConfig};
 
@@ -37,8 +37,15 @@ pub struct Resolved {
 }
 
 /// Resolves a loaded checkpoint for export.
-pub fn resolve(ck: Checkpoint, req: &Request) -> anyhow::Result<Resolved> {
+pub fn resolve(mut ck: Checkpoint, req: &Request) -> anyhow::Result<Resolved> {
     let file = ck.path.display().to_string();
+    // A linear-probe head (BatchNorm without affine, then Linear) is exported as the one
+    // linear layer it equals in evaluation mode.
+    if checkpoint::fold_bn_head(&mut ck.tensors, checkpoint::LINPROBE_BN_EPS)
+        .map_err(|e| anyhow::anyhow!("{file}: linear-probe head: {e}"))?
+    {
+        println!("{file}: linear-probe head (BatchNorm + Linear) folded into one linear layer");
+    }
     let (cfg, arch) = architecture(&ck, req)?;
     cfg.validate()
         .with_context(|| format!("{file}: cannot export this architecture"))?;

@@ -26,6 +26,8 @@ pub enum Command {
     Finetune(Box<FinetuneArgs>),
     /// Evaluate a classifier checkpoint on a split of a data set.
     Eval(EvalArgs),
+    /// Linear probing: a frozen encoder, BatchNorm (no affine) + linear head, LARS.
+    Linprobe(Box<LinprobeArgs>),
     /// MAE self-supervised pretraining on unlabeled (or labelled, labels ignored) images.
     Pretrain(Box<PretrainArgs>),
     /// Time forward + backward + optimizer steps on synthetic data.
@@ -227,10 +229,11 @@ pub struct FinetuneArgs {
     /// Random erasing probability (pixel mode).
     #[arg(long, default_value_t = 0.25)]
     pub reprob: f64,
-    /// AutoAugment policy (upstream: rand-m9-mstd0.5-inc1); RandAugment is not applied by this
-    /// build, which says so when the flag is given.
-    #[arg(long)]
-    pub aa: Option<String>,
+    /// RandAugment policy in timm's grammar: `rand` then `-m9` magnitude, `-n2` ops per image,
+    /// `-p0.5` probability of each op, `-mstd0.5` magnitude noise, `-mmax10` magnitude clip,
+    /// `-inc1` ops increasing with the magnitude; `none` disables it.
+    #[arg(long, default_value = "rand-m9-mstd0.5-inc1")]
+    pub aa: String,
     /// Smallest area fraction of RandomResizedCrop.
     #[arg(long, alias = "min_crop_scale", default_value_t = 0.08)]
     pub min_crop_scale: f64,
@@ -285,6 +288,9 @@ pub struct EvalArgs {
     /// Write the metrics as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Write one CSV row per image (index, label, predicted class, probabilities) to this file.
+    #[arg(long, value_name = "FILE")]
+    pub predictions: Option<PathBuf>,
 }
 
 /// Model selection shared by every command that builds a model.
@@ -395,4 +401,64 @@ mod tests {
         assert!(a.dist_eval);
         assert_eq!(a.data_path, PathBuf::from("eval_data"));
     }
+}
+
+/// Flags of `linprobe`, spelled as upstream `main_linprobe.py` in kebab-case (snake_case
+/// accepted), with upstream's defaults.
+#[derive(Debug, Clone, Args)]
+pub struct LinprobeArgs {
+    /// ImageFolder root (`train/`, `val/`) or a MedMNIST `.npz` file.
+    #[arg(long, alias = "data_path")]
+    pub data_path: PathBuf,
+    /// Output folder: arguments, log.txt, checkpoints, metrics.
+    #[arg(long, alias = "output_dir", default_value = "./output_dir")]
+    pub output_dir: PathBuf,
+    /// Model preset of the encoder (see `mae-train models`).
+    #[arg(long, default_value = "vit_large_patch16")]
+    pub model: String,
+    #[arg(long, alias = "input_size")]
+    pub input_size: Option<usize>,
+    /// Override the preset's depth (number of blocks).
+    #[arg(long)]
+    pub depth: Option<usize>,
+    /// The pretrained encoder: an official MAE `.pth` or one of our checkpoints.
+    #[arg(long)]
+    pub finetune: Option<PathBuf>,
+    /// Continue a linear-probe run from one of its checkpoints.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    #[arg(long, alias = "batch_size", default_value_t = 512)]
+    pub batch_size: usize,
+    #[arg(long, default_value_t = 90)]
+    pub epochs: u64,
+    #[arg(long, alias = "accum_iter", default_value_t = 1)]
+    pub accum_iter: usize,
+    /// Absolute learning rate; default blr × effective batch / 256.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Base learning rate (per 256 images).
+    #[arg(long, default_value_t = 0.1)]
+    pub blr: f64,
+    #[arg(long, alias = "min_lr", default_value_t = 0.0)]
+    pub min_lr: f64,
+    #[arg(long, alias = "warmup_epochs", default_value_t = 10.0)]
+    pub warmup_epochs: f64,
+    #[arg(long, alias = "weight_decay", default_value_t = 0.0)]
+    pub weight_decay: f64,
+    /// Probe the mean-pooled tokens (`fc_norm`) instead of the class token (`norm`, default).
+    #[arg(long, alias = "global_pool")]
+    pub global_pool: bool,
+    /// Train on a seeded, class-stratified subset of this many images.
+    #[arg(long, alias = "train_samples")]
+    pub train_samples: Option<usize>,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
+    pub device: DeviceArg,
+    /// Decoding and augmentation threads.
+    #[arg(long, alias = "num_workers", default_value_t = 2)]
+    pub num_workers: usize,
+    /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
+    #[arg(long)]
+    pub stop_after: Option<u64>,
 }

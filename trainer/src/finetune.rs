@@ -16,6 +16,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cli::{DeviceArg, EvalArgs, FinetuneArgs};
 use crate::data::loader::{Batch, Loader, LoaderConfig};
+use crate::data::randaug;
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset};
 use crate::mixup::{mix, MixConfig};
@@ -23,7 +24,7 @@ use crate::model::load::{adapt_for_classifier, load_into, state_dict};
 use crate::model::vit::VisionTransformer;
 use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{save_checkpoint, train_epoch, RunDir, Schedule};
+use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule};
 
 /// Seed and size of the probe batch recorded in every classifier checkpoint.
 pub const PROBE_SEED: u64 = 0;
@@ -44,9 +45,13 @@ pub fn device(arg: DeviceArg) -> anyhow::Result<Device> {
 pub struct Evaluation {
     pub metrics: Metrics,
     pub seconds: f64,
+    /// Per-image probabilities, `[n, classes]` row-major, in data-set order.
+    pub probs: Vec<f32>,
+    /// Per-image labels, in data-set order.
+    pub labels: Vec<Vec<i64>>,
 }
 
-fn targets(labels: &[Vec<i64>], task: Task, classes: usize, smoothing: f64) -> Tensor {
+pub(crate) fn targets(labels: &[Vec<i64>], task: Task, classes: usize, smoothing: f64) -> Tensor {
     let b = labels.len();
     let mut t = vec![0f32; b * classes];
     for (i, l) in labels.iter().enumerate() {
@@ -70,7 +75,7 @@ fn targets(labels: &[Vec<i64>], task: Task, classes: usize, smoothing: f64) -> T
 }
 
 /// Soft-target cross-entropy (multi-class, binary) or binary cross-entropy (multi-label).
-fn loss_fn(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
+pub(crate) fn loss_fn(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
     match task {
         Task::MultiLabel => logits.binary_cross_entropy_with_logits::<Tensor>(
             target,
@@ -102,7 +107,7 @@ pub fn to_input(b: &Batch, size: usize, device: Device) -> Tensor {
 
 /// Runs the model over `ds` with the evaluation transform and computes the metrics.
 pub fn evaluate(
-    model: &VisionTransformer,
+    model: &dyn ModuleT,
     ds: &Arc<Dataset>,
     spec: &mae_models::preprocess::PreprocessSpec,
     device: Device,
@@ -151,6 +156,8 @@ pub fn evaluate(
     Ok(Evaluation {
         metrics,
         seconds: start.elapsed().as_secs_f64(),
+        probs,
+        labels,
     })
 }
 
@@ -168,8 +175,7 @@ pub fn progress(len: u64, label: &str) -> ProgressBar {
 }
 
 /// Records the model's outputs on the seeded probe batch, for the exporter's check.
-fn probe(model: &VisionTransformer, device: Device) -> ProbeRecord {
-    let s = model.cfg.img_size;
+pub fn probe(model: &dyn ModuleT, s: usize, device: Device) -> ProbeRecord {
     let xs = mae_models::probe::probe_batch(PROBE_SEED, PROBE_BATCH, 3, s);
     let xs = Tensor::from_slice(&xs).reshape([PROBE_BATCH as i64, 3, s as i64, s as i64]);
     let out = tch::no_grad(|| model.forward_t(&xs.to_device(device), false));
@@ -222,9 +228,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     {
         eprintln!("note: this build computes in fp32; --precision applies to CUDA autocast, not yet available");
     }
-    if let Some(policy) = &a.aa {
-        eprintln!("note: --aa {policy}: RandAugment is not applied by this build");
-    }
+    let randaug = randaug::parse_aa(&a.aa).with_context(|| format!("--aa {}", a.aa))?;
     let run = RunDir::create(&a.output_dir)?;
     let train = data::open(&a.data_path, "train")?;
     let val = data::open(&a.data_path, "val")?;
@@ -357,17 +361,13 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
 
-    let steps_per_epoch = order.len() / a.batch_size.max(1);
-    if steps_per_epoch == 0 {
-        bail!(
-            "batch size {} is larger than the {} training images",
-            a.batch_size,
-            order.len()
-        );
-    }
-    let last_epoch = a
-        .stop_after
-        .map_or(a.epochs, |n| (start_epoch + n).min(a.epochs));
+    let epochs = epochs_to_run(
+        order.len(),
+        a.batch_size,
+        start_epoch,
+        a.epochs,
+        a.stop_after,
+    )?;
     let sched = Schedule {
         lr,
         min_lr: a.min_lr,
@@ -385,10 +385,11 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let aug = TrainAug {
         scale: (a.min_crop_scale, 1.0),
         hflip: true,
+        randaug,
     };
     let c = train.num_outputs();
     let started = Instant::now();
-    for epoch in start_epoch..last_epoch {
+    for epoch in epochs {
         tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
         let mut ep_order = order.clone();
         Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut ep_order);
@@ -420,46 +421,104 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             a.num_workers,
             "val",
         )?;
-        let m = &ev.metrics;
+        let end = ClassifierEpoch {
+            run: &run,
+            arch: &a.model,
+            cfg: &cfg,
+            train: &train,
+            spec: &spec,
+            args: &args_json,
+            n_parameters,
+        };
+        let probe = probe(&model, cfg.img_size, device);
+        end.finish(
+            epoch,
+            (train_loss, cur_lr),
+            &ev.metrics,
+            &mut best,
+            probe,
+            state_dict(&vs),
+            &opt,
+            started,
+        )?;
+    }
+    vs.freeze();
+    println!(
+        "training time {:.0}s; outputs in {}",
+        started.elapsed().as_secs_f64(),
+        run.path.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the end of a classifier's epoch needs: the run, the model's description and the data.
+pub(crate) struct ClassifierEpoch<'a> {
+    pub run: &'a RunDir,
+    pub arch: &'a str,
+    pub cfg: &'a VitConfig,
+    pub train: &'a Dataset,
+    pub spec: &'a mae_models::preprocess::PreprocessSpec,
+    pub args: &'a serde_json::Value,
+    pub n_parameters: i64,
+}
+
+impl ClassifierEpoch<'_> {
+    /// Prints the epoch line, appends to `log.txt` (upstream keys), redraws the plots, and saves
+    /// `checkpoint-{epoch}` (with optimizer state), `checkpoint-best` when the validation score
+    /// (AUC, else top-1) improved, and `metrics.json`. `(train_loss, lr)` are the epoch's.
+    #[allow(clippy::too_many_arguments)]
+    pub fn finish(
+        &self,
+        epoch: u64,
+        (train_loss, lr): (f64, f64),
+        m: &Metrics,
+        best: &mut f64,
+        probe: ProbeRecord,
+        weights: mae_models::checkpoint::StateDict,
+        opt: &dyn crate::optim::Optimizer,
+        started: Instant,
+    ) -> anyhow::Result<()> {
+        let run = self.run;
         let score = m.auc.unwrap_or(m.acc1);
-        let is_best = score > best;
+        let is_best = score > *best;
         if is_best {
-            best = score;
+            *best = score;
         }
         println!(
-            "epoch {epoch}: train_loss {train_loss:.4} lr {cur_lr:.2e} | val loss {:.4} acc1 {:.2}% auc {} | {:.0}s",
+            "epoch {epoch}: train_loss {train_loss:.4} lr {lr:.2e} | val loss {:.4} acc1 {:.2}% auc {} | {:.0}s",
             m.loss.unwrap_or(f64::NAN),
             m.acc1 * 100.0,
             m.auc.map_or("-".into(), |v| format!("{v:.4}")),
             started.elapsed().as_secs_f64()
         );
         let mut entry = serde_json::json!({
-            "train_lr": cur_lr, "train_loss": train_loss, "test_loss": m.loss,
+            "train_lr": lr, "train_loss": train_loss, "test_loss": m.loss,
             "test_acc1": m.acc1 * 100.0, "test_acc5": m.acc5.map(|v| v * 100.0),
-            "test_auc": m.auc, "epoch": epoch, "n_parameters": n_parameters,
+            "test_auc": m.auc, "epoch": epoch, "n_parameters": self.n_parameters,
         });
         if let Some(o) = entry.as_object_mut() {
             o.retain(|_, v| !v.is_null());
         }
         run.log(&entry)?;
-
+        if let Err(e) = crate::plot::write_run_plots(&run.path) {
+            eprintln!("warning: no plots this epoch: {e:#}");
+        }
         let mut meta = CheckpointMeta::new(
             CheckpointKind::Classifier,
-            &a.model,
-            ModelConfig::Vit(cfg.clone()),
+            self.arch,
+            ModelConfig::Vit(self.cfg.clone()),
             concat!("mae-train ", env!("CARGO_PKG_VERSION")),
         );
-        meta.task = Some(train.task);
-        meta.class_names = train.class_names.clone();
-        meta.preprocess = spec.clone();
+        meta.task = Some(self.train.task);
+        meta.class_names = self.train.class_names.clone();
+        meta.preprocess = self.spec.clone();
         meta.epoch = Some(epoch);
-        meta.args = args_json.clone();
+        meta.args = self.args.clone();
         meta.metrics = m.summary();
-        meta.metrics.insert("best".into(), best);
-        meta.probe = Some(probe(&model, device));
-        let weights = state_dict(&vs);
+        meta.metrics.insert("best".into(), *best);
+        meta.probe = Some(probe);
         let path = run.file(&format!("checkpoint-{epoch}.safetensors"));
-        save_checkpoint(&path, &weights, &meta, Some(&opt))?;
+        save_checkpoint(&path, &weights, &meta, Some(opt))?;
         if is_best {
             save_checkpoint(
                 &run.file("checkpoint-best.safetensors"),
@@ -469,14 +528,8 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             )?;
         }
         run.write("metrics.json", &serde_json::to_string_pretty(m)?)?;
+        Ok(())
     }
-    vs.freeze();
-    println!(
-        "training time {:.0}s; outputs in {}",
-        started.elapsed().as_secs_f64(),
-        run.path.display()
-    );
-    Ok(ExitCode::SUCCESS)
 }
 
 fn args_json(a: &FinetuneArgs) -> serde_json::Value {
@@ -521,7 +574,10 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let vs = nn::VarStore::new(device);
     let model = VisionTransformer::new(&vs.root(), cfg, 0.0);
-    let report = load_into(&vs, &ck.tensors);
+    let mut tensors = ck.tensors.clone();
+    checkpoint::fold_bn_head(&mut tensors, checkpoint::LINPROBE_BN_EPS)
+        .map_err(|e| anyhow::anyhow!("{}: linear-probe head: {e}", a.resume.display()))?;
+    let report = load_into(&vs, &tensors);
     if !report.is_exact() {
         bail!(
             "{}: weights do not match the recorded architecture:\n{report}",
@@ -552,5 +608,47 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
         mae_models::io::atomic_write(out, serde_json::to_string_pretty(&ev.metrics)?.as_bytes())?;
         println!("metrics written to {}", out.display());
     }
+    if let Some(out) = &a.predictions {
+        let csv = predictions_csv(&ev, ds.task, &ds.class_names);
+        mae_models::io::atomic_write(out, csv.as_bytes())?;
+        println!("predictions written to {}", out.display());
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// One CSV row per image, in data-set order: `index,label,prediction,p0,p1,...`. The predicted
+/// class is the arg-max (multi-class, binary) or every class at probability >= 0.5
+/// (multi-label), by name; labels are class indices, space-separated.
+pub fn predictions_csv(ev: &Evaluation, task: Task, class_names: &[String]) -> String {
+    use std::fmt::Write as _;
+    let c = class_names.len().max(1);
+    let mut s = String::from("index,label,prediction");
+    for i in 0..c {
+        let _ = write!(s, ",p{i}");
+    }
+    s.push('\n');
+    for (i, (row, label)) in ev.probs.chunks(c).zip(&ev.labels).enumerate() {
+        let name = |k: usize| class_names.get(k).cloned().unwrap_or_else(|| k.to_string());
+        let predicted: Vec<String> = match task {
+            Task::MultiLabel => (0..c).filter(|&k| row[k] >= 0.5).map(name).collect(),
+            _ => {
+                let best = (0..c)
+                    .max_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap_or(0);
+                vec![name(best)]
+            }
+        };
+        let label: Vec<String> = label.iter().map(i64::to_string).collect();
+        let _ = write!(
+            s,
+            "{i},{},\"{}\"",
+            label.join(" "),
+            predicted.join(" ").replace('"', "\"\"")
+        );
+        for v in row {
+            let _ = write!(s, ",{v:.7}");
+        }
+        s.push('\n');
+    }
+    s
 }

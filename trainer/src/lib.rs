@@ -5,9 +5,11 @@ pub mod cli;
 mod cmd;
 pub mod data;
 pub mod finetune;
+pub mod linprobe;
 pub mod mixup;
 pub mod model;
 pub mod optim;
+pub mod plot;
 pub mod pretrain;
 pub mod rng;
 pub mod run;
@@ -27,6 +29,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Synth(a) => cmd::synth(&a),
         Command::Finetune(a) => finetune::finetune(&a),
         Command::Eval(a) => finetune::eval(&a),
+        Command::Linprobe(a) => linprobe::linprobe(&a),
         Command::Pretrain(a) => pretrain::pretrain(&a),
         Command::Visualize(a) => visualize::visualize(&a),
         Command::Bench(a) => bench::bench(&a),

@@ -139,29 +139,7 @@ impl AdamW {
     /// Scales the gradients so their global 2-norm is at most `max_norm`; returns the norm
     /// before clipping.
     pub fn clip_grad_norm(&self, max_norm: f64) -> f64 {
-        tch::no_grad(|| {
-            let norms: Vec<Tensor> = self
-                .slots
-                .values()
-                .map(|s| s.param.grad())
-                .filter(|g| g.defined())
-                .map(|g| g.norm())
-                .collect();
-            if norms.is_empty() {
-                return 0.0;
-            }
-            let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
-            let coef = max_norm / (total + 1e-6);
-            if coef < 1.0 {
-                for s in self.slots.values() {
-                    let mut g = s.param.grad();
-                    if g.defined() {
-                        let _ = g.g_mul_scalar_(coef);
-                    }
-                }
-            }
-            total
-        })
+        clip_norm(self.slots.values().map(|s| &s.param), max_norm)
     }
 
     /// One update with base learning rate `lr` (each group applies its own scale).
@@ -222,6 +200,178 @@ impl AdamW {
                     }
                     dst.shallow_clone().copy_(&src.to_device(dst.device()));
                 }
+            }
+            Ok(())
+        })?;
+        self.step = step;
+        Ok(())
+    }
+}
+
+/// What the epoch loop and the checkpoint writer need of an optimizer.
+pub trait Optimizer {
+    /// Sets every gradient to zero.
+    fn zero_grad(&mut self);
+    /// Scales the gradients so their global 2-norm is at most `max_norm`; returns the norm
+    /// before clipping.
+    fn clip_grad_norm(&self, max_norm: f64) -> f64;
+    /// One update with base learning rate `lr`.
+    fn step(&mut self, lr: f64);
+    /// Updates taken so far.
+    fn steps(&self) -> u64;
+    /// The state to save beside a checkpoint.
+    fn state(&self) -> StateDict;
+    /// Restores [`Optimizer::state`]; fails naming the first tensor absent or misshapen.
+    fn load_state(&mut self, sd: &StateDict, step: u64) -> Result<(), String>;
+}
+
+impl Optimizer for AdamW {
+    fn zero_grad(&mut self) {
+        AdamW::zero_grad(self)
+    }
+    fn clip_grad_norm(&self, max_norm: f64) -> f64 {
+        AdamW::clip_grad_norm(self, max_norm)
+    }
+    fn step(&mut self, lr: f64) {
+        AdamW::step(self, lr)
+    }
+    fn steps(&self) -> u64 {
+        self.step
+    }
+    fn state(&self) -> StateDict {
+        AdamW::state(self)
+    }
+    fn load_state(&mut self, sd: &StateDict, step: u64) -> Result<(), String> {
+        AdamW::load_state(self, sd, step)
+    }
+}
+
+/// Global 2-norm of the defined gradients of `params`, scaling them to `max_norm` when above.
+fn clip_norm<'a>(params: impl Iterator<Item = &'a Tensor> + Clone, max_norm: f64) -> f64 {
+    tch::no_grad(|| {
+        let norms: Vec<Tensor> = params
+            .clone()
+            .map(Tensor::grad)
+            .filter(Tensor::defined)
+            .map(|g| g.norm())
+            .collect();
+        if norms.is_empty() {
+            return 0.0;
+        }
+        let total = Tensor::stack(&norms, 0).norm().double_value(&[]);
+        let coef = max_norm / (total + 1e-6);
+        if coef < 1.0 {
+            for p in params {
+                let mut g = p.grad();
+                if g.defined() {
+                    let _ = g.g_mul_scalar_(coef);
+                }
+            }
+        }
+        total
+    })
+}
+
+/// LARS as upstream `util/lars.py` (used for linear probing): SGD with momentum whose update of
+/// every tensor of more than one dimension gets weight decay and the layer-wise trust ratio
+/// `trust_coefficient · ‖p‖ / ‖dp‖` (1 when either norm is zero); 1-D tensors (biases) are
+/// updated by plain momentum SGD.
+pub struct Lars {
+    params: BTreeMap<String, (Tensor, Tensor)>,
+    pub weight_decay: f64,
+    pub momentum: f64,
+    pub trust_coefficient: f64,
+    pub step: u64,
+}
+
+impl std::fmt::Debug for Lars {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Lars({} tensors, step {})", self.params.len(), self.step)
+    }
+}
+
+impl Lars {
+    /// LARS over the named tensors, with upstream's momentum 0.9 and trust coefficient 0.001.
+    pub fn new(params: Vec<(String, Tensor)>, weight_decay: f64) -> Self {
+        let params = params
+            .into_iter()
+            .map(|(k, p)| {
+                let mu = p.zeros_like();
+                (k, (p, mu))
+            })
+            .collect();
+        Self {
+            params,
+            weight_decay,
+            momentum: 0.9,
+            trust_coefficient: 0.001,
+            step: 0,
+        }
+    }
+}
+
+impl Optimizer for Lars {
+    fn zero_grad(&mut self) {
+        for (p, _) in self.params.values_mut() {
+            p.zero_grad();
+        }
+    }
+
+    fn clip_grad_norm(&self, max_norm: f64) -> f64 {
+        clip_norm(self.params.values().map(|(p, _)| p), max_norm)
+    }
+
+    fn step(&mut self, lr: f64) {
+        self.step += 1;
+        tch::no_grad(|| {
+            for (p, mu) in self.params.values_mut() {
+                let g = p.grad();
+                if !g.defined() {
+                    continue;
+                }
+                let mut dp = g.shallow_clone();
+                if p.dim() > 1 {
+                    dp = &dp + &*p * self.weight_decay;
+                    let pn = p.norm().double_value(&[]);
+                    let un = dp.norm().double_value(&[]);
+                    let q = if pn > 0.0 && un > 0.0 {
+                        self.trust_coefficient * pn / un
+                    } else {
+                        1.0
+                    };
+                    dp *= q;
+                }
+                let _ = mu.g_mul_scalar_(self.momentum);
+                let _ = mu.g_add_(&dp);
+                let _ = p.g_sub_(&(&*mu * lr));
+            }
+        });
+    }
+
+    fn steps(&self) -> u64 {
+        self.step
+    }
+
+    fn state(&self) -> StateDict {
+        self.params
+            .iter()
+            .map(|(k, (_, mu))| (format!("mu.{k}"), from_tensor(mu)))
+            .collect()
+    }
+
+    fn load_state(&mut self, sd: &StateDict, step: u64) -> Result<(), String> {
+        tch::no_grad(|| {
+            for (name, (_, mu)) in self.params.iter_mut() {
+                let key = format!("mu.{name}");
+                let src = to_tensor(sd.get(&key).ok_or_else(|| format!("missing {key}"))?);
+                if src.size() != mu.size() {
+                    return Err(format!(
+                        "{key} has shape {:?}, expected {:?}",
+                        src.size(),
+                        mu.size()
+                    ));
+                }
+                mu.copy_(&src.to_device(mu.device()));
             }
             Ok(())
         })?;

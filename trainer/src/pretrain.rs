@@ -21,7 +21,7 @@ use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{save_checkpoint, train_epoch, RunDir, Schedule};
+use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule};
 use crate::visualize::{render_grid, save_png};
 
 /// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
@@ -135,14 +135,13 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         lr * 256.0 / eff_batch as f64
     );
 
-    let steps_per_epoch = train.len() / a.batch_size.max(1);
-    if steps_per_epoch == 0 {
-        bail!(
-            "batch size {} is larger than the {} images",
-            a.batch_size,
-            train.len()
-        );
-    }
+    let epochs = epochs_to_run(
+        train.len(),
+        a.batch_size,
+        start_epoch,
+        a.epochs,
+        a.stop_after,
+    )?;
     let sched = Schedule {
         lr,
         min_lr: a.min_lr,
@@ -152,11 +151,8 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         clip_grad: None,
     };
     let vis = vis_batch(&train, &spec, &model, a.seed)?;
-    let last_epoch = a
-        .stop_after
-        .map_or(a.epochs, |n| (start_epoch + n).min(a.epochs));
     let started = Instant::now();
-    for epoch in start_epoch..last_epoch {
+    for epoch in epochs {
         tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
         let mut order: Vec<usize> = (0..train.len()).collect();
         Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut order);
@@ -165,6 +161,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
             aug: Some(TrainAug {
                 scale: (0.2, 1.0),
                 hflip: true,
+                randaug: None,
             }),
             reprob: 0.0,
             batch_size: a.batch_size,
@@ -185,6 +182,9 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
         run.log(&serde_json::json!({"train_lr": cur_lr, "train_loss": train_loss, "epoch": epoch, "n_parameters": n_parameters}))?;
+        if let Err(e) = crate::plot::write_run_plots(&run.path) {
+            eprintln!("warning: no plots this epoch: {e:#}");
+        }
         let mut meta = CheckpointMeta::new(
             CheckpointKind::MaePretrain,
             &a.model,

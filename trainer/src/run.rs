@@ -8,7 +8,7 @@ use anyhow::Context;
 use mae_models::checkpoint::{self, CheckpointMeta, StateDict};
 use mae_models::{DType, TensorData};
 
-use crate::optim::AdamW;
+use crate::optim::Optimizer;
 
 /// The output folder of a run.
 #[derive(Debug, Clone)]
@@ -84,14 +84,14 @@ pub fn save_checkpoint(
     path: &Path,
     weights: &StateDict,
     meta: &CheckpointMeta,
-    opt: Option<&AdamW>,
+    opt: Option<&dyn Optimizer>,
 ) -> anyhow::Result<()> {
     if let Some(opt) = opt {
         let mut sd = opt.state();
         let step = TensorData::new(
             DType::I64,
             vec![1],
-            (opt.step as i64).to_le_bytes().to_vec(),
+            (opt.steps() as i64).to_le_bytes().to_vec(),
         )
         .expect("one int64");
         sd.insert("step".into(), step);
@@ -121,7 +121,7 @@ pub fn load_optim(ckpt: &Path) -> anyhow::Result<(StateDict, u64)> {
 /// of the epochs that will be rerun; returns the first epoch to train.
 pub fn resume(
     vs: &tch::nn::VarStore,
-    opt: &mut AdamW,
+    opt: &mut dyn Optimizer,
     ck: &checkpoint::Checkpoint,
     path: &Path,
     run: &RunDir,
@@ -163,13 +163,13 @@ pub struct EpochStats {
     pub lr: f64,
 }
 
-/// One training epoch: per-step schedule, gradient accumulation, clipping, AdamW, progress
+/// One training epoch: per-step schedule, gradient accumulation, clipping, the optimizer, progress
 /// bar; `loss_of(batch, step)` computes a batch's loss. A non-finite loss stops the run.
 pub fn train_epoch(
     loader: crate::data::loader::Loader,
     epoch: u64,
     sched: &Schedule,
-    opt: &mut AdamW,
+    opt: &mut dyn Optimizer,
     mut loss_of: impl FnMut(&crate::data::loader::Batch, usize) -> tch::Tensor,
 ) -> anyhow::Result<EpochStats> {
     let steps = loader.len().max(1);
@@ -215,4 +215,20 @@ pub fn train_epoch(
         loss: loss_sum / seen.max(1) as f64,
         lr,
     })
+}
+
+/// The epochs this invocation trains: from `start` up to `epochs`, or only `stop_after` of them.
+/// Fails when one batch is larger than the `n_train` training images (an epoch of no steps).
+pub fn epochs_to_run(
+    n_train: usize,
+    batch_size: usize,
+    start: u64,
+    epochs: u64,
+    stop_after: Option<u64>,
+) -> anyhow::Result<std::ops::Range<u64>> {
+    if n_train / batch_size.max(1) == 0 {
+        anyhow::bail!("batch size {batch_size} is larger than the {n_train} training images");
+    }
+    let last = stop_after.map_or(epochs, |n| (start + n).min(epochs));
+    Ok(start..last)
 }

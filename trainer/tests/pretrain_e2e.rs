@@ -1,5 +1,6 @@
 //! `mae-train pretrain` end to end: a tiny run on generated images, stopped and resumed,
-//! then fine-tuned from its checkpoint; `visualize` writes a PNG of the expected size.
+//! then fine-tuned and linearly probed from its checkpoint; `visualize` writes a PNG of the
+//! expected size.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -133,4 +134,90 @@ fn pretrain_resume_visualize_and_finetune_from_it() {
         "{out}"
     );
     assert!(d.join("ft/checkpoint-0.safetensors").exists());
+
+    // Linear probing from the same checkpoint: stopped and resumed equals one run; the
+    // checkpoint keeps upstream's head.0 / head.1 names and `eval` reads it.
+    let lp = |out: &str, extra: &[&str]| {
+        let mut args = vec![
+            "linprobe",
+            "--data-path",
+            "data",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--depth",
+            "1",
+            "--finetune",
+            "part/checkpoint-2.safetensors",
+            "--epochs",
+            "3",
+            "--warmup-epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--output-dir",
+            out,
+        ];
+        args.extend_from_slice(extra);
+        mae_train(d, &args)
+    };
+    let out = lp("lp-full", &[]);
+    assert!(
+        out.contains("missing_keys=['head.0.num_batches_tracked', 'head.0.running_mean', 'head.0.running_var', 'head.1.bias', 'head.1.weight']"),
+        "{out}"
+    );
+    lp("lp-part", &["--stop-after", "2"]);
+    let resumed = lp("lp-part", &["--resume", "lp-part/checkpoint-1.safetensors"]);
+    assert!(resumed.contains("Resume checkpoint"), "{resumed}");
+    let a = checkpoint::load(&d.join("lp-full/checkpoint-2.safetensors")).unwrap();
+    let b = checkpoint::load(&d.join("lp-part/checkpoint-2.safetensors")).unwrap();
+    for name in [
+        "head.1.weight",
+        "head.1.bias",
+        "head.0.running_mean",
+        "head.0.running_var",
+    ] {
+        let (va, vb) = (a.tensors[name].to_f32_vec(), b.tensors[name].to_f32_vec());
+        let worst = va
+            .iter()
+            .zip(&vb)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            worst <= 1e-6,
+            "{name}: resumed linear probe differs by {worst}"
+        );
+    }
+    let enc_a = a.tensors["blocks.0.attn.qkv.weight"].to_f32_vec();
+    let pre = checkpoint::load(&d.join("part/checkpoint-2.safetensors")).unwrap();
+    assert_eq!(
+        enc_a,
+        pre.tensors["blocks.0.attn.qkv.weight"].to_f32_vec(),
+        "the encoder stays frozen"
+    );
+    let ev = mae_train(
+        d,
+        &[
+            "eval",
+            "--resume",
+            "lp-full/checkpoint-2.safetensors",
+            "--data-path",
+            "data",
+            "--split",
+            "val",
+            "--device",
+            "cpu",
+            "--output",
+            "lp-val.json",
+        ],
+    );
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.join("lp-val.json")).unwrap()).unwrap();
+    let logged = a.meta.unwrap().metrics["acc1"];
+    assert_eq!(
+        m["acc1"].as_f64().unwrap(),
+        logged,
+        "eval of the folded head reproduces the accuracy logged in training\n{ev}"
+    );
 }

@@ -83,3 +83,142 @@ fn read_up_to(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     }
     Ok(n)
 }
+
+/// Epsilon of the linear-probe BatchNorm (`BatchNorm1d(d, affine=False, eps=1e-6)` upstream).
+pub const LINPROBE_BN_EPS: f64 = 1e-6;
+
+/// Folds a linear-probe head — upstream `main_linprobe.py`'s `head = Sequential(BatchNorm1d(d,
+/// affine=False), Linear(d, c))`, stored as `head.0.running_mean`, `head.0.running_var`,
+/// `head.0.num_batches_tracked`, `head.1.weight`, `head.1.bias` — into the plain `head.weight`
+/// and `head.bias` of a classifier, which computes the same function in evaluation mode:
+/// `W' = W / sqrt(var + eps)` per input column, `b' = b - W' · mean`. Returns `Ok(false)` when
+/// the state dict has no such head, and an error naming the tensor when its parts disagree.
+pub fn fold_bn_head(sd: &mut StateDict, eps: f64) -> std::result::Result<bool, String> {
+    let (Some(w), Some(mean), Some(var)) = (
+        sd.get("head.1.weight"),
+        sd.get("head.0.running_mean"),
+        sd.get("head.0.running_var"),
+    ) else {
+        return Ok(false);
+    };
+    let [c, d] = w.shape[..] else {
+        return Err(format!(
+            "head.1.weight has shape {:?}, expected [classes, dim]",
+            w.shape
+        ));
+    };
+    for (name, t) in [("head.0.running_mean", mean), ("head.0.running_var", var)] {
+        if t.shape != [d] {
+            return Err(format!("{name} has shape {:?}, expected [{d}]", t.shape));
+        }
+    }
+    let bias = match sd.get("head.1.bias") {
+        Some(b) if b.shape == [c] => b.to_f64_vec(),
+        Some(b) => {
+            return Err(format!(
+                "head.1.bias has shape {:?}, expected [{c}]",
+                b.shape
+            ))
+        }
+        None => vec![0.0; c],
+    };
+    let (w, mean, var) = (w.to_f64_vec(), mean.to_f64_vec(), var.to_f64_vec());
+    let inv: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    let mut w2 = vec![0f32; c * d];
+    let mut b2 = vec![0f32; c];
+    for k in 0..c {
+        let mut shift = 0.0;
+        for j in 0..d {
+            let wk = w[k * d + j] * inv[j];
+            w2[k * d + j] = wk as f32;
+            shift += wk * mean[j];
+        }
+        b2[k] = (bias[k] - shift) as f32;
+    }
+    for k in [
+        "head.0.running_mean",
+        "head.0.running_var",
+        "head.0.num_batches_tracked",
+        "head.1.weight",
+        "head.1.bias",
+    ] {
+        sd.remove(k);
+    }
+    let (Some(w2), Some(b2)) = (
+        TensorData::from_f32(vec![c, d], &w2),
+        TensorData::from_f32(vec![c], &b2),
+    ) else {
+        return Err("cannot build the folded head".into());
+    };
+    sd.insert("head.weight".into(), w2);
+    sd.insert("head.bias".into(), b2);
+    Ok(true)
+}
+
+#[cfg(test)]
+mod fold_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn folded_head_computes_batchnorm_then_linear() {
+        let (c, d) = (3, 4);
+        let w: Vec<f32> = (0..c * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b = [0.1f32, -0.2, 0.3];
+        let mean = [0.5f32, -1.0, 2.0, 0.0];
+        let var = [1.0f32, 4.0, 0.25, 9.0];
+        let mut sd = StateDict::new();
+        sd.insert(
+            "head.1.weight".into(),
+            TensorData::from_f32(vec![c, d], &w).unwrap(),
+        );
+        sd.insert(
+            "head.1.bias".into(),
+            TensorData::from_f32(vec![c], &b).unwrap(),
+        );
+        sd.insert(
+            "head.0.running_mean".into(),
+            TensorData::from_f32(vec![d], &mean).unwrap(),
+        );
+        sd.insert(
+            "head.0.running_var".into(),
+            TensorData::from_f32(vec![d], &var).unwrap(),
+        );
+        assert!(fold_bn_head(&mut sd, 1e-6).unwrap());
+        assert!(!sd.contains_key("head.1.weight") && !sd.contains_key("head.0.running_var"));
+        let w2 = sd["head.weight"].to_f32_vec();
+        let b2 = sd["head.bias"].to_f32_vec();
+        let x = [0.3f32, -2.0, 1.5, 4.0];
+        for k in 0..c {
+            let mut want = b[k] as f64;
+            let mut got = b2[k] as f64;
+            for j in 0..d {
+                let xn = (x[j] - mean[j]) as f64 / (var[j] as f64 + 1e-6).sqrt();
+                want += w[k * d + j] as f64 * xn;
+                got += w2[k * d + j] as f64 * x[j] as f64;
+            }
+            assert!((got - want).abs() < 1e-5, "class {k}: {got} vs {want}");
+        }
+        // Nothing to fold the second time.
+        assert!(!fold_bn_head(&mut sd, 1e-6).unwrap());
+    }
+
+    #[test]
+    fn inconsistent_heads_are_refused_by_name() {
+        let mut sd = StateDict::new();
+        sd.insert(
+            "head.1.weight".into(),
+            TensorData::from_f32(vec![2, 3], &[0.0; 6]).unwrap(),
+        );
+        sd.insert(
+            "head.0.running_mean".into(),
+            TensorData::from_f32(vec![4], &[0.0; 4]).unwrap(),
+        );
+        sd.insert(
+            "head.0.running_var".into(),
+            TensorData::from_f32(vec![3], &[1.0; 3]).unwrap(),
+        );
+        let e = fold_bn_head(&mut sd, 1e-6).unwrap_err();
+        assert!(e.contains("head.0.running_mean"), "{e}");
+    }
+}

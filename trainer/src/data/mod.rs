@@ -2,6 +2,7 @@
 //! multi-threaded batch loader that decodes and augments ahead of the model.
 
 pub mod loader;
+pub mod randaug;
 pub mod transform;
 
 use std::path::{Path, PathBuf};

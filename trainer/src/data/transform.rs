@@ -1,11 +1,13 @@
 //! Image transforms. Evaluation uses the shared implementation of `mae_models::imaging`
-//! (the same as `mae-run`); training adds upstream's RandomResizedCrop and horizontal flip.
+//! (the same as `mae-run`); training adds upstream's RandomResizedCrop, horizontal flip and, for
+//! fine-tuning, RandAugment (timm's order: crop, flip, RandAugment, normalise).
 
 use image::imageops;
 use image::RgbImage;
 use mae_models::imaging;
 use mae_models::preprocess::{Interpolation, PreprocessSpec};
 
+use super::randaug::{fill_from_mean, RandAugment};
 use crate::rng::Rng;
 
 /// Training augmentation settings.
@@ -14,6 +16,8 @@ pub struct TrainAug {
     /// Area fraction range of RandomResizedCrop (upstream: 0.08–1 fine-tuning, 0.2–1 pretraining).
     pub scale: (f64, f64),
     pub hflip: bool,
+    /// RandAugment policy applied after the flip (upstream fine-tuning: `rand-m9-mstd0.5-inc1`).
+    pub randaug: Option<RandAugment>,
 }
 
 /// The crop box (x, y, w, h) of torchvision's `RandomResizedCrop.get_params`.
@@ -45,7 +49,8 @@ pub fn rrc_box(w: u32, h: u32, scale: (f64, f64), rng: &mut Rng) -> (u32, u32, u
 }
 
 /// Training transform: random resized crop to `spec.input_size` (bicubic), optional flip,
-/// normalisation; returns `[3, s, s]` values.
+/// optional RandAugment (filling with the normalisation mean, as timm), normalisation; returns
+/// `[3, s, s]` values.
 pub fn train_transform(
     img: &RgbImage,
     spec: &PreprocessSpec,
@@ -59,6 +64,9 @@ pub fn train_transform(
     if aug.hflip && rng.unit() < 0.5 {
         imageops::flip_horizontal_in_place(&mut out);
     }
+    if let Some(ra) = &aug.randaug {
+        out = ra.apply(&out, fill_from_mean(spec.mean), rng);
+    }
     imaging::to_chw_normalized(&out, spec.mean, spec.std)
 }
 
@@ -69,6 +77,8 @@ pub fn eval_transform(img: &RgbImage, spec: &PreprocessSpec) -> Vec<f32> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     #[test]
@@ -88,12 +98,37 @@ mod tests {
     fn train_transform_has_model_input_shape() {
         let img = RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8, y as u8, 7]));
         let spec = PreprocessSpec::imagenet(16);
-        let aug = TrainAug {
+        let mut aug = TrainAug {
             scale: (0.08, 1.0),
             hflip: true,
+            randaug: None,
         };
         let v = train_transform(&img, &spec, &aug, &mut Rng(1));
         assert_eq!(v.len(), 3 * 16 * 16);
         assert!(v.iter().all(|x| x.is_finite()));
+        // RandAugment changes some samples (a quarter get no op) and stays seeded.
+        aug.randaug = Some("rand-m9-mstd0.5-inc1".parse().unwrap());
+        let plain: Vec<Vec<f32>> = (0..8)
+            .map(|s| {
+                train_transform(
+                    &img,
+                    &spec,
+                    &TrainAug {
+                        randaug: None,
+                        ..aug.clone()
+                    },
+                    &mut Rng(s),
+                )
+            })
+            .collect();
+        let augmented: Vec<Vec<f32>> = (0..8)
+            .map(|s| train_transform(&img, &spec, &aug, &mut Rng(s)))
+            .collect();
+        assert!(plain.iter().zip(&augmented).any(|(p, a)| p != a));
+        assert_eq!(
+            augmented[3],
+            train_transform(&img, &spec, &aug, &mut Rng(3))
+        );
+        assert!(augmented.iter().all(|v| v.len() == 3 * 16 * 16));
     }
 }

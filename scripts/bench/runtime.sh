@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Runtime benchmark: a randomly initialised ViT (default vit_base_patch16, 224×224) exported by
+# mae-export in fp32 and int8, measured with `mae-run bench` on tract and ONNX Runtime, beside
+# ONNX Runtime's own Python InferenceSession on the same file and threads, then `mae-run serve`
+# under concurrent clients. Figures go to $OUT (default runs/bench-runtime) as JSON and a table.
+#
+# usage: scripts/bench/runtime.sh [MODEL] ; env THREADS (2), ITERS (20), CLIENTS (8), SECONDS_LOAD (30),
+#        BIN (folder of the binaries, default target/release if built there, else target/debug),
+#        TRACT_INT8=1 also times the int8 model on tract (slow: tract has no fast int8 kernels here)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+model=${1:-vit_base_patch16}
+threads=${THREADS:-2}
+iters=${ITERS:-20}
+clients=${CLIENTS:-8}
+seconds=${SECONDS_LOAD:-30}
+out=${OUT:-"$root/runs/bench-runtime"}
+py="$root/.venv/bin/python"
+if [ -z "${BIN:-}" ]; then
+  BIN="$root/target/release"
+  [ -x "$BIN/mae-run" ] || BIN="$root/target/debug"
+fi
+mkdir -p "$out"
+say() { printf '\033[1m[bench]\033[0m %s\n' "$*"; }
+
+say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); binaries $BIN"
+say "1. random $model weights, exported fp32 and int8"
+"$py" "$root/scripts/bench/make_vit.py" "$out/$model.pth" --model "$model"
+"$BIN/mae-export" --onnx --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.onnx"
+"$BIN/mae-export" --onnx --int8 --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8.onnx"
+
+bench() { # name model backend
+  "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$threads" --batch-size 1,8 \
+    --iterations "$iters" --format json --output "$out/$1.json"
+  say "   $1: $("$py" "$root/scripts/bench/summary.py" "$out/$1.json")"
+}
+say "2. mae-run bench ($threads threads, $iters iterations)"
+bench tract-fp32 "$out/$model.onnx" tract
+bench ort-fp32 "$out/$model.onnx" ort
+bench ort-int8 "$out/$model.int8.onnx" ort
+if [ -n "${TRACT_INT8:-}" ]; then bench tract-int8 "$out/$model.int8.onnx" tract; fi
+say "3. ONNX Runtime's Python InferenceSession, same file and threads"
+"$py" "$root/scripts/bench/ort_python.py" "$out/$model.onnx" --threads "$threads" \
+  --iterations "$iters" > "$out/ort-python-fp32.json"
+"$py" "$root/scripts/bench/ort_python.py" "$out/$model.int8.onnx" --threads "$threads" \
+  --iterations "$iters" > "$out/ort-python-int8.json"
+for f in ort-python-fp32 ort-python-int8; do
+  say "   $f: $("$py" "$root/scripts/bench/summary.py" "$out/$f.json")"
+done
+
+say "4. mae-run serve under $clients clients for ${seconds}s (tract backend)"
+"$py" -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((224,224,3))*255).astype('uint8')).save('$out/probe.png')"
+port=$(( 20000 + RANDOM % 20000 ))
+"$BIN/mae-run" serve --model "$out/$model.onnx" --threads "$threads" --listen "127.0.0.1:$port" \
+  --max-batch 8 --queue-size 256 --timeout-ms 120000 > "$out/serve.log" 2>&1 &
+pid=$!
+trap 'kill $pid 2>/dev/null || true' EXIT
+for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 1; done
+"$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
+  --clients "$clients" --seconds "$seconds" > "$out/serve.json"
+kill -TERM $pid; wait $pid || true
+say "   serve: $(cat "$out/serve.json")"
+say "figures in $out"

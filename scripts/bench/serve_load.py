@@ -1,0 +1,55 @@
+"""Load test of `mae-run serve`: N concurrent clients POST the same PNG to /v1/predict for a
+fixed time; prints throughput and latency percentiles as JSON.
+
+usage: serve_load.py URL IMAGE.png [--clients 8] [--seconds 30]
+"""
+import argparse
+import json
+import threading
+import time
+import urllib.request
+
+import numpy as np
+
+ap = argparse.ArgumentParser()
+ap.add_argument("url")
+ap.add_argument("image")
+ap.add_argument("--clients", type=int, default=8)
+ap.add_argument("--seconds", type=float, default=30)
+a = ap.parse_args()
+body = open(a.image, "rb").read()
+lat, errors = [], [0]
+lock = threading.Lock()
+stop = time.perf_counter() + a.seconds
+
+
+def client():
+    while time.perf_counter() < stop:
+        req = urllib.request.Request(a.url, data=body, headers={"Content-Type": "image/png"})
+        t = time.perf_counter()
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                r.read()
+                ok = r.status == 200
+        except Exception:
+            ok = False
+        dt = (time.perf_counter() - t) * 1e3
+        with lock:
+            if ok:
+                lat.append(dt)
+            else:
+                errors[0] += 1
+
+
+t0 = time.perf_counter()
+threads = [threading.Thread(target=client) for _ in range(a.clients)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+elapsed = time.perf_counter() - t0
+lat = np.array(lat) if lat else np.array([float("nan")])
+print(json.dumps({"clients": a.clients, "seconds": elapsed, "requests": int(len(lat)),
+                  "errors": errors[0], "images_per_s": len(lat) / elapsed,
+                  "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
+                  "p99_ms": float(np.percentile(lat, 99))}))

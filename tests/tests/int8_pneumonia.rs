@@ -1,0 +1,94 @@
+//! `mae-export --int8` on real images: a small ViT trained by `mae-train` on PneumoniaMNIST,
+//! exported in fp32 and int8, gives the same top-1 class on at least 99% of 256 test X-rays in
+//! ONNX Runtime and in tract. Needs `../shared/data/pneumoniamnist.npz` (ignored without it).
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use mae_tests::{workspace_root, TestCommand};
+
+/// `prediction` column of a `mae-run eval --predictions` CSV.
+fn predictions(path: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let col = header.iter().position(|h| *h == "prediction").unwrap();
+    lines
+        .map(|l| l.split(',').nth(col).unwrap().trim_matches('"').to_string())
+        .collect()
+}
+
+#[test]
+#[cfg_attr(
+    not(has_shared_data),
+    ignore = "needs ../shared/data/pneumoniamnist.npz"
+)]
+fn int8_keeps_the_top1_class_on_real_xrays() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = workspace_root().join("../shared/data/pneumoniamnist.npz");
+    TestCommand::new("mae-train", dir)
+        .args([
+            "finetune",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--depth",
+            "2",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--train-samples",
+            "600",
+            "--batch-size",
+            "32",
+            "--lr",
+            "5e-4",
+            "--aa",
+            "none",
+            "--reprob",
+            "0",
+            "--device",
+            "cpu",
+            "--output-dir",
+            "run",
+            "--data-path",
+        ])
+        .args([&data])
+        .stdout();
+    for (extra, out) in [(None, "f.onnx"), (Some("--int8"), "q.onnx")] {
+        TestCommand::new("mae-export", dir)
+            .args(["--onnx", "--checkpoint", "run/checkpoint-1.safetensors"])
+            .args(extra)
+            .args(["--output", out])
+            .stdout();
+    }
+    let n = 256;
+    let run = |model: &str, backend: &str| -> Vec<String> {
+        let csv = format!("{model}-{backend}.csv");
+        TestCommand::new("mae-run", dir)
+            .args(["eval", "--model", model, "--backend", backend])
+            .args(["--split", "test", "--limit", "256", "--predictions", &csv])
+            .args(["--data-path"])
+            .args([&data])
+            .stdout();
+        let p = predictions(&dir.join(&csv));
+        assert_eq!(p.len(), n, "{csv}");
+        p
+    };
+    let fp32 = run("f.onnx", "ort");
+    for backend in ["ort", "tract"] {
+        let q = run("q.onnx", backend);
+        let same = fp32.iter().zip(&q).filter(|(a, b)| a == b).count();
+        println!("int8 {backend}: top-1 agreement with fp32 {same}/{n}");
+        assert!(
+            same * 100 >= 99 * n,
+            "int8 {backend}: top-1 agrees on only {same} of {n} X-rays"
+        );
+    }
+    let size = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
+    assert!(
+        size("q.onnx") * 3 < size("f.onnx"),
+        "int8 file is not smaller"
+    );
+}

@@ -1,0 +1,225 @@
+//! The whole toolchain on one checkpoint: `mae-train` fine-tunes and evaluates, `mae-export`
+//! writes the ONNX model, `mae-run` evaluates it with tract and with ONNX Runtime, and both tools
+//! must give the same predictions on the same images.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use mae_tests::TestCommand;
+
+/// Probabilities of PyTorch (mae-train) and of the exported model may differ by this much.
+const TOL: f32 = 1e-4;
+
+/// One CSV row of a `--predictions` file: the predicted class and the probabilities.
+#[derive(Debug)]
+struct Row {
+    prediction: String,
+    probs: Vec<f32>,
+}
+
+/// Reads the `prediction` and `p<k>` columns of a predictions CSV (quoted fields hold no commas
+/// here: class names are single words).
+fn read_predictions(path: &Path) -> Vec<Row> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let mut lines = text.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let pred_col = header.iter().position(|h| *h == "prediction").unwrap();
+    let prob_cols: Vec<usize> = (0..header.len())
+        .filter(|&i| header[i].starts_with('p') && header[i][1..].parse::<usize>().is_ok())
+        .collect();
+    assert!(!prob_cols.is_empty(), "{}: no p<k> columns", path.display());
+    lines
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            assert_eq!(f.len(), header.len(), "{}: row {l}", path.display());
+            Row {
+                prediction: f[pred_col].trim_matches('"').to_string(),
+                probs: prob_cols.iter().map(|&i| f[i].parse().unwrap()).collect(),
+            }
+        })
+        .collect()
+}
+
+fn compare(what: &str, train: &[Row], run: &[Row]) {
+    assert_eq!(train.len(), run.len(), "{what}: row counts");
+    let mut worst = 0f32;
+    for (i, (a, b)) in train.iter().zip(run).enumerate() {
+        assert_eq!(a.probs.len(), b.probs.len(), "{what}: row {i} width");
+        for (x, y) in a.probs.iter().zip(&b.probs) {
+            worst = worst.max((x - y).abs());
+        }
+        let margin = {
+            let mut p = a.probs.clone();
+            p.sort_by(|x, y| y.total_cmp(x));
+            p[0] - p.get(1).copied().unwrap_or(0.0)
+        };
+        // A tie within the tolerance may break either way; anything clearer must agree.
+        if margin > 2.0 * TOL {
+            assert_eq!(
+                a.prediction, b.prediction,
+                "{what}: row {i}: mae-train {a:?} vs mae-run {b:?}"
+            );
+        }
+    }
+    assert!(
+        worst <= TOL,
+        "{what}: probabilities differ by up to {worst:.3e} (tolerance {TOL})"
+    );
+    println!(
+        "{what}: {} rows, max |Δp| {worst:.2e}, predictions identical",
+        train.len()
+    );
+}
+
+#[test]
+fn train_export_run_give_the_same_predictions() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let data = dir.join("data");
+    TestCommand::new("mae-train", dir)
+        .args(["synth", "--per-class", "12", "--size", "28", "--output"])
+        .args([&data])
+        .stdout();
+    TestCommand::new("mae-train", dir)
+        .args([
+            "finetune",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--depth",
+            "2",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--smoothing",
+            "0",
+            "--reprob",
+            "0",
+            "--device",
+            "cpu",
+            "--output-dir",
+            "run",
+            "--data-path",
+        ])
+        .args([&data])
+        .stdout();
+    let ck = dir.join("run/checkpoint-1.safetensors");
+    assert!(ck.exists(), "no checkpoint at {}", ck.display());
+    same_predictions(dir, &data, &ck, "finetune");
+
+    // A linear probe (BatchNorm + linear head, folded on export and on evaluation).
+    TestCommand::new("mae-train", dir)
+        .args([
+            "linprobe",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--depth",
+            "2",
+            "--epochs",
+            "2",
+            "--warmup-epochs",
+            "1",
+            "--batch-size",
+            "8",
+            "--device",
+            "cpu",
+            "--output-dir",
+            "lp",
+            "--data-path",
+        ])
+        .args([&data])
+        .stdout();
+    same_predictions(
+        dir,
+        &data,
+        &dir.join("lp/checkpoint-1.safetensors"),
+        "linprobe",
+    );
+}
+
+/// `mae-train eval`, `mae-export` and `mae-run eval` (tract and ONNX Runtime) on one checkpoint
+/// agree on every test image.
+fn same_predictions(dir: &Path, data: &Path, ck: &Path, tag: &str) {
+    let onnx = format!("{tag}.onnx");
+
+    TestCommand::new("mae-train", dir)
+        .args([
+            "eval",
+            "--device",
+            "cpu",
+            "--split",
+            "test",
+            "--predictions",
+            &format!("{tag}-train.csv"),
+            "--output",
+            &format!("{tag}-train.json"),
+            "--resume",
+        ])
+        .args([ck])
+        .args(["--data-path"])
+        .args([data])
+        .stdout();
+
+    let export = TestCommand::new("mae-export", dir)
+        .args(["--onnx", "--output", &onnx, "--checkpoint"])
+        .args([ck])
+        .stdout();
+    // The trainer stored probe outputs, so the export's self-check compares against them.
+    assert!(
+        export.contains("vs the checkpoint's probe outputs"),
+        "{export}"
+    );
+
+    let train = read_predictions(&dir.join(format!("{tag}-train.csv")));
+    assert_eq!(
+        train.len(),
+        3 * 4,
+        "synth holds out max(per_class / 4, 4) images per class"
+    );
+    let train_metrics: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.join(format!("{tag}-train.json"))).unwrap(),
+    )
+    .unwrap();
+    for backend in ["tract", "ort"] {
+        let csv = format!("{tag}-run-{backend}.csv");
+        let json = format!("{tag}-run-{backend}.json");
+        TestCommand::new("mae-run", dir)
+            .args([
+                "eval",
+                "--model",
+                &onnx,
+                "--backend",
+                backend,
+                "--split",
+                "test",
+                "--format",
+                "json",
+                "--output",
+                &json,
+                "--predictions",
+                &csv,
+                "--data-path",
+            ])
+            .args([data])
+            .stdout();
+        compare(
+            &format!("{tag} {backend}"),
+            &train,
+            &read_predictions(&dir.join(&csv)),
+        );
+        let run: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.join(&json)).unwrap()).unwrap();
+        assert_eq!(
+            run["metrics"]["acc1"], train_metrics["acc1"],
+            "{backend}: top-1 accuracy of mae-run vs mae-train"
+        );
+        assert_eq!(
+            run["metrics"]["confusion"], train_metrics["confusion"],
+            "{backend}: confusion matrices"
+        );
+    }
+}
