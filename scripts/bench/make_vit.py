@@ -13,6 +13,7 @@ PRESETS = {
     "vit_small_patch16": "vit_small_patch16_224",
     "vit_tiny_patch16": "vit_tiny_patch16_224",
     "vit_large_patch16": "vit_large_patch16_224",
+    "vit_huge_patch14": "vit_huge_patch14_224",
 }
 
 ap = argparse.ArgumentParser()
