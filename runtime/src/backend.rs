@@ -38,6 +38,19 @@ pub struct RawOutputs {
     pub classes: usize,
 }
 
+impl RawOutputs {
+    /// From the `(values, last dimension)` of the logits and probabilities outputs, each
+    /// present or not; the class count is the logits', else the probabilities', else 0.
+    pub fn new(logits: Option<(Vec<f32>, usize)>, probs: Option<(Vec<f32>, usize)>) -> Self {
+        let classes = logits.as_ref().or(probs.as_ref()).map_or(0, |(_, c)| *c);
+        Self {
+            logits: logits.map(|(v, _)| v),
+            probabilities: probs.map(|(v, _)| v),
+            classes,
+        }
+    }
+}
+
 /// An engine with a loaded model. One instance is used from one thread at a time.
 pub trait Backend: Send {
     /// `tract 0.23 (2 threads)`, `onnxruntime (CPUExecutionProvider, 2 threads)`.
@@ -155,18 +168,7 @@ mod tract_backend {
                 let v = t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
                 Ok(Some((v, classes)))
             };
-            let logits = take(self.roles.0)?;
-            let probs = take(self.roles.1)?;
-            let classes = logits
-                .as_ref()
-                .or(probs.as_ref())
-                .map(|(_, c)| *c)
-                .unwrap_or(0);
-            Ok(RawOutputs {
-                logits: logits.map(|(v, _)| v),
-                probabilities: probs.map(|(v, _)| v),
-                classes,
-            })
+            Ok(RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?))
         }
     }
 }
@@ -318,18 +320,7 @@ mod ort_backend {
                 let classes = shape.last().copied().unwrap_or(1).max(0) as usize;
                 Ok(Some((data.to_vec(), classes)))
             };
-            let logits = take(self.roles.0)?;
-            let probs = take(self.roles.1)?;
-            let classes = logits
-                .as_ref()
-                .or(probs.as_ref())
-                .map(|(_, c)| *c)
-                .unwrap_or(0);
-            Ok(RawOutputs {
-                logits: logits.map(|(v, _)| v),
-                probabilities: probs.map(|(v, _)| v),
-                classes,
-            })
+            Ok(RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?))
         }
     }
 }

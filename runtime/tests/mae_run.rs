@@ -685,6 +685,22 @@ mod http {
     }
 
     /// One HTTP/1.1 request; returns (status, body).
+    /// `n` clients each POSTing `png` to `/v1/predict` at once; each thread yields its status.
+    pub fn post_concurrently(
+        addr: &str,
+        png: &[u8],
+        n: usize,
+    ) -> Vec<std::thread::JoinHandle<u16>> {
+        (0..n)
+            .map(|_| {
+                let (addr, png) = (addr.to_string(), png.to_vec());
+                std::thread::spawn(move || {
+                    request(&addr, "POST", "/v1/predict", "image/png", &png).0
+                })
+            })
+            .collect()
+    }
+
     pub fn request(
         addr: &str,
         method: &str,
@@ -895,14 +911,7 @@ fn serve_saturation_gives_503() {
         "400",
     ]);
     let bytes = std::fs::read(fixtures().join("images/rgb.png")).unwrap();
-    let handles: Vec<_> = (0..10)
-        .map(|_| {
-            let (addr, bytes) = (s.addr.clone(), bytes.clone());
-            std::thread::spawn(move || {
-                http::request(&addr, "POST", "/v1/predict", "image/png", &bytes).0
-            })
-        })
-        .collect();
+    let handles = http::post_concurrently(&s.addr, &bytes, 10);
     let codes: Vec<u16> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(codes.iter().all(|&c| c == 200 || c == 503), "{codes:?}");
     assert!(codes.contains(&503), "{codes:?}");
@@ -921,14 +930,7 @@ fn serve_sigterm_loses_no_accepted_request() {
         "300",
     ]);
     let bytes = std::fs::read(fixtures().join("images/rgb.png")).unwrap();
-    let handles: Vec<_> = (0..6)
-        .map(|_| {
-            let (addr, bytes) = (s.addr.clone(), bytes.clone());
-            std::thread::spawn(move || {
-                http::request(&addr, "POST", "/v1/predict", "image/png", &bytes).0
-            })
-        })
-        .collect();
+    let handles = http::post_concurrently(&s.addr, &bytes, 6);
     std::thread::sleep(std::time::Duration::from_millis(150));
     let pid = s.child.id().to_string();
     assert!(std::process::Command::new("kill")

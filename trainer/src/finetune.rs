@@ -24,7 +24,7 @@ use crate::model::load::{adapt_for_classifier, load_into, state_dict};
 use crate::model::vit::VisionTransformer;
 use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule};
+use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule, TrainBatches};
 
 /// Seed and size of the probe batch recorded in every classifier checkpoint.
 pub const PROBE_SEED: u64 = 0;
@@ -241,13 +241,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let resume = match &a.resume {
-        Some(p) => Some(
-            checkpoint::load(p)
-                .with_context(|| format!("cannot read --resume checkpoint {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let resume = crate::run::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().and_then(|r| r.meta.as_ref()) {
         Some(meta) => match &meta.config {
             ModelConfig::Vit(c) => c.clone(),
@@ -382,28 +376,35 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         prob: a.mixup_prob,
         switch_prob: a.mixup_switch_prob,
     };
-    let aug = TrainAug {
-        scale: (a.min_crop_scale, 1.0),
-        hflip: true,
-        randaug,
+    let batches = TrainBatches {
+        spec: spec.clone(),
+        aug: TrainAug {
+            scale: (a.min_crop_scale, 1.0),
+            hflip: true,
+            randaug,
+        },
+        reprob: a.reprob,
+        batch_size: a.batch_size,
+        workers: a.num_workers,
+        seed: a.seed,
+    };
+    let end = ClassifierEpoch {
+        run: &run,
+        arch: &a.model,
+        cfg: &cfg,
+        train: &train,
+        val: &val,
+        spec: &spec,
+        args: &args_json,
+        n_parameters,
+        device,
+        batch_size: a.batch_size,
+        workers: a.num_workers,
+        started: Instant::now(),
     };
     let c = train.num_outputs();
-    let started = Instant::now();
     for epoch in epochs {
-        tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
-        let mut ep_order = order.clone();
-        Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut ep_order);
-        let cfg_l = LoaderConfig {
-            spec: spec.clone(),
-            aug: Some(aug.clone()),
-            reprob: a.reprob,
-            batch_size: a.batch_size,
-            drop_last: true,
-            workers: a.num_workers,
-            seed: a.seed,
-            epoch,
-        };
-        let loader = Loader::new(train.clone(), ep_order, cfg_l);
+        let loader = batches.epoch(&train, &order, epoch);
         let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, it| {
             let xs = to_input(b, spec.input_size, device);
             let t = targets(&b.labels, train.task, c, a.smoothing).to_device(device);
@@ -411,41 +412,12 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             let (xs, t, _) = mix(&xs, &t, &mix_cfg, &mut mix_rng);
             loss_fn(&model.forward_t(&xs, true), &t, train.task)
         })?;
-        let (train_loss, cur_lr) = (stats.loss, stats.lr);
-        let ev = evaluate(
-            &model,
-            &val,
-            &spec,
-            device,
-            a.batch_size,
-            a.num_workers,
-            "val",
-        )?;
-        let end = ClassifierEpoch {
-            run: &run,
-            arch: &a.model,
-            cfg: &cfg,
-            train: &train,
-            spec: &spec,
-            args: &args_json,
-            n_parameters,
-        };
-        let probe = probe(&model, cfg.img_size, device);
-        end.finish(
-            epoch,
-            (train_loss, cur_lr),
-            &ev.metrics,
-            &mut best,
-            probe,
-            state_dict(&vs),
-            &opt,
-            started,
-        )?;
+        end.finish(epoch, stats, &model, &mut best, state_dict(&vs), &opt)?;
     }
     vs.freeze();
     println!(
         "training time {:.0}s; outputs in {}",
-        started.elapsed().as_secs_f64(),
+        end.started.elapsed().as_secs_f64(),
         run.path.display()
     );
     Ok(ExitCode::SUCCESS)
@@ -457,28 +429,43 @@ pub(crate) struct ClassifierEpoch<'a> {
     pub arch: &'a str,
     pub cfg: &'a VitConfig,
     pub train: &'a Dataset,
+    pub val: &'a Arc<Dataset>,
     pub spec: &'a mae_models::preprocess::PreprocessSpec,
     pub args: &'a serde_json::Value,
     pub n_parameters: i64,
+    pub device: Device,
+    pub batch_size: usize,
+    pub workers: usize,
+    /// When training started, for the elapsed time on each epoch line.
+    pub started: Instant,
 }
 
 impl ClassifierEpoch<'_> {
-    /// Prints the epoch line, appends to `log.txt` (upstream keys), redraws the plots, and saves
-    /// `checkpoint-{epoch}` (with optimizer state), `checkpoint-best` when the validation score
-    /// (AUC, else top-1) improved, and `metrics.json`. `(train_loss, lr)` are the epoch's.
-    #[allow(clippy::too_many_arguments)]
+    /// Evaluates `model` on the validation set, prints the epoch line, appends to `log.txt`
+    /// (upstream keys), redraws the plots, and saves `checkpoint-{epoch}` (`weights`, the
+    /// probe outputs, optimizer state), `checkpoint-best` when the validation score (AUC, else
+    /// top-1) improved, and `metrics.json`.
     pub fn finish(
         &self,
         epoch: u64,
-        (train_loss, lr): (f64, f64),
-        m: &Metrics,
+        stats: crate::run::EpochStats,
+        model: &dyn ModuleT,
         best: &mut f64,
-        probe: ProbeRecord,
         weights: mae_models::checkpoint::StateDict,
         opt: &dyn crate::optim::Optimizer,
-        started: Instant,
     ) -> anyhow::Result<()> {
         let run = self.run;
+        let (train_loss, lr) = (stats.loss, stats.lr);
+        let ev = evaluate(
+            model,
+            self.val,
+            self.spec,
+            self.device,
+            self.batch_size,
+            self.workers,
+            "val",
+        )?;
+        let m = &ev.metrics;
         let score = m.auc.unwrap_or(m.acc1);
         let is_best = score > *best;
         if is_best {
@@ -489,7 +476,7 @@ impl ClassifierEpoch<'_> {
             m.loss.unwrap_or(f64::NAN),
             m.acc1 * 100.0,
             m.auc.map_or("-".into(), |v| format!("{v:.4}")),
-            started.elapsed().as_secs_f64()
+            self.started.elapsed().as_secs_f64()
         );
         let mut entry = serde_json::json!({
             "train_lr": lr, "train_loss": train_loss, "test_loss": m.loss,
@@ -516,7 +503,7 @@ impl ClassifierEpoch<'_> {
         meta.args = self.args.clone();
         meta.metrics = m.summary();
         meta.metrics.insert("best".into(), *best);
-        meta.probe = Some(probe);
+        meta.probe = Some(probe(model, self.cfg.img_size, self.device));
         let path = run.file(&format!("checkpoint-{epoch}.safetensors"));
         save_checkpoint(&path, &weights, &meta, Some(opt))?;
         if is_best {
@@ -549,8 +536,11 @@ fn args_json(a: &FinetuneArgs) -> serde_json::Value {
 /// `mae-train eval`.
 pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
     let device = device(a.device)?;
-    let ck = checkpoint::load(&a.resume)
+    let mut ck = checkpoint::load(&a.resume)
         .with_context(|| format!("cannot read checkpoint {}", a.resume.display()))?;
+    // A linear-probe head is evaluated as the one linear layer it equals.
+    checkpoint::fold_bn_head(&mut ck.tensors, checkpoint::LINPROBE_BN_EPS)
+        .map_err(|e| anyhow::anyhow!("{}: linear-probe head: {e}", a.resume.display()))?;
     let meta = ck.meta.as_ref().with_context(|| {
         format!(
             "{} has no mae metadata (architecture, classes)",
@@ -574,10 +564,7 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
     }
     let vs = nn::VarStore::new(device);
     let model = VisionTransformer::new(&vs.root(), cfg, 0.0);
-    let mut tensors = ck.tensors.clone();
-    checkpoint::fold_bn_head(&mut tensors, checkpoint::LINPROBE_BN_EPS)
-        .map_err(|e| anyhow::anyhow!("{}: linear-probe head: {e}", a.resume.display()))?;
-    let report = load_into(&vs, &tensors);
+    let report = load_into(&vs, &ck.tensors);
     if !report.is_exact() {
         bail!(
             "{}: weights do not match the recorded architecture:\n{report}",

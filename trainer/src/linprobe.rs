@@ -18,16 +18,14 @@ use tch::nn::{self, ModuleT};
 use tch::Tensor;
 
 use crate::cli::LinprobeArgs;
-use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transform::TrainAug;
 use crate::data::{self};
-use crate::finetune::{device, evaluate, loss_fn, probe, targets, to_input, ClassifierEpoch};
+use crate::finetune::{device, loss_fn, targets, to_input, ClassifierEpoch};
 use crate::model::load::{adapt_for_classifier, load_into, state_dict};
 use crate::model::trunc_normal_;
 use crate::model::vit::VisionTransformer;
 use crate::optim::{scaled_lr, Lars};
-use crate::rng::Rng;
-use crate::run::{epochs_to_run, train_epoch, RunDir, Schedule};
+use crate::run::{epochs_to_run, train_epoch, RunDir, Schedule, TrainBatches};
 
 /// Momentum of the BatchNorm running statistics (PyTorch's default).
 const BN_MOMENTUM: f64 = 0.1;
@@ -129,13 +127,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
             "note: no --finetune checkpoint: probing a randomly initialised encoder (a baseline)"
         );
     }
-    let resume = match &a.resume {
-        Some(p) => Some(
-            checkpoint::load(p)
-                .with_context(|| format!("cannot read --resume checkpoint {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let resume = crate::run::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
         Some(Some(meta)) => match &meta.config {
             ModelConfig::Vit(c) => c.clone(),
@@ -262,67 +254,45 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         accum_iter: a.accum_iter,
         clip_grad: None,
     };
-    let aug = TrainAug {
-        scale: (0.08, 1.0),
-        hflip: true,
-        randaug: None,
+    let batches = TrainBatches {
+        spec: spec.clone(),
+        aug: TrainAug {
+            scale: (0.08, 1.0),
+            hflip: true,
+            randaug: None,
+        },
+        reprob: 0.0,
+        batch_size: a.batch_size,
+        workers: a.num_workers,
+        seed: a.seed,
+    };
+    let end = ClassifierEpoch {
+        run: &run,
+        arch: &a.model,
+        cfg: &cfg,
+        train: &train,
+        val: &val,
+        spec: &spec,
+        args: &args_json,
+        n_parameters,
+        device,
+        batch_size: a.batch_size,
+        workers: a.num_workers,
+        started: Instant::now(),
     };
     let c = train.num_outputs();
-    let started = Instant::now();
     for epoch in epochs {
-        tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
-        let mut ep_order = order.clone();
-        Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut ep_order);
-        let cfg_l = LoaderConfig {
-            spec: spec.clone(),
-            aug: Some(aug.clone()),
-            reprob: 0.0,
-            batch_size: a.batch_size,
-            drop_last: true,
-            workers: a.num_workers,
-            seed: a.seed,
-            epoch,
-        };
-        let loader = Loader::new(train.clone(), ep_order, cfg_l);
+        let loader = batches.epoch(&train, &order, epoch);
         let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, _| {
             let xs = to_input(b, spec.input_size, device);
             let t = targets(&b.labels, train.task, c, 0.0).to_device(device);
             loss_fn(&model.forward_t(&xs, true), &t, train.task)
         })?;
-        let ev = evaluate(
-            &model,
-            &val,
-            &spec,
-            device,
-            a.batch_size,
-            a.num_workers,
-            "val",
-        )?;
-        let end = ClassifierEpoch {
-            run: &run,
-            arch: &a.model,
-            cfg: &cfg,
-            train: &train,
-            spec: &spec,
-            args: &args_json,
-            n_parameters,
-        };
-        let probe = probe(&model, cfg.img_size, device);
-        let weights = probe_state_dict(&vs);
-        end.finish(
-            epoch,
-            (stats.loss, stats.lr),
-            &ev.metrics,
-            &mut best,
-            probe,
-            weights,
-            &opt,
-            started,
-        )?;
+        end.finish(epoch, stats, &model, &mut best, probe_state_dict(&vs), &opt)?;
     }
     println!(
         "training time {:.0}s; outputs in {}",
-        started.elapsed().as_secs_f64(),
+        end.started.elapsed().as_secs_f64(),
         run.path.display()
     );
     Ok(ExitCode::SUCCESS)

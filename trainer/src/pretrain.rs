@@ -7,13 +7,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use mae_models::checkpoint::{self, CheckpointKind, CheckpointMeta, Task};
+use mae_models::checkpoint::{CheckpointKind, CheckpointMeta, Task};
 use mae_models::preprocess::PreprocessSpec;
 use mae_models::{ModelConfig, Overrides};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::PretrainArgs;
-use crate::data::loader::{Loader, LoaderConfig};
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset, Item, Pixels};
 use crate::finetune::{device, to_input};
@@ -21,7 +20,7 @@ use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule};
+use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule, TrainBatches};
 use crate::visualize::{render_grid, save_png};
 
 /// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
@@ -65,13 +64,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     let device = device(a.device)?;
     let run = RunDir::create(&a.output_dir)?;
     let train = Arc::new(open_unlabeled(&a.data_path)?);
-    let resume = match &a.resume {
-        Some(p) => Some(
-            checkpoint::load(p)
-                .with_context(|| format!("cannot read --resume checkpoint {}", p.display()))?,
-        ),
-        None => None,
-    };
+    let resume = crate::run::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
         Some(Some(meta)) => match &meta.config {
             ModelConfig::Mae(c) => c.clone(),
@@ -151,26 +144,22 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         clip_grad: None,
     };
     let vis = vis_batch(&train, &spec, &model, a.seed)?;
+    let batches = TrainBatches {
+        spec: spec.clone(),
+        aug: TrainAug {
+            scale: (0.2, 1.0),
+            hflip: true,
+            randaug: None,
+        },
+        reprob: 0.0,
+        batch_size: a.batch_size,
+        workers: a.num_workers,
+        seed: a.seed,
+    };
+    let all: Vec<usize> = (0..train.len()).collect();
     let started = Instant::now();
     for epoch in epochs {
-        tch::manual_seed((a.seed ^ (epoch << 32)) as i64);
-        let mut order: Vec<usize> = (0..train.len()).collect();
-        Rng::derive(&[a.seed, epoch, 1]).shuffle(&mut order);
-        let lcfg = LoaderConfig {
-            spec: spec.clone(),
-            aug: Some(TrainAug {
-                scale: (0.2, 1.0),
-                hflip: true,
-                randaug: None,
-            }),
-            reprob: 0.0,
-            batch_size: a.batch_size,
-            drop_last: true,
-            workers: a.num_workers,
-            seed: a.seed,
-            epoch,
-        };
-        let loader = Loader::new(train.clone(), order, lcfg);
+        let loader = batches.epoch(&train, &all, epoch);
         let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, _| {
             model
                 .forward(&to_input(b, spec.input_size, device), a.mask_ratio)

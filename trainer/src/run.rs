@@ -117,6 +117,15 @@ pub fn load_optim(ckpt: &Path) -> anyhow::Result<(StateDict, u64)> {
     Ok((sd, step.max(0) as u64))
 }
 
+/// Reads the checkpoint of `--resume`, when given.
+pub fn read_resume(path: Option<&Path>) -> anyhow::Result<Option<checkpoint::Checkpoint>> {
+    path.map(|p| {
+        checkpoint::load(p)
+            .with_context(|| format!("cannot read --resume checkpoint {}", p.display()))
+    })
+    .transpose()
+}
+
 /// Restores weights and optimizer state from `ck` (read from `path`) and drops the log lines
 /// of the epochs that will be rerun; returns the first epoch to train.
 pub fn resume(
@@ -231,4 +240,43 @@ pub fn epochs_to_run(
     }
     let last = stop_after.map_or(epochs, |n| (start + n).min(epochs));
     Ok(start..last)
+}
+
+/// How a run makes its training batches: everything but the epoch.
+#[derive(Debug, Clone)]
+pub struct TrainBatches {
+    pub spec: mae_models::preprocess::PreprocessSpec,
+    pub aug: crate::data::transform::TrainAug,
+    /// Random erasing probability.
+    pub reprob: f64,
+    pub batch_size: usize,
+    pub workers: usize,
+    pub seed: u64,
+}
+
+impl TrainBatches {
+    /// The loader of `epoch` over `order` (full batches only): libtorch's generator and the
+    /// shuffle are reseeded from (seed, epoch), so a resumed run draws what an uninterrupted one
+    /// does.
+    pub fn epoch(
+        &self,
+        ds: &std::sync::Arc<crate::data::Dataset>,
+        order: &[usize],
+        epoch: u64,
+    ) -> crate::data::loader::Loader {
+        tch::manual_seed((self.seed ^ (epoch << 32)) as i64);
+        let mut order = order.to_vec();
+        crate::rng::Rng::derive(&[self.seed, epoch, 1]).shuffle(&mut order);
+        let cfg = crate::data::loader::LoaderConfig {
+            spec: self.spec.clone(),
+            aug: Some(self.aug.clone()),
+            reprob: self.reprob,
+            batch_size: self.batch_size,
+            drop_last: true,
+            workers: self.workers,
+            seed: self.seed,
+            epoch,
+        };
+        crate::data::loader::Loader::new(ds.clone(), order, cfg)
+    }
 }
