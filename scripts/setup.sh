@@ -10,6 +10,15 @@ command -v cargo >/dev/null || { say "cargo not found: install Rust (rustup) fir
 py=${PYTHON:-python3}
 command -v "$py" >/dev/null || { say "python3 not found: install Python 3.10 or later"; exit 1; }
 
+# Gloo's headers, for compiling mae-train's distributed shim against libtorch's c10d.
+if [ ! -f /usr/include/gloo/config.h ]; then
+  say "installing Debian's libgloo-dev (headers for the distributed shim)"
+  sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $sudo_ apt-get install -y -qq libgloo-dev >/dev/null 2>&1 \
+    || { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq libgloo-dev >/dev/null; }
+fi
+
 venv="$root/.venv"
 stamp="$venv/.requirements.sha256"
 want=$(sha256sum requirements.txt | cut -d' ' -f1)
@@ -19,8 +28,8 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing requirements.txt into $venv (torch is large: a few GB)"
-  "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -r requirements.txt
+  "$venv/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
+  "$venv/bin/python" -m pip install --quiet --no-cache-dir -r requirements.txt
   echo "$want" > "$stamp"
 fi
 

@@ -6,7 +6,7 @@
 //! the binaries start without `LD_LIBRARY_PATH` (which, when set, still takes precedence).
 
 use std::env;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 const EXPECTED_TORCH: &str = "2.11.0";
 
@@ -30,6 +30,7 @@ fn main() {
         );
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    build_dist_shim(&root);
 }
 
 /// Fails the build early with a clear message when the libtorch found is not the one tch expects.
@@ -63,4 +64,43 @@ fn shared_data_cfg() {
     if npz.exists() {
         println!("cargo:rustc-cfg=has_shared_data");
     }
+}
+
+/// Compiles the c10d shim (`csrc/dist.cpp`) against the wheel's headers: Gloo always (its own
+/// headers come from Debian's libgloo-dev), NCCL when libtorch_cuda and the CUDA/NCCL headers
+/// of the wheel's dependencies are present.
+fn build_dist_shim(root: &Path) {
+    println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    let inc = root.join("include");
+    let mut b = cc::Build::new();
+    b.cpp(true)
+        .file("csrc/dist.cpp")
+        .include(&inc)
+        .include(inc.join("torch/csrc/api/include"))
+        .flag("-std=c++17")
+        .flag("-w")
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .define("USE_C10D_GLOO", None);
+    if !Path::new("/usr/include/gloo/config.h").exists() {
+        panic!(
+            "Gloo headers not found (/usr/include/gloo): install Debian's libgloo-dev \
+             (scripts/setup.sh does)"
+        );
+    }
+    let nvidia = root.join("../nvidia");
+    let cuda_inc = nvidia.join("cu13/include");
+    let nccl_inc = nvidia.join("nccl/include");
+    let with_nccl = root.join("lib/libtorch_cuda.so").exists()
+        && cuda_inc.join("crt/host_config.h").exists()
+        && cuda_inc.join("nv/target").exists()
+        && nccl_inc.join("nccl.h").exists();
+    if with_nccl {
+        b.include(&cuda_inc)
+            .include(&nccl_inc)
+            .define("USE_C10D_NCCL", None)
+            .define("MAE_WITH_NCCL", None);
+    } else {
+        println!("cargo:warning=mae-train's distributed shim is built without NCCL (Gloo only)");
+    }
+    b.compile("mae_dist");
 }

@@ -32,6 +32,10 @@ pub enum Command {
     Pretrain(Box<PretrainArgs>),
     /// Time forward + backward + optimizer steps on synthetic data.
     Bench(BenchArgs),
+    /// Run a training command as N processes on this node (the torchrun equivalent).
+    Launch(LaunchArgs),
+    /// Write (and submit) a SLURM batch script that runs a training command on N nodes.
+    Slurm(SlurmArgs),
     /// Write an MAE reconstruction grid (original | masked | reconstruction | pasted) as PNG.
     Visualize(VisualizeArgs),
 }
@@ -63,6 +67,12 @@ pub struct PretrainArgs {
     /// Continue a run from one of its checkpoints.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Epoch checkpoints to keep: the newest N (`checkpoint-{epoch}` with its optimizer
+    /// state; `checkpoint-best` is always kept). 0 keeps every one.
+    #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    #[command(flatten)]
+    pub dist: DistArgs,
     #[arg(long, alias = "batch_size", default_value_t = 64)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 400)]
@@ -178,6 +188,10 @@ pub struct FinetuneArgs {
     /// Continue a run from one of its checkpoints (epoch, optimizer state, schedule).
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Epoch checkpoints to keep: the newest N (`checkpoint-{epoch}` with its optimizer
+    /// state; `checkpoint-best` is always kept). 0 keeps every one.
+    #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
+    pub keep_checkpoints: usize,
     /// Images per batch (per process).
     #[arg(long, alias = "batch_size", default_value_t = 64)]
     pub batch_size: usize,
@@ -259,13 +273,10 @@ pub struct FinetuneArgs {
     /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
     #[arg(long)]
     pub stop_after: Option<u64>,
-    /// Upstream flags that need several processes; accepted and noted on one process.
-    #[arg(long, alias = "dist_eval")]
-    pub dist_eval: bool,
     #[arg(long, alias = "pin_mem", hide = true)]
     pub pin_mem: bool,
-    #[arg(long, alias = "world_size", hide = true)]
-    pub world_size: Option<usize>,
+    #[command(flatten)]
+    pub dist: DistArgs,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -288,6 +299,8 @@ pub struct EvalArgs {
     /// Write the metrics as JSON to this file.
     #[arg(long)]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub dist: DistArgs,
     /// Write one CSV row per image (index, label, predicted class, probabilities) to this file.
     #[arg(long, value_name = "FILE")]
     pub predictions: Option<PathBuf>,
@@ -398,7 +411,7 @@ mod tests {
         assert_eq!(a.batch_size, 32);
         assert_eq!(a.layer_decay, 0.65);
         assert_eq!(a.drop_path, 0.1);
-        assert!(a.dist_eval);
+        assert!(a.dist.dist_eval);
         assert_eq!(a.data_path, PathBuf::from("eval_data"));
     }
 }
@@ -427,6 +440,12 @@ pub struct LinprobeArgs {
     /// Continue a linear-probe run from one of its checkpoints.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Epoch checkpoints to keep: the newest N (`checkpoint-{epoch}` with its optimizer
+    /// state; `checkpoint-best` is always kept). 0 keeps every one.
+    #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
+    pub keep_checkpoints: usize,
+    #[command(flatten)]
+    pub dist: DistArgs,
     #[arg(long, alias = "batch_size", default_value_t = 512)]
     pub batch_size: usize,
     #[arg(long, default_value_t = 90)]
@@ -461,4 +480,86 @@ pub struct LinprobeArgs {
     /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
     #[arg(long)]
     pub stop_after: Option<u64>,
+}
+
+/// Flags of distributed runs. Each process reads its place from torchrun's variables (`RANK`,
+/// `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or SLURM's (`SLURM_PROCID`,
+/// `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_JOB_NODELIST`), as set by `mae-train launch`,
+/// `mae-train slurm`, torchrun or srun.
+#[derive(Debug, Clone, Args)]
+pub struct DistArgs {
+    /// Collective backend: nccl (CUDA) or gloo (CPU); by default nccl on CUDA, gloo otherwise.
+    #[arg(long, alias = "dist_backend", value_parser = ["gloo", "nccl"])]
+    pub dist_backend: Option<String>,
+    /// Seconds a rendezvous or collective waits for the other ranks before the run fails.
+    #[arg(long, alias = "dist_timeout", default_value_t = 60)]
+    pub dist_timeout: u64,
+    /// Shard evaluation over the ranks and gather the predictions (exact metrics over the set).
+    #[arg(long, alias = "dist_eval")]
+    pub dist_eval: bool,
+    /// Upstream's spellings of what the environment says; accepted and ignored.
+    #[arg(long, alias = "world_size", hide = true)]
+    pub world_size: Option<usize>,
+    #[arg(long, alias = "local_rank", hide = true)]
+    pub local_rank: Option<usize>,
+    #[arg(long, alias = "dist_url", hide = true)]
+    pub dist_url: Option<String>,
+}
+
+/// `mae-train launch`.
+#[derive(Debug, Clone, Args)]
+#[command(trailing_var_arg = true)]
+pub struct LaunchArgs {
+    /// Processes to start (one per GPU on a GPU node).
+    #[arg(long, alias = "nproc_per_node", default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Rendezvous address (this node).
+    #[arg(long, alias = "master_addr", default_value = "127.0.0.1")]
+    pub master_addr: String,
+    /// Rendezvous port; 0 picks a free one.
+    #[arg(long, alias = "master_port", default_value_t = 0)]
+    pub master_port: u16,
+    /// Show the standard output of every rank, not only rank 0's.
+    #[arg(long)]
+    pub all_output: bool,
+    /// The command each process runs: `finetune ...`, `pretrain ...`, `linprobe ...` or
+    /// `eval ...` (after `--`).
+    #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
+}
+
+/// `mae-train slurm`.
+#[derive(Debug, Clone, Args)]
+#[command(trailing_var_arg = true)]
+pub struct SlurmArgs {
+    #[arg(long, default_value_t = 1)]
+    pub nodes: usize,
+    /// GPUs per node; one process (task) per GPU.
+    #[arg(long, alias = "ngpus", default_value_t = 8)]
+    pub gpus_per_node: usize,
+    /// SLURM partition.
+    #[arg(long)]
+    pub partition: Option<String>,
+    /// Time limit in minutes.
+    #[arg(long, default_value_t = 4320)]
+    pub timeout: u64,
+    /// Folder of the batch script and the job's logs; also the run's --output-dir unless the
+    /// command names one.
+    #[arg(long)]
+    pub job_dir: PathBuf,
+    /// CPU cores per task (data-loading workers run there).
+    #[arg(long, default_value_t = 10)]
+    pub cpus_per_task: usize,
+    /// Memory per GPU in GB.
+    #[arg(long, default_value_t = 40)]
+    pub mem_per_gpu: usize,
+    /// Extra `#SBATCH --constraint`.
+    #[arg(long)]
+    pub constraint: Option<String>,
+    /// Only write the script; do not call sbatch.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The training command (after `--`).
+    #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
+    pub command: Vec<String>,
 }

@@ -19,6 +19,7 @@ use crate::data::loader::{Batch, Loader, LoaderConfig};
 use crate::data::randaug;
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset};
+use crate::dist::Dist;
 use crate::mixup::{mix, MixConfig};
 use crate::model::load::{adapt_for_classifier, load_into, state_dict};
 use crate::model::vit::VisionTransformer;
@@ -83,9 +84,21 @@ pub(crate) fn loss_fn(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
             None,
             tch::Reduction::Mean,
         ),
-        _ => (-(target * logits.log_softmax(-1, Kind::Float)))
-            .sum_dim_intlist(-1, false, Kind::Float)
-            .mean(Kind::Float),
+        _ => per_sample_loss(logits, target, task).mean(Kind::Float),
+    }
+}
+
+/// The loss of each row: soft-target cross-entropy, or BCE averaged over the labels.
+fn per_sample_loss(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
+    match task {
+        Task::MultiLabel => logits
+            .binary_cross_entropy_with_logits::<Tensor>(target, None, None, tch::Reduction::None)
+            .mean_dim(-1, false, Kind::Float),
+        _ => (-(target * logits.log_softmax(-1, Kind::Float))).sum_dim_intlist(
+            -1,
+            false,
+            Kind::Float,
+        ),
     }
 }
 
@@ -106,6 +119,7 @@ pub fn to_input(b: &Batch, size: usize, device: Device) -> Tensor {
 }
 
 /// Runs the model over `ds` with the evaluation transform and computes the metrics.
+#[allow(clippy::too_many_arguments)] // the loader settings, the set and who evaluates it
 pub fn evaluate(
     model: &dyn ModuleT,
     ds: &Arc<Dataset>,
@@ -114,6 +128,7 @@ pub fn evaluate(
     batch_size: usize,
     workers: usize,
     label: &str,
+    dist: &crate::dist::Dist,
 ) -> anyhow::Result<Evaluation> {
     let start = Instant::now();
     let cfg = LoaderConfig {
@@ -126,26 +141,37 @@ pub fn evaluate(
         seed: 0,
         epoch: 0,
     };
-    let loader = Loader::new(ds.clone(), (0..ds.len()).collect(), cfg);
+    // A sharded evaluation gives each rank its DistributedSampler share (padded by repeating
+    // from the start); the gathered rows are put back in data-set order, duplicates dropped.
+    let order = dist.shard(&(0..ds.len()).collect::<Vec<_>>());
+    let loader = Loader::new(ds.clone(), order, cfg);
     let bar = progress(loader.len() as u64, label);
     let c = ds.num_outputs();
-    let (mut probs, mut labels, mut loss_sum) = (Vec::new(), Vec::new(), 0.0);
+    let (mut probs, mut labels, mut losses, mut indices) =
+        (Vec::new(), Vec::new(), Vec::<f32>::new(), Vec::new());
     tch::no_grad(|| -> anyhow::Result<()> {
         for b in loader {
             let b = b?;
             let logits = model.forward_t(&to_input(&b, spec.input_size, device), false);
             let t = targets(&b.labels, ds.task, c, 0.0).to_device(device);
-            loss_sum += loss_fn(&logits, &t, ds.task).double_value(&[]) * b.labels.len() as f64;
+            let l = per_sample_loss(&logits, &t, ds.task).to_device(Device::Cpu);
+            losses.extend(Vec::<f32>::try_from(l)?);
             let p = probabilities(&logits, ds.task)
                 .to_device(Device::Cpu)
                 .flatten(0, -1);
             probs.extend(Vec::<f32>::try_from(p)?);
             labels.extend(b.labels);
+            indices.extend(b.indices);
             bar.inc(1);
         }
         Ok(())
     })?;
     bar.finish_and_clear();
+    if dist.is_distributed() {
+        (probs, losses) = gather_rows(dist, &indices, &probs, &losses, c, ds.len(), device)?;
+        labels = ds.items.iter().map(|it| it.labels.clone()).collect();
+    }
+    let loss_sum: f64 = losses.iter().map(|&v| f64::from(v)).sum();
     let n = labels.len().max(1);
     let opts = EvalOptions {
         threshold: 0.5,
@@ -161,8 +187,49 @@ pub fn evaluate(
     })
 }
 
-/// A progress bar with images/s and ETA.
+/// Gathers every rank's rows (`[index, loss, probabilities...]`) and returns the
+/// probabilities and losses of the whole set in data-set order.
+fn gather_rows(
+    dist: &crate::dist::Dist,
+    indices: &[usize],
+    probs: &[f32],
+    losses: &[f32],
+    c: usize,
+    n: usize,
+    device: Device,
+) -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+    let w = c + 2;
+    let mut rows = Vec::with_capacity(indices.len() * w);
+    for (k, &i) in indices.iter().enumerate() {
+        rows.push(i as f32);
+        rows.push(losses[k]);
+        rows.extend_from_slice(&probs[k * c..(k + 1) * c]);
+    }
+    let mine = Tensor::from_slice(&rows)
+        .reshape([indices.len() as i64, w as i64])
+        .to_device(device);
+    let (mut all_probs, mut all_losses) = (vec![f32::NAN; n * c], vec![f32::NAN; n]);
+    for t in dist.all_gather(&mine)? {
+        let v = Vec::<f32>::try_from(t.to_device(Device::Cpu).flatten(0, -1))?;
+        for row in v.chunks(w) {
+            let i = row[0] as usize;
+            if i < n {
+                all_losses[i] = row[1];
+                all_probs[i * c..(i + 1) * c].copy_from_slice(&row[2..]);
+            }
+        }
+    }
+    if all_losses.iter().any(|v| v.is_nan()) {
+        bail!("sharded evaluation: some images were not evaluated by any rank");
+    }
+    Ok((all_probs, all_losses))
+}
+
+/// A progress bar with images/s and ETA (hidden on ranks other than 0).
 pub fn progress(len: u64, label: &str) -> ProgressBar {
+    if !crate::dist::is_main_process() {
+        return ProgressBar::hidden();
+    }
     let bar = ProgressBar::new(len);
     let style = ProgressStyle::with_template(
         "{prefix:>12} [{bar:30}] {pos}/{len} {per_sec} eta {eta} {msg}",
@@ -219,17 +286,16 @@ fn init_from(vs: &nn::VarStore, cfg: &VitConfig, path: &Path) -> anyhow::Result<
 
 /// `mae-train finetune`.
 pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
-    let device = device(a.device)?;
-    if a.dist_eval || a.world_size.is_some_and(|w| w > 1) {
-        eprintln!("note: one process; --dist-eval and --world-size apply to distributed runs only");
-    }
+    let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
+    let single = Dist::single();
+    let eval_dist = if a.dist.dist_eval { &dist } else { &single };
     if a.precision
         .is_some_and(|p| p != crate::cli::Precision::Fp32)
     {
         eprintln!("note: this build computes in fp32; --precision applies to CUDA autocast, not yet available");
     }
     let randaug = randaug::parse_aa(&a.aa).with_context(|| format!("--aa {}", a.aa))?;
-    let run = RunDir::create(&a.output_dir)?;
+    let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
     let train = data::open(&a.data_path, "train")?;
     let val = data::open(&a.data_path, "val")?;
     if let Some(n) = a.nb_classes {
@@ -270,6 +336,10 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let spec = mae_models::preprocess::PreprocessSpec::imagenet(cfg.img_size);
+    dist.check_same(
+        "model configuration and data",
+        &format!("{cfg:?} {} {}", train.len(), val.len()),
+    )?;
 
     let mut order: Vec<usize> = (0..train.len()).collect();
     if let Some(n) = a.train_samples {
@@ -296,6 +366,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             init_from(&vs, &cfg, p)?;
         }
     }
+    dist.broadcast_vars(&vs)?;
     let names_dims: Vec<(String, usize)> = {
         let mut v: Vec<_> = vs
             .variables()
@@ -313,7 +384,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         &["cls_token", "pos_embed"],
     );
     let mut opt = AdamW::new(&vs, &groups, (0.9, 0.999));
-    let eff_batch = a.batch_size * a.accum_iter;
+    let eff_batch = a.batch_size * a.accum_iter * dist.world;
     let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
     let mut start_epoch = 0;
     let mut best = f64::NEG_INFINITY;
@@ -350,6 +421,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             a.batch_size,
             a.num_workers,
             "eval",
+            eval_dist,
         )?;
         println!("{}", ev.metrics);
         return Ok(ExitCode::SUCCESS);
@@ -400,12 +472,13 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         device,
         batch_size: a.batch_size,
         workers: a.num_workers,
+        eval_dist,
         started: Instant::now(),
     };
     let c = train.num_outputs();
     for epoch in epochs {
-        let loader = batches.epoch(&train, &order, epoch);
-        let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, it| {
+        let loader = batches.epoch(&train, &order, epoch, &dist);
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, &dist, |b, it| {
             let xs = to_input(b, spec.input_size, device);
             let t = targets(&b.labels, train.task, c, a.smoothing).to_device(device);
             let mut mix_rng = Rng::derive(&[a.seed, epoch, it as u64, 2]);
@@ -436,6 +509,8 @@ pub(crate) struct ClassifierEpoch<'a> {
     pub device: Device,
     pub batch_size: usize,
     pub workers: usize,
+    /// Who evaluates: every rank the whole set, or (`--dist-eval`) a shard each.
+    pub eval_dist: &'a Dist,
     /// When training started, for the elapsed time on each epoch line.
     pub started: Instant,
 }
@@ -464,6 +539,7 @@ impl ClassifierEpoch<'_> {
             self.batch_size,
             self.workers,
             "val",
+            self.eval_dist,
         )?;
         let m = &ev.metrics;
         let score = m.auc.unwrap_or(m.acc1);
@@ -487,6 +563,9 @@ impl ClassifierEpoch<'_> {
             o.retain(|_, v| !v.is_null());
         }
         run.log(&entry)?;
+        if !run.main {
+            return Ok(());
+        }
         if let Err(e) = crate::plot::write_run_plots(&run.path) {
             eprintln!("warning: no plots this epoch: {e:#}");
         }
@@ -504,8 +583,7 @@ impl ClassifierEpoch<'_> {
         meta.metrics = m.summary();
         meta.metrics.insert("best".into(), *best);
         meta.probe = Some(probe(model, self.cfg.img_size, self.device));
-        let path = run.file(&format!("checkpoint-{epoch}.safetensors"));
-        save_checkpoint(&path, &weights, &meta, Some(opt))?;
+        run.save_epoch(epoch, &weights, &meta, opt)?;
         if is_best {
             save_checkpoint(
                 &run.file("checkpoint-best.safetensors"),
@@ -535,7 +613,8 @@ fn args_json(a: &FinetuneArgs) -> serde_json::Value {
 
 /// `mae-train eval`.
 pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
-    let device = device(a.device)?;
+    let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
+    let single = Dist::single();
     let mut ck = checkpoint::load(&a.resume)
         .with_context(|| format!("cannot read checkpoint {}", a.resume.display()))?;
     // A linear-probe head is evaluated as the one linear layer it equals.
@@ -582,7 +661,11 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
         a.batch_size,
         a.num_workers,
         &a.split,
+        if a.dist.dist_eval { &dist } else { &single },
     )?;
+    if !dist.is_main() {
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{} on {} ({} images, {:.1}s)",
         a.resume.display(),

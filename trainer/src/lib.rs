@@ -4,7 +4,9 @@ pub mod bench;
 pub mod cli;
 mod cmd;
 pub mod data;
+pub mod dist;
 pub mod finetune;
+pub mod launch;
 pub mod linprobe;
 pub mod mixup;
 pub mod model;
@@ -33,5 +35,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pretrain(a) => pretrain::pretrain(&a),
         Command::Visualize(a) => visualize::visualize(&a),
         Command::Bench(a) => bench::bench(&a),
+        Command::Launch(a) => launch::launch(&a),
+        Command::Slurm(a) => launch::slurm(&a),
     }
 }

@@ -20,6 +20,7 @@ use tch::Tensor;
 use crate::cli::LinprobeArgs;
 use crate::data::transform::TrainAug;
 use crate::data::{self};
+use crate::dist::Dist;
 use crate::finetune::{device, loss_fn, targets, to_input, ClassifierEpoch};
 use crate::model::load::{adapt_for_classifier, load_into, state_dict};
 use crate::model::trunc_normal_;
@@ -119,7 +120,8 @@ fn probe_state_dict(vs: &nn::VarStore) -> checkpoint::StateDict {
 
 /// `mae-train linprobe`.
 pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
-    let device = device(a.device)?;
+    let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
+    let single = Dist::single();
     let train = data::open(&a.data_path, "train")?;
     let val = data::open(&a.data_path, "val")?;
     if a.finetune.is_none() && a.resume.is_none() {
@@ -161,7 +163,11 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let spec = mae_models::preprocess::PreprocessSpec::imagenet(cfg.img_size);
-    let run = RunDir::create(&a.output_dir)?;
+    let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
+    dist.check_same(
+        "model configuration and data",
+        &format!("{cfg:?} {} {}", train.len(), val.len()),
+    )?;
 
     let mut order: Vec<usize> = (0..train.len()).collect();
     if let Some(n) = a.train_samples {
@@ -199,6 +205,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
             );
         }
     }
+    dist.broadcast_vars(&vs)?;
     LinearProbe::freeze_encoder(&vs);
     let head_params: Vec<(String, Tensor)> = vs
         .variables()
@@ -207,7 +214,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         .collect();
     let n_parameters: i64 = head_params.iter().map(|(_, t)| t.numel() as i64).sum();
     let mut opt = Lars::new(head_params, a.weight_decay);
-    let eff_batch = a.batch_size * a.accum_iter;
+    let eff_batch = a.batch_size * a.accum_iter * dist.world;
     let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
     let mut start_epoch = 0;
     let mut best = f64::NEG_INFINITY;
@@ -278,12 +285,13 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         device,
         batch_size: a.batch_size,
         workers: a.num_workers,
+        eval_dist: if a.dist.dist_eval { &dist } else { &single },
         started: Instant::now(),
     };
     let c = train.num_outputs();
     for epoch in epochs {
-        let loader = batches.epoch(&train, &order, epoch);
-        let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, _| {
+        let loader = batches.epoch(&train, &order, epoch, &dist);
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, &dist, |b, _| {
             let xs = to_input(b, spec.input_size, device);
             let t = targets(&b.labels, train.task, c, 0.0).to_device(device);
             loss_fn(&model.forward_t(&xs, true), &t, train.task)

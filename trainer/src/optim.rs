@@ -219,6 +219,8 @@ pub trait Optimizer {
     fn step(&mut self, lr: f64);
     /// Updates taken so far.
     fn steps(&self) -> u64;
+    /// The parameters it updates (their gradients are what data-parallel ranks average).
+    fn params(&self) -> Vec<Tensor>;
     /// The state to save beside a checkpoint.
     fn state(&self) -> StateDict;
     /// Restores [`Optimizer::state`]; fails naming the first tensor absent or misshapen.
@@ -237,6 +239,12 @@ impl Optimizer for AdamW {
     }
     fn steps(&self) -> u64 {
         self.step
+    }
+    fn params(&self) -> Vec<Tensor> {
+        self.slots
+            .values()
+            .map(|s| s.param.shallow_clone())
+            .collect()
     }
     fn state(&self) -> StateDict {
         AdamW::state(self)
@@ -319,6 +327,13 @@ impl Optimizer for Lars {
 
     fn clip_grad_norm(&self, max_norm: f64) -> f64 {
         clip_norm(self.params.values().map(|(p, _)| p), max_norm)
+    }
+
+    fn params(&self) -> Vec<Tensor> {
+        self.params
+            .values()
+            .map(|(p, _)| p.shallow_clone())
+            .collect()
     }
 
     fn step(&mut self, lr: f64) {

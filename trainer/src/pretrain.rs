@@ -15,12 +15,13 @@ use tch::{nn, Kind, Tensor};
 use crate::cli::PretrainArgs;
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset, Item, Pixels};
+use crate::dist::Dist;
 use crate::finetune::{device, to_input};
 use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{epochs_to_run, save_checkpoint, train_epoch, RunDir, Schedule, TrainBatches};
+use crate::run::{epochs_to_run, train_epoch, RunDir, Schedule, TrainBatches};
 use crate::visualize::{render_grid, save_png};
 
 /// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
@@ -61,8 +62,8 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..1.0).contains(&a.mask_ratio) {
         bail!("--mask-ratio {} must be in [0, 1)", a.mask_ratio);
     }
-    let device = device(a.device)?;
-    let run = RunDir::create(&a.output_dir)?;
+    let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
+    let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
     let train = Arc::new(open_unlabeled(&a.data_path)?);
     let resume = crate::run::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
@@ -88,9 +89,14 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let spec = PreprocessSpec::imagenet(cfg.img_size);
+    dist.check_same(
+        "model configuration and data",
+        &format!("{cfg:?} {}", train.len()),
+    )?;
     tch::manual_seed(a.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = MaskedAutoencoderViT::new(&vs.root(), &cfg);
+    dist.broadcast_vars(&vs)?;
     let mut names: Vec<(String, usize)> = vs
         .variables()
         .into_iter()
@@ -105,7 +111,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         .sum();
     let groups = param_groups(&names, cfg.depth, a.weight_decay, 1.0, &[]);
     let mut opt = AdamW::new(&vs, &groups, (0.9, 0.95));
-    let eff_batch = a.batch_size * a.accum_iter;
+    let eff_batch = a.batch_size * a.accum_iter * dist.world;
     let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
     let mut start_epoch = 0;
     if let (Some(ck), Some(path)) = (&resume, &a.resume) {
@@ -157,12 +163,14 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         seed: a.seed,
     };
     let all: Vec<usize> = (0..train.len()).collect();
+    let n_patches = model.pos_embed.size()[1] - 1;
     let started = Instant::now();
     for epoch in epochs {
-        let loader = batches.epoch(&train, &all, epoch);
-        let stats = train_epoch(loader, epoch, &sched, &mut opt, |b, _| {
+        let loader = batches.epoch(&train, &all, epoch, &dist);
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, &dist, |b, _| {
+            let noise = mask_noise(&b.indices, n_patches, a.seed, epoch).to_device(device);
             model
-                .forward(&to_input(b, spec.input_size, device), a.mask_ratio)
+                .forward_with_noise(&to_input(b, spec.input_size, device), &noise, a.mask_ratio)
                 .loss
         })?;
         let (train_loss, cur_lr) = (stats.loss, stats.lr);
@@ -171,6 +179,9 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
             started.elapsed().as_secs_f64()
         );
         run.log(&serde_json::json!({"train_lr": cur_lr, "train_loss": train_loss, "epoch": epoch, "n_parameters": n_parameters}))?;
+        if !run.main {
+            continue;
+        }
         if let Err(e) = crate::plot::write_run_plots(&run.path) {
             eprintln!("warning: no plots this epoch: {e:#}");
         }
@@ -184,8 +195,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         meta.epoch = Some(epoch);
         meta.args = args.clone();
         meta.metrics.insert("train_loss".into(), train_loss);
-        let path = run.file(&format!("checkpoint-{epoch}.safetensors"));
-        save_checkpoint(&path, &state_dict(&vs), &meta, Some(&opt))?;
+        run.save_epoch(epoch, &state_dict(&vs), &meta, &opt)?;
         if a.vis_every > 0 && ((epoch + 1) % a.vis_every == 0 || epoch + 1 == a.epochs) {
             let (imgs, noise) = &vis;
             let grid = render_grid(
@@ -205,6 +215,17 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         run.path.display()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Per-image masking noise `[b, l]` drawn from (seed, epoch, image index): the same mask for an
+/// image whichever rank or batch it lands in.
+fn mask_noise(indices: &[usize], l: i64, seed: u64, epoch: u64) -> Tensor {
+    let mut noise = Vec::with_capacity(indices.len() * l as usize);
+    for &i in indices {
+        let mut rng = Rng::derive(&[seed, epoch, i as u64, 0x6d61736b]);
+        noise.extend((0..l).map(|_| rng.unit() as f32));
+    }
+    Tensor::from_slice(&noise).reshape([indices.len() as i64, l])
 }
 
 /// The fixed images and masking noise of the progress grids: the first four images.

@@ -14,16 +14,79 @@ use crate::optim::Optimizer;
 #[derive(Debug, Clone)]
 pub struct RunDir {
     pub path: PathBuf,
+    /// False on the ranks other than 0 of a distributed run: they write nothing.
+    pub main: bool,
+    /// Epoch checkpoints kept on disk (the newest; 0 keeps all).
+    pub keep_checkpoints: usize,
 }
 
 impl RunDir {
-    /// Creates the folder (and parents) if needed.
-    pub fn create(path: &Path) -> anyhow::Result<Self> {
-        std::fs::create_dir_all(path)
-            .with_context(|| format!("cannot create output folder {}", path.display()))?;
+    /// Creates the folder (and parents) if needed; the run keeps the newest
+    /// `keep_checkpoints` epoch checkpoints (0: all).
+    /// Only the `main` process of a distributed run writes.
+    pub fn create(path: &Path, keep_checkpoints: usize, main: bool) -> anyhow::Result<Self> {
+        if main {
+            std::fs::create_dir_all(path)
+                .with_context(|| format!("cannot create output folder {}", path.display()))?;
+        }
         Ok(Self {
             path: path.to_path_buf(),
+            main,
+            keep_checkpoints,
         })
+    }
+
+    /// Saves `checkpoint-{epoch}` (weights, metadata, optimizer state), then removes the epoch
+    /// checkpoints older than the newest `keep_checkpoints`. Returns the saved path.
+    pub fn save_epoch(
+        &self,
+        epoch: u64,
+        weights: &StateDict,
+        meta: &CheckpointMeta,
+        opt: &dyn Optimizer,
+    ) -> anyhow::Result<PathBuf> {
+        let path = self.file(&format!("checkpoint-{epoch}.safetensors"));
+        if !self.main {
+            return Ok(path);
+        }
+        save_checkpoint(&path, weights, meta, Some(opt))?;
+        if self.keep_checkpoints > 0 {
+            for old in self.epoch_checkpoints()? {
+                if old.0 + self.keep_checkpoints as u64 <= epoch {
+                    for p in [optim_path(&old.1), old.1] {
+                        match std::fs::remove_file(&p) {
+                            Ok(()) => {}
+                            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                            Err(e) => {
+                                return Err(e).with_context(|| {
+                                    format!("cannot remove old checkpoint {}", p.display())
+                                })
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(path)
+    }
+
+    /// The `checkpoint-{epoch}.safetensors` files of the folder, with their epochs.
+    pub fn epoch_checkpoints(&self) -> anyhow::Result<Vec<(u64, PathBuf)>> {
+        let entries = std::fs::read_dir(&self.path)
+            .with_context(|| format!("cannot list {}", self.path.display()))?;
+        let mut found = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(n) = name
+                .strip_prefix("checkpoint-")
+                .and_then(|r| r.strip_suffix(".safetensors"))
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                found.push((n, e.path()));
+            }
+        }
+        found.sort();
+        Ok(found)
     }
 
     pub fn file(&self, name: &str) -> PathBuf {
@@ -33,12 +96,17 @@ impl RunDir {
     /// Writes a text file atomically.
     pub fn write(&self, name: &str, text: &str) -> anyhow::Result<PathBuf> {
         let p = self.file(name);
-        mae_models::io::atomic_write(&p, text.as_bytes())?;
+        if self.main {
+            mae_models::io::atomic_write(&p, text.as_bytes())?;
+        }
         Ok(p)
     }
 
     /// Appends one JSON object as a line of `log.txt` (upstream's format).
     pub fn log(&self, entry: &serde_json::Value) -> anyhow::Result<()> {
+        if !self.main {
+            return Ok(());
+        }
         let p = self.file("log.txt");
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -50,6 +118,9 @@ impl RunDir {
 
     /// Drops `log.txt` lines of epochs at or after `epoch` (a resumed run rewrites them).
     pub fn truncate_log(&self, epoch: u64) -> anyhow::Result<()> {
+        if !self.main {
+            return Ok(());
+        }
         let p = self.file("log.txt");
         let Ok(text) = std::fs::read_to_string(&p) else {
             return Ok(());
@@ -179,6 +250,7 @@ pub fn train_epoch(
     epoch: u64,
     sched: &Schedule,
     opt: &mut dyn Optimizer,
+    dist: &crate::dist::Dist,
     mut loss_of: impl FnMut(&crate::data::loader::Batch, usize) -> tch::Tensor,
 ) -> anyhow::Result<EpochStats> {
     let steps = loader.len().max(1);
@@ -208,6 +280,8 @@ pub fn train_epoch(
         }
         (loss / accum as f64).backward();
         if (it + 1) % accum == 0 {
+            // Data-parallel ranks average their gradients on the stepping micro-batch only.
+            dist.average_gradients(&opt.params())?;
             if let Some(max) = sched.clip_grad {
                 opt.clip_grad_norm(max);
             }
@@ -220,8 +294,9 @@ pub fn train_epoch(
         bar.inc(1);
     }
     bar.finish_and_clear();
+    let totals = dist.sum(&[loss_sum, seen as f64])?;
     Ok(EpochStats {
-        loss: loss_sum / seen.max(1) as f64,
+        loss: totals[0] / totals[1].max(1.0),
         lr,
     })
 }
@@ -257,16 +332,18 @@ pub struct TrainBatches {
 impl TrainBatches {
     /// The loader of `epoch` over `order` (full batches only): libtorch's generator and the
     /// shuffle are reseeded from (seed, epoch), so a resumed run draws what an uninterrupted one
-    /// does.
+    /// does. A data-parallel rank takes its DistributedSampler share of the shuffled order.
     pub fn epoch(
         &self,
         ds: &std::sync::Arc<crate::data::Dataset>,
         order: &[usize],
         epoch: u64,
+        dist: &crate::dist::Dist,
     ) -> crate::data::loader::Loader {
         tch::manual_seed((self.seed ^ (epoch << 32)) as i64);
         let mut order = order.to_vec();
         crate::rng::Rng::derive(&[self.seed, epoch, 1]).shuffle(&mut order);
+        let order = dist.shard(&order);
         let cfg = crate::data::loader::LoaderConfig {
             spec: self.spec.clone(),
             aug: Some(self.aug.clone()),

@@ -35,7 +35,7 @@ const TRAIN: &[&str] = &[
 ];
 
 /// Trains 4 epochs straight, and again as 2 + a resume of 2; asserts both end with the same
-/// weights, that the log is complete, and that `eval` reproduces the recorded metrics.
+/// weights, that old epoch checkpoints were pruned, that the log is complete, and that `eval` reproduces the recorded metrics.
 /// Returns the final checkpoint's metadata.
 fn stop_resume_eval(d: &Path, args: &[&str]) -> mae_models::checkpoint::CheckpointMeta {
     let full: Vec<&str> = args
@@ -44,6 +44,17 @@ fn stop_resume_eval(d: &Path, args: &[&str]) -> mae_models::checkpoint::Checkpoi
         .chain(["--output-dir", "full"])
         .collect();
     mae_train(d, &full);
+    // Only the newest two epoch checkpoints (default --keep-checkpoints 2) stay, with their
+    // optimizer state; checkpoint-best stays too.
+    for (epoch, kept) in [(0, false), (1, false), (2, true), (3, true)] {
+        for file in [
+            format!("full/checkpoint-{epoch}.safetensors"),
+            format!("full/checkpoint-{epoch}.optim.safetensors"),
+        ] {
+            assert_eq!(d.join(&file).exists(), kept, "{file}");
+        }
+    }
+    assert!(d.join("full/checkpoint-best.safetensors").exists());
 
     let part: Vec<&str> = args
         .iter()
