@@ -71,6 +71,9 @@ pub struct PretrainArgs {
     /// state; `checkpoint-best` is always kept). 0 keeps every one.
     #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
     pub keep_checkpoints: usize,
+    /// Autocast precision: bf16 by default on CUDA, fp32 on the CPU; fp16 adds a loss scaler.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     #[command(flatten)]
     pub dist: DistArgs,
     #[arg(long, alias = "batch_size", default_value_t = 64)]
@@ -251,6 +254,10 @@ pub struct FinetuneArgs {
     /// Smallest area fraction of RandomResizedCrop.
     #[arg(long, alias = "min_crop_scale", default_value_t = 0.08)]
     pub min_crop_scale: f64,
+    /// Weight each class's loss by n / (classes × n_class) of the training images (single-label
+    /// tasks), so a rare class counts as much as a common one.
+    #[arg(long)]
+    pub balance_classes: bool,
     /// Classify the class token (`norm` head) instead of the mean-pooled tokens (`fc_norm`).
     #[arg(long, alias = "cls_token")]
     pub cls_token: bool,
@@ -261,7 +268,8 @@ pub struct FinetuneArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// Precision on CUDA (the CPU always computes in fp32).
+    /// Autocast precision of forward passes and losses: bf16 by default on CUDA, fp32 on the
+    /// CPU (where bf16 autocast also works); fp16 adds a dynamic loss scaler.
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
     /// Decoding and augmentation threads.

@@ -77,6 +77,7 @@ pub(crate) fn targets(labels: &[Vec<i64>], task: Task, classes: usize, smoothing
 
 /// Soft-target cross-entropy (multi-class, binary) or binary cross-entropy (multi-label).
 pub(crate) fn loss_fn(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
+    let logits = &logits.to_kind(Kind::Float);
     match task {
         Task::MultiLabel => logits.binary_cross_entropy_with_logits::<Tensor>(
             target,
@@ -90,6 +91,7 @@ pub(crate) fn loss_fn(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
 
 /// The loss of each row: soft-target cross-entropy, or BCE averaged over the labels.
 fn per_sample_loss(logits: &Tensor, target: &Tensor, task: Task) -> Tensor {
+    let logits = &logits.to_kind(Kind::Float);
     match task {
         Task::MultiLabel => logits
             .binary_cross_entropy_with_logits::<Tensor>(target, None, None, tch::Reduction::None)
@@ -152,7 +154,9 @@ pub fn evaluate(
     tch::no_grad(|| -> anyhow::Result<()> {
         for b in loader {
             let b = b?;
-            let logits = model.forward_t(&to_input(&b, spec.input_size, device), false);
+            let xs = to_input(&b, spec.input_size, device);
+            let logits =
+                crate::precision::autocast(|| model.forward_t(&xs, false)).to_kind(Kind::Float);
             let t = targets(&b.labels, ds.task, c, 0.0).to_device(device);
             let l = per_sample_loss(&logits, &t, ds.task).to_device(Device::Cpu);
             losses.extend(Vec::<f32>::try_from(l)?);
@@ -255,6 +259,30 @@ pub fn probe(model: &dyn ModuleT, s: usize, device: Device) -> ProbeRecord {
     }
 }
 
+fn precision_name(p: crate::cli::Precision) -> &'static str {
+    match p {
+        crate::cli::Precision::Bf16 => "bf16",
+        crate::cli::Precision::Fp16 => "fp16",
+        crate::cli::Precision::Fp32 => "fp32",
+    }
+}
+
+/// `n / (classes × n_class)` over the training images `order` (scikit-learn's "balanced").
+fn balanced_weights(train: &Dataset, order: &[usize]) -> anyhow::Result<Vec<f32>> {
+    if train.task == Task::MultiLabel {
+        bail!("--balance-classes applies to multi-class and binary tasks, not multi-label");
+    }
+    let c = train.num_outputs();
+    let mut counts = vec![0usize; c];
+    for &i in order {
+        counts[train.items[i].class().min(c - 1)] += 1;
+    }
+    Ok(counts
+        .iter()
+        .map(|&n| order.len() as f32 / (c as f32 * n.max(1) as f32))
+        .collect())
+}
+
 /// Reads the checkpoint of `--finetune` and loads what fits, printing the load report.
 fn init_from(vs: &nn::VarStore, cfg: &VitConfig, path: &Path) -> anyhow::Result<()> {
     let ck = checkpoint::load(path)
@@ -289,11 +317,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let single = Dist::single();
     let eval_dist = if a.dist.dist_eval { &dist } else { &single };
-    if a.precision
-        .is_some_and(|p| p != crate::cli::Precision::Fp32)
-    {
-        eprintln!("note: this build computes in fp32; --precision applies to CUDA autocast, not yet available");
-    }
+    let precision = crate::precision::configure(a.precision, device)?;
     let randaug = randaug::parse_aa(&a.aa).with_context(|| format!("--aa {}", a.aa))?;
     let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
     let train = data::open(&a.data_path, "train")?;
@@ -408,8 +432,9 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         val.len()
     );
     println!(
-        "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}",
-        lr * 256.0 / eff_batch as f64
+        "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}, precision {}",
+        lr * 256.0 / eff_batch as f64,
+        precision_name(precision)
     );
 
     if a.eval {
@@ -441,6 +466,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: a.clip_grad,
+        scaler: crate::precision::scaler_for(precision),
     };
     let mix_cfg = MixConfig {
         mixup_alpha: a.mixup,
@@ -476,6 +502,13 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         started: Instant::now(),
     };
     let c = train.num_outputs();
+    let class_weights = if a.balance_classes {
+        let w = balanced_weights(&train, &order)?;
+        println!("class weights: {w:.3?}");
+        Some(Tensor::from_slice(&w).to_device(device))
+    } else {
+        None
+    };
     for epoch in epochs {
         let loader = batches.epoch(&train, &order, epoch, &dist);
         let stats = train_epoch(loader, epoch, &sched, &mut opt, &dist, |b, it| {
@@ -483,7 +516,16 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             let t = targets(&b.labels, train.task, c, a.smoothing).to_device(device);
             let mut mix_rng = Rng::derive(&[a.seed, epoch, it as u64, 2]);
             let (xs, t, _) = mix(&xs, &t, &mix_cfg, &mut mix_rng);
-            loss_fn(&model.forward_t(&xs, true), &t, train.task)
+            let logits = model.forward_t(&xs, true);
+            match &class_weights {
+                // Each sample weighs what its (soft) target's classes weigh.
+                Some(w) => {
+                    let sw = (&t * w).sum_dim_intlist(-1, false, Kind::Float);
+                    (per_sample_loss(&logits, &t, train.task) * &sw).sum(Kind::Float)
+                        / sw.sum(Kind::Float)
+                }
+                None => loss_fn(&logits, &t, train.task),
+            }
         })?;
         end.finish(epoch, stats, &model, &mut best, state_dict(&vs), &opt)?;
     }
@@ -607,6 +649,7 @@ fn args_json(a: &FinetuneArgs) -> serde_json::Value {
         "smoothing": a.smoothing, "mixup": a.mixup, "cutmix": a.cutmix,
         "mixup_prob": a.mixup_prob, "mixup_switch_prob": a.mixup_switch_prob, "reprob": a.reprob,
         "aa": a.aa, "min_crop_scale": a.min_crop_scale, "cls_token": a.cls_token,
+        "balance_classes": a.balance_classes,
         "train_samples": a.train_samples, "seed": a.seed,
     })
 }

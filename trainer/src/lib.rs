@@ -12,6 +12,7 @@ pub mod mixup;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod precision;
 pub mod pretrain;
 pub mod rng;
 pub mod run;

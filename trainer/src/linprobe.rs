@@ -260,6 +260,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: None,
+        scaler: None,
     };
     let batches = TrainBatches {
         spec: spec.clone(),

@@ -64,6 +64,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     }
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
+    let precision = crate::precision::configure(a.precision, device)?;
     let train = Arc::new(open_unlabeled(&a.data_path)?);
     let resume = crate::run::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
@@ -148,6 +149,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: None,
+        scaler: crate::precision::scaler_for(precision),
     };
     let vis = vis_batch(&train, &spec, &model, a.seed)?;
     let batches = TrainBatches {

@@ -234,6 +234,8 @@ pub struct Schedule {
     pub epochs: u64,
     pub accum_iter: usize,
     pub clip_grad: Option<f64>,
+    /// fp16's loss scaler (kept across epochs).
+    pub scaler: Option<std::cell::RefCell<crate::precision::GradScaler>>,
 }
 
 /// Mean training loss and last learning rate of an epoch.
@@ -270,7 +272,7 @@ pub fn train_epoch(
                 sched.epochs as f64,
             );
         }
-        let loss = loss_of(&b, it);
+        let loss = crate::precision::autocast(|| loss_of(&b, it));
         let lv = loss.double_value(&[]);
         if !lv.is_finite() {
             bar.abandon();
@@ -278,14 +280,23 @@ pub fn train_epoch(
                 "loss is {lv} at epoch {epoch}, step {it}; stopping training (the last saved checkpoint is intact)"
             );
         }
-        (loss / accum as f64).backward();
+        let scale = sched.scaler.as_ref().map_or(1.0, |s| s.borrow().scale);
+        (loss * (scale / accum as f64)).backward();
         if (it + 1) % accum == 0 {
             // Data-parallel ranks average their gradients on the stepping micro-batch only.
-            dist.average_gradients(&opt.params())?;
-            if let Some(max) = sched.clip_grad {
-                opt.clip_grad_norm(max);
+            let params = opt.params();
+            dist.average_gradients(&params)?;
+            // fp16: unscaled gradients, or a skipped step when they overflowed.
+            let finite = sched
+                .scaler
+                .as_ref()
+                .is_none_or(|s| s.borrow_mut().unscale(&params));
+            if finite {
+                if let Some(max) = sched.clip_grad {
+                    opt.clip_grad_norm(max);
+                }
+                opt.step(lr);
             }
-            opt.step(lr);
             opt.zero_grad();
         }
         loss_sum += lv * b.labels.len() as f64;

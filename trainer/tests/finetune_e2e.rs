@@ -35,7 +35,8 @@ const TRAIN: &[&str] = &[
 ];
 
 /// Trains 4 epochs straight, and again as 2 + a resume of 2; asserts both end with the same
-/// weights, that old epoch checkpoints were pruned, that the log is complete, and that `eval` reproduces the recorded metrics.
+/// weights, that old epoch checkpoints were pruned, that the log is complete, and that `eval`
+/// reproduces the recorded metrics.
 /// Returns the final checkpoint's metadata.
 fn stop_resume_eval(d: &Path, args: &[&str]) -> mae_models::checkpoint::CheckpointMeta {
     let full: Vec<&str> = args
@@ -256,4 +257,102 @@ fn bad_inputs_fail_with_clear_messages() {
         !out.status.success() && err.contains("junk.safetensors") && !err.contains("panicked"),
         "{err}"
     );
+}
+
+/// One epoch of [`TRAIN`] without RandAugment into `out`, with `extra` flags.
+fn one_epoch(d: &Path, out: &str, extra: &[&str]) -> String {
+    let mut v = TRAIN.to_vec();
+    let i = v.iter().position(|w| *w == "--epochs").unwrap();
+    v[i + 1] = "1";
+    v.extend(["--output-dir", out, "--aa", "none"]);
+    v.extend_from_slice(extra);
+    mae_train(d, &v)
+}
+
+fn epoch0(d: &Path, run: &str) -> std::path::PathBuf {
+    d.join(run).join("checkpoint-0.safetensors")
+}
+
+/// `--balance-classes`: weights n / (classes × n_class) of the training images; on a balanced
+/// set every weight is 1 and training ends exactly where the unweighted loss takes it.
+#[test]
+fn balanced_class_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mae_train_synth(d);
+    let out = one_epoch(d, "bal", &["--balance-classes"]);
+    assert!(
+        out.contains("class weights: [1.000, 1.000, 1.000]"),
+        "{out}"
+    );
+    one_epoch(d, "plain", &[]);
+    let worst = common::max_weight_diff(&epoch0(d, "bal"), &epoch0(d, "plain"));
+    assert!(worst <= 1e-6, "weighted run differs by {worst}");
+
+    // 32 circles, 32 squares, 8 triangles: 72 / (3 × n).
+    let tri = d.join("data/train/triangle");
+    let mut files: Vec<_> = std::fs::read_dir(&tri)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    for f in &files[8..] {
+        std::fs::remove_file(f).unwrap();
+    }
+    let out = one_epoch(d, "imb", &["--balance-classes"]);
+    assert!(
+        out.contains("class weights: [0.750, 0.750, 3.000]"),
+        "{out}"
+    );
+}
+
+/// `--precision bf16|fp16` on the CPU: autocast is in effect (the weights differ from an fp32
+/// run's) and training stays close to fp32; fp16 runs with its loss scaler; pretraining too.
+#[test]
+fn reduced_precision_runs_on_the_cpu() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mae_train_synth(d);
+    let run = |out: &str, p: &str| one_epoch(d, out, &["--precision", p]);
+    assert!(run("fp32", "fp32").contains("precision fp32"));
+    for p in ["bf16", "fp16"] {
+        let out = run(p, p);
+        assert!(out.contains(&format!("precision {p}")), "{out}");
+        let worst = common::max_weight_diff(&epoch0(d, "fp32"), &epoch0(d, p));
+        assert!(worst.is_finite(), "{p}: weights not finite");
+        println!("{p}: max |w - w_fp32| after one epoch {worst:e}");
+        assert!(
+            worst > 0.0,
+            "{p}: identical to fp32, autocast not in effect"
+        );
+        assert!(worst < 1e-2, "{p}: differs from fp32 by {worst}");
+    }
+    let out = mae_train(
+        d,
+        &[
+            "pretrain",
+            "--data-path",
+            "data",
+            "--model",
+            "mae_vit_tiny_patch4_28",
+            "--depth",
+            "1",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "16",
+            "--precision",
+            "bf16",
+            "--output-dir",
+            "pt",
+        ],
+    );
+    let loss: f64 = out
+        .lines()
+        .find_map(|l| l.split("train_loss ").nth(1))
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(loss.is_finite() && loss > 0.0, "{out}");
 }

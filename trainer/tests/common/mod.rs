@@ -61,3 +61,22 @@ pub fn assert_close(a: &Tensor, b: &Tensor, tol: f64, what: &str) {
         idx.int64_value(&[])
     );
 }
+
+/// The largest |a − b| over every tensor of two checkpoints with the same names (NaN when any
+/// difference is NaN).
+pub fn max_weight_diff(a: &Path, b: &Path) -> f32 {
+    let a = mae_models::checkpoint::load(a).unwrap();
+    let b = mae_models::checkpoint::load(b).unwrap();
+    assert_eq!(a.tensors.len(), b.tensors.len(), "tensor counts");
+    let mut worst = 0f32;
+    for (name, ta) in &a.tensors {
+        for (x, y) in ta.to_f32_vec().iter().zip(b.tensors[name].to_f32_vec()) {
+            let d = (x - y).abs();
+            if d.is_nan() {
+                return f32::NAN;
+            }
+            worst = worst.max(d);
+        }
+    }
+    worst
+}
