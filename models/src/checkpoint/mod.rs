@@ -48,14 +48,17 @@ impl Checkpoint {
 
 /// Reads a `.pth` or `.safetensors` checkpoint, telling them apart by their first bytes.
 pub fn load(path: &Path) -> Result<Checkpoint> {
-    let mut head = [0u8; 8];
+    let mut head = [0u8; 9];
     let n = std::fs::File::open(path)
         .and_then(|mut f| read_up_to(&mut f, &mut head))
         .map_err(|e| Error::io(path, e))?;
     if n == 0 {
         return Err(Error::format(path, "file is empty"));
     }
-    if head[..n].starts_with(b"PK") || head[0] == 0x80 {
+    // safetensors: a little-endian u64 header length, then the JSON header. Its first byte may
+    // be anything (0x80 included, which starts a pickle), so the '{' after it decides first.
+    let safetensors_like = n == 9 && head[8] == b'{';
+    if !safetensors_like && (head[..n].starts_with(b"PK") || head[0] == 0x80) {
         let pth = pth::read_pth(path)?;
         return Ok(Checkpoint {
             path: path.to_path_buf(),
@@ -153,6 +156,32 @@ pub fn fold_bn_head(sd: &mut StateDict, eps: f64) -> std::result::Result<bool, S
     sd.insert("head.weight".into(), w2);
     sd.insert("head.bias".into(), b2);
     Ok(true)
+}
+
+#[cfg(test)]
+mod detect_tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A safetensors file whose header length starts with the byte 0x80 (a pickle's first byte)
+    /// is still read as safetensors.
+    #[test]
+    fn header_length_starting_with_0x80_is_safetensors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.safetensors");
+        let mut header = String::from(r#"{"t":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#);
+        while header.len() < 0x180 {
+            header.push(' ');
+        }
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        assert_eq!(bytes[0], 0x80);
+        bytes.extend_from_slice(header.as_bytes());
+        bytes.extend_from_slice(&1.5f32.to_le_bytes());
+        std::fs::write(&path, bytes).unwrap();
+        let ck = load(&path).unwrap();
+        assert_eq!(ck.source, Source::Safetensors);
+        assert_eq!(ck.tensors["t"].to_f32_vec(), vec![1.5]);
+    }
 }
 
 #[cfg(test)]
