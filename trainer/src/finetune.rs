@@ -259,14 +259,6 @@ pub fn probe(model: &dyn ModuleT, s: usize, device: Device) -> ProbeRecord {
     }
 }
 
-fn precision_name(p: crate::cli::Precision) -> &'static str {
-    match p {
-        crate::cli::Precision::Bf16 => "bf16",
-        crate::cli::Precision::Fp16 => "fp16",
-        crate::cli::Precision::Fp32 => "fp32",
-    }
-}
-
 /// `n / (classes × n_class)` over the training images `order` (scikit-learn's "balanced").
 fn balanced_weights(train: &Dataset, order: &[usize]) -> anyhow::Result<Vec<f32>> {
     if train.task == Task::MultiLabel {
@@ -365,15 +357,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         &format!("{cfg:?} {} {}", train.len(), val.len()),
     )?;
 
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    if let Some(n) = a.train_samples {
-        order = data::stratified_subset(&train, n, a.seed);
-        let list: String = order
-            .iter()
-            .map(|&i| format!("{}\n", train.items[i].name))
-            .collect();
-        run.write("train_subset.txt", &list)?;
-    }
+    let order = crate::run::training_order(&train, a.train_samples, a.seed, &run)?;
     let train = Arc::new(train);
     let val = Arc::new(val);
 
@@ -434,7 +418,8 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     println!(
         "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}, precision {}",
         lr * 256.0 / eff_batch as f64,
-        precision_name(precision)
+        clap::ValueEnum::to_possible_value(&precision)
+            .map_or_else(String::new, |v| v.get_name().to_string())
     );
 
     if a.eval {

@@ -169,15 +169,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         &format!("{cfg:?} {} {}", train.len(), val.len()),
     )?;
 
-    let mut order: Vec<usize> = (0..train.len()).collect();
-    if let Some(n) = a.train_samples {
-        order = data::stratified_subset(&train, n, a.seed);
-        let list: String = order
-            .iter()
-            .map(|&i| format!("{}\n", train.items[i].name))
-            .collect();
-        run.write("train_subset.txt", &list)?;
-    }
+    let order = crate::run::training_order(&train, a.train_samples, a.seed, &run)?;
     let train = Arc::new(train);
     let val = Arc::new(val);
 

@@ -312,6 +312,26 @@ pub fn train_epoch(
     })
 }
 
+/// The training images of a run: all of `train`, or with `--train-samples N` a seeded,
+/// class-stratified subset, listed in the run's `train_subset.txt`.
+pub fn training_order(
+    train: &crate::data::Dataset,
+    train_samples: Option<usize>,
+    seed: u64,
+    run: &RunDir,
+) -> anyhow::Result<Vec<usize>> {
+    let Some(n) = train_samples else {
+        return Ok((0..train.len()).collect());
+    };
+    let order = crate::data::stratified_subset(train, n, seed);
+    let list: String = order
+        .iter()
+        .map(|&i| format!("{}\n", train.items[i].name))
+        .collect();
+    run.write("train_subset.txt", &list)?;
+    Ok(order)
+}
+
 /// The epochs this invocation trains: from `start` up to `epochs`, or only `stop_after` of them.
 /// Fails when one batch is larger than the `n_train` training images (an epoch of no steps).
 pub fn epochs_to_run(
