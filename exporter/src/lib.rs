@@ -20,7 +20,6 @@ use anyhow::{bail, Context};
 use clap::Parser;
 use mae_models::checkpoint;
 use mae_models::{LoadReport, ModelConfig};
-use sha2::{Digest, Sha256};
 
 use crate::check::{CheckReport, CheckSpec};
 use crate::onnx::vit::{GraphOptions, Output, Precision};
@@ -308,11 +307,7 @@ fn summary(keys: &[String]) -> String {
 
 /// SHA-256 of a file, lowercase hex.
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("cannot read {}", path.display()))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
+    mae_models::digest::sha256_file(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 #[cfg(test)]

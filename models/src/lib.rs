@@ -4,11 +4,13 @@
 
 pub mod checkpoint;
 pub mod config;
+pub mod digest;
 pub mod error;
 pub mod imaging;
 pub mod io;
 pub mod metrics;
 pub mod npz;
+pub mod predictions;
 pub mod preprocess;
 pub mod probe;
 pub mod report;

@@ -1,7 +1,6 @@
 //! `mae-run eval`: metrics on labelled data, through the shared implementation
 //! (`mae_models::metrics`) that `mae-train eval` uses.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -220,11 +219,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     };
     crate::emit(args.output.as_deref(), &text)?;
     if let Some(p) = &args.predictions {
-        let mut s = String::from("index,input,label,prediction");
-        for i in 0..m.num_classes {
-            let _ = write!(s, ",p{i}");
-        }
-        s.push('\n');
+        let mut csv = mae_models::predictions::PredictionsCsv::new(m.num_classes, true);
         for (i, ((name, label), probs)) in scored
             .names
             .iter()
@@ -233,21 +228,9 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             .enumerate()
         {
             let pred = engine.label(probs, 1);
-            let label: Vec<String> = label.iter().map(i64::to_string).collect();
-            let predicted: Vec<String> = pred.labels.clone();
-            let _ = write!(
-                s,
-                "{i},\"{}\",{},{}",
-                name.replace('"', "\"\""),
-                label.join(" "),
-                predicted.join(" ")
-            );
-            for v in probs {
-                let _ = write!(s, ",{v:.7}");
-            }
-            s.push('\n');
+            csv.push(i, Some(name), label, &pred.labels, probs);
         }
-        mae_models::io::atomic_write(p, s.as_bytes())?;
+        mae_models::io::atomic_write(p, csv.into_string().as_bytes())?;
         eprintln!("mae-run: wrote {}", p.display());
     }
     for f in &scored.failures {

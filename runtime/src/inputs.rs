@@ -155,11 +155,7 @@ pub fn load(item: &Item) -> anyhow::Result<(RgbImage, String)> {
     }
 }
 
-/// Lowercase hex SHA-256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    use sha2::Digest;
-    crate::model::hex(&sha2::Sha256::digest(bytes))
-}
+pub use mae_models::digest::sha256_hex;
 
 /// A batch ready for the model: the items, their preprocessed pixels (the failed ones left
 /// out) and the failures.

@@ -16,7 +16,6 @@ use anyhow::{bail, Context};
 use mae_models::checkpoint::Task;
 use mae_models::preprocess::{Interpolation, PreprocessSpec, IMAGENET_MEAN, IMAGENET_STD};
 use prost::Message;
-use sha2::{Digest, Sha256};
 use tract_onnx::pb;
 
 /// Name of the input of the ONNX contract.
@@ -111,7 +110,7 @@ impl ModelFile {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .with_context(|| format!("cannot read model {}", path.display()))?;
-        let sha256 = hex(&Sha256::digest(&bytes));
+        let sha256 = mae_models::digest::sha256_hex(&bytes);
         let proto = pb::ModelProto::decode(&bytes[..]).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not an ONNX model (it does not decode as an ONNX ModelProto: {e})",
@@ -177,11 +176,6 @@ impl ModelFile {
     pub fn has_mae_metadata(&self) -> bool {
         self.prop("input_size").is_some()
     }
-}
-
-/// Lowercase hex of bytes.
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Command-line values for models without (or to override) our metadata.

@@ -179,13 +179,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-fn csv_field(s: &str) -> String {
-    if s.contains([',', '"', '\n', '\r']) {
-        format!("\"{}\"", s.replace('"', "\"\""))
-    } else {
-        s.to_string()
-    }
-}
+use mae_models::predictions::csv_field;
 
 fn class_text(p: &Prediction) -> String {
     match &p.class {

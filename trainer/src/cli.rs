@@ -214,7 +214,8 @@ pub struct FinetuneArgs {
     pub min_lr: f64,
     #[arg(long, alias = "warmup_epochs", default_value_t = 5.0)]
     pub warmup_epochs: f64,
-    /// Layer-wise learning-rate decay (BEiT).
+    /// Layer-wise learning-rate decay (BEiT): block i of L learns at lr × decay^(L − i). For
+    /// fine-tuning pretrained weights; use 1.0 when training from scratch.
     #[arg(long, alias = "layer_decay", default_value_t = 0.75)]
     pub layer_decay: f64,
     #[arg(long, alias = "weight_decay", default_value_t = 0.05)]

@@ -374,6 +374,13 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             init_from(&vs, &cfg, p)?;
         }
     }
+    if a.finetune.is_none() && a.resume.is_none() && a.layer_decay < 1.0 && dist.is_main() {
+        println!(
+            "note: training from scratch with --layer-decay {} (lower blocks learn more slowly); \
+             layer decay is meant for pretrained weights, --layer-decay 1.0 trains every block alike",
+            a.layer_decay
+        );
+    }
     dist.broadcast_vars(&vs)?;
     let names_dims: Vec<(String, usize)> = {
         let mut v: Vec<_> = vs
@@ -718,13 +725,8 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
 /// class is the arg-max (multi-class, binary) or every class at probability >= 0.5
 /// (multi-label), by name; labels are class indices, space-separated.
 pub fn predictions_csv(ev: &Evaluation, task: Task, class_names: &[String]) -> String {
-    use std::fmt::Write as _;
     let c = class_names.len().max(1);
-    let mut s = String::from("index,label,prediction");
-    for i in 0..c {
-        let _ = write!(s, ",p{i}");
-    }
-    s.push('\n');
+    let mut csv = mae_models::predictions::PredictionsCsv::new(c, false);
     for (i, (row, label)) in ev.probs.chunks(c).zip(&ev.labels).enumerate() {
         let name = |k: usize| class_names.get(k).cloned().unwrap_or_else(|| k.to_string());
         let predicted: Vec<String> = match task {
@@ -736,17 +738,7 @@ pub fn predictions_csv(ev: &Evaluation, task: Task, class_names: &[String]) -> S
                 vec![name(best)]
             }
         };
-        let label: Vec<String> = label.iter().map(i64::to_string).collect();
-        let _ = write!(
-            s,
-            "{i},{},\"{}\"",
-            label.join(" "),
-            predicted.join(" ").replace('"', "\"\"")
-        );
-        for v in row {
-            let _ = write!(s, ",{v:.7}");
-        }
-        s.push('\n');
+        csv.push(i, None, label, &predicted, row);
     }
-    s
+    csv.into_string()
 }
