@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::bail;
+use mae_models::predictions::csv_field;
 use serde_json::json;
 
 use crate::audit::AuditLog;
@@ -178,8 +179,6 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         ExitCode::from(1)
     })
 }
-
-use mae_models::predictions::csv_field;
 
 fn class_text(p: &Prediction) -> String {
     match &p.class {
