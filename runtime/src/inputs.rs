@@ -10,6 +10,9 @@ use image::RgbImage;
 use mae_models::imaging::{decode_rgb, preprocess_eval};
 use mae_models::preprocess::PreprocessSpec;
 
+/// Lowercase hex SHA-256, as every output names inputs and models by it.
+pub use mae_models::digest::sha256_hex;
+
 /// File extensions picked up when walking a folder.
 const EXTENSIONS: [&str; 9] = [
     "png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom", "npz",
@@ -154,8 +157,6 @@ pub fn load(item: &Item) -> anyhow::Result<(RgbImage, String)> {
         }
     }
 }
-
-pub use mae_models::digest::sha256_hex;
 
 /// A batch ready for the model: the items, their preprocessed pixels (the failed ones left
 /// out) and the failures.
