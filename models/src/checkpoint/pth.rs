@@ -18,6 +18,7 @@ use std::io::{BufReader, Cursor, Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
+use zip::read::{ArchiveOffset, Config};
 use zip::result::ZipError;
 use zip::{CompressionMethod, ZipArchive};
 
@@ -116,7 +117,16 @@ fn check_magic(head: &[u8], path: &Path) -> Result<()> {
 }
 
 fn read_archive<R: Read + Seek>(reader: R, total_len: u64, path: &Path) -> Result<PthFile> {
-    let zip = ZipArchive::new(reader).map_err(|e| {
+    // The archive starts at byte 0, as torch.save writes it. The zip crate's default offset
+    // detection (`ArchiveOffset::Detect`) takes the central directory to end where the
+    // end-of-central-directory record starts, and so misreads archives that put zip64 end
+    // records in between while the 32-bit record needs none (torch.save always writes them):
+    // when the first central entry is as long as those two records (76 bytes, i.e. a 30-byte
+    // name such as `mae_pretrain_vit_base/data.pkl`), it starts the directory one entry late.
+    let config = Config {
+        archive_offset: ArchiveOffset::Known(0),
+    };
+    let zip = ZipArchive::with_config(config, reader).map_err(|e| {
         Error::format(
             path,
             format!("not a readable zip archive (truncated or damaged?): {e}"),
