@@ -102,12 +102,18 @@ const SIZES: [Size; 5] = [
 ];
 
 /// (size, patch, image) of every preset; the name is `vit_{size}_patch{patch}` with a `_{image}`
-/// suffix for the small-image variants, and `mae_` in front for the MAE form.
-const PRESETS: [(&str, usize, usize); 13] = [
+/// suffix for the small-image variants, and `mae_` in front for the MAE form. Every size has
+/// both upstream patch sizes at 224 (14, as the seed's `vit_base_patch14`, and 16).
+const PRESETS: [(&str, usize, usize); 16] = [
     ("tiny", 16, 224),
     ("small", 16, 224),
     ("base", 16, 224),
     ("large", 16, 224),
+    ("huge", 16, 224),
+    ("tiny", 14, 224),
+    ("small", 14, 224),
+    ("base", 14, 224),
+    ("large", 14, 224),
     ("huge", 14, 224),
     ("tiny", 4, 28),
     ("small", 4, 28),
@@ -115,8 +121,6 @@ const PRESETS: [(&str, usize, usize); 13] = [
     ("tiny", 8, 64),
     ("small", 8, 64),
     ("base", 8, 64),
-    ("tiny", 14, 224),
-    ("small", 14, 224),
 ];
 
 fn preset_name(size: &str, patch: usize, img: usize) -> String {
