@@ -1,15 +1,10 @@
-//! Tells the tests whether the shared PneumoniaMNIST file (`../shared/data/pneumoniamnist.npz`
-//! beside the checkout) is present: tests that read it are ignored, not passed, without it.
+//! Tells the tests whether the shared PneumoniaMNIST file is present (`build-support/`).
 
-use std::path::Path;
+#[path = "../build-support/shared_data.rs"]
+mod shared_data;
 
 fn main() {
-    println!("cargo::rustc-check-cfg=cfg(has_shared_data)");
-    let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| ".".into());
-    let data = Path::new(&dir).join("../../shared/data/pneumoniamnist.npz");
-    println!("cargo::rerun-if-changed={}", data.display());
+    shared_data::emit();
     println!("cargo::rerun-if-changed=build.rs");
-    if data.exists() {
-        println!("cargo::rustc-cfg=has_shared_data");
-    }
+    println!("cargo::rerun-if-changed=../build-support/shared_data.rs");
 }

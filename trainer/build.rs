@@ -10,8 +10,12 @@ use std::path::{Path, PathBuf};
 
 const EXPECTED_TORCH: &str = "2.11.0";
 
+#[path = "../build-support/shared_data.rs"]
+mod shared_data;
+
 fn main() {
-    shared_data_cfg();
+    shared_data::emit();
+    println!("cargo:rerun-if-changed=../build-support/shared_data.rs");
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     let Some(root) = env::var_os("LIBTORCH").map(PathBuf::from) else {
@@ -51,18 +55,6 @@ fn check_version(root: &std::path::Path) {
                 root.display()
             );
         }
-    }
-}
-
-/// Tests on the real PneumoniaMNIST set run where `../shared/data` holds it, and are reported
-/// as ignored elsewhere.
-fn shared_data_cfg() {
-    println!("cargo::rustc-check-cfg=cfg(has_shared_data)");
-    let dir = env::var("CARGO_MANIFEST_DIR").unwrap_or_default();
-    let npz = PathBuf::from(dir).join("../../shared/data/pneumoniamnist.npz");
-    println!("cargo:rerun-if-changed={}", npz.display());
-    if npz.exists() {
-        println!("cargo:rustc-cfg=has_shared_data");
     }
 }
 

@@ -25,15 +25,6 @@ pub enum Error {
     #[error("{}: {reason}", path.display())]
     Format { path: PathBuf, reason: String },
 
-    /// A tensor has a shape other than the one expected.
-    #[error("{}: tensor '{name}' has shape {found:?}, expected {expected:?}", path.display())]
-    Shape {
-        path: PathBuf,
-        name: String,
-        expected: Vec<usize>,
-        found: Vec<usize>,
-    },
-
     /// A required tensor or field is absent.
     #[error("{}: missing {what}", path.display())]
     Missing { path: PathBuf, what: String },
