@@ -34,6 +34,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--steps and --batch-size must be at least 1");
     }
     let device = device(a.device)?;
+    let precision = crate::precision::configure(a.amp.precision, device)?;
     let o = Overrides {
         img_size: a.input_size,
         depth: a.depth,
@@ -71,13 +72,25 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         &param_groups(&names, depth, 0.05, 0.75, &["cls_token", "pos_embed"]),
         (0.9, 0.999),
     );
+    let params = vs.trainable_variables();
+    let scaler = crate::precision::scaler_for(precision, &a.amp);
     let mut run = |n: usize| -> f64 {
         let t = Instant::now();
         for _ in 0..n {
             opt.zero_grad();
-            let loss = step();
-            loss.backward();
-            opt.step(1e-4);
+            let loss = crate::precision::autocast(&step);
+            match &scaler {
+                Some(s) => {
+                    (loss * s.borrow().scale).backward();
+                    if s.borrow_mut().unscale(&params) {
+                        opt.step(1e-4);
+                    }
+                }
+                None => {
+                    loss.backward();
+                    opt.step(1e-4);
+                }
+            }
         }
         if let tch::Device::Cuda(i) = device {
             tch::Cuda::synchronize(i as i64);
@@ -88,8 +101,9 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     let secs = run(a.steps);
     let per_step = secs / a.steps as f64;
     println!(
-        "{} at {s}×{s}, batch {b}, {device:?}, fp32: {:.1} ms/step, {:.1} img/s (forward + backward + AdamW, {} steps after {} warm-up)",
+        "{} at {s}×{s}, batch {b}, {device:?}, {}: {:.1} ms/step, {:.1} img/s (forward + backward + AdamW, {} steps after {} warm-up)",
         a.model,
+        crate::precision::name(precision),
         per_step * 1e3,
         a.batch_size as f64 / per_step,
         a.steps,

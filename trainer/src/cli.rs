@@ -38,6 +38,9 @@ pub enum Command {
     Slurm(SlurmArgs),
     /// Write an MAE reconstruction grid (original | masked | reconstruction | pasted) as PNG.
     Visualize(VisualizeArgs),
+    /// The data-efficiency experiment: fine-tune and test every training-set size × seed ×
+    /// initialisation, then tabulate and plot (sweep.csv, sweep.md, sweep.png).
+    Sweep(SweepArgs),
 }
 
 /// Flags of `pretrain`, spelled as upstream `main_pretrain.py` in kebab-case; the upstream
@@ -71,9 +74,8 @@ pub struct PretrainArgs {
     /// state; `checkpoint-best` is always kept). 0 keeps every one.
     #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
     pub keep_checkpoints: usize,
-    /// Autocast precision: bf16 by default on CUDA, fp32 on the CPU; fp16 adds a loss scaler.
-    #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
+    #[command(flatten)]
+    pub amp: PrecisionArgs,
     #[command(flatten)]
     pub dist: DistArgs,
     #[arg(long, alias = "batch_size", default_value_t = 64)]
@@ -124,6 +126,8 @@ pub struct BenchArgs {
     /// Untimed steps first.
     #[arg(long, default_value_t = 2)]
     pub warmup: usize,
+    #[command(flatten)]
+    pub amp: PrecisionArgs,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
 }
@@ -153,6 +157,20 @@ pub enum DeviceArg {
     Auto,
     Cuda,
     Cpu,
+}
+
+/// Mixed precision, shared by the commands that train (and `bench`).
+#[derive(Debug, Clone, Args)]
+pub struct PrecisionArgs {
+    /// Autocast precision: bf16 by default on CUDA, fp32 on the CPU; fp16 adds a loss scaler.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
+    /// fp16: the loss scaler's initial scale (PyTorch's `GradScaler(init_scale)`).
+    #[arg(long, default_value_t = 65536.0, value_name = "SCALE")]
+    pub loss_scale: f64,
+    /// fp16: good steps after which the loss scale doubles (`growth_interval`).
+    #[arg(long, default_value_t = 2000, value_name = "STEPS")]
+    pub loss_scale_growth_interval: u64,
 }
 
 /// Numeric precision of the forward and backward passes.
@@ -269,10 +287,8 @@ pub struct FinetuneArgs {
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    /// Autocast precision of forward passes and losses: bf16 by default on CUDA, fp32 on the
-    /// CPU (where bf16 autocast also works); fp16 adds a dynamic loss scaler.
-    #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
+    #[command(flatten)]
+    pub amp: PrecisionArgs,
     /// Decoding and augmentation threads.
     #[arg(long, alias = "num_workers", default_value_t = 2)]
     pub num_workers: usize,
@@ -290,9 +306,16 @@ pub struct FinetuneArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct EvalArgs {
-    /// Classifier checkpoint to evaluate.
+    /// Classifier checkpoint to evaluate: one of ours, or a foreign `.pth` (an official
+    /// fine-tuned checkpoint) with `--model`.
     #[arg(long)]
     pub resume: PathBuf,
+    /// Architecture of a checkpoint that records none (a foreign `.pth`); ours carry it.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Autocast precision of the forward passes: bf16 by default on CUDA, fp32 on the CPU.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     /// ImageFolder root or MedMNIST `.npz` file.
     #[arg(long, alias = "data_path")]
     pub data_path: PathBuf,
@@ -438,6 +461,8 @@ pub struct LinprobeArgs {
     /// Model preset of the encoder (see `mae-train models`).
     #[arg(long, default_value = "vit_large_patch16")]
     pub model: String,
+    #[command(flatten)]
+    pub amp: PrecisionArgs,
     #[arg(long, alias = "input_size")]
     pub input_size: Option<usize>,
     /// Override the preset's depth (number of blocks).
@@ -506,12 +531,15 @@ pub struct DistArgs {
     /// Shard evaluation over the ranks and gather the predictions (exact metrics over the set).
     #[arg(long, alias = "dist_eval")]
     pub dist_eval: bool,
-    /// Upstream's spellings of what the environment says; accepted and ignored.
-    #[arg(long, alias = "world_size", hide = true)]
+    /// Upstream's flag: must equal the environment's WORLD_SIZE (1 when not distributed).
+    #[arg(long, alias = "world_size")]
     pub world_size: Option<usize>,
-    #[arg(long, alias = "local_rank", hide = true)]
+    /// Upstream's flag (legacy `torch.distributed.launch`): the local rank when the
+    /// environment gives no LOCAL_RANK; must agree with it otherwise.
+    #[arg(long, alias = "local_rank")]
     pub local_rank: Option<usize>,
-    #[arg(long, alias = "dist_url", hide = true)]
+    /// Upstream's flag: only `env://` (the rendezvous comes from the environment).
+    #[arg(long, alias = "dist_url")]
     pub dist_url: Option<String>,
 }
 
@@ -535,6 +563,54 @@ pub struct LaunchArgs {
     /// `eval ...` (after `--`).
     #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// `mae-train sweep`.
+///
+/// Example: `mae-train sweep --train-samples 600,6000,all --seeds 0,1,2 --init
+/// scratch,mae=pt/checkpoint-best.safetensors --init-args 'scratch=--layer-decay 1.0'
+/// --output-dir runs/sweep -- --data-path data.npz --model vit_tiny_patch4_28 --epochs 20`.
+/// Each cell is `DIR/cells/{init}/n{size}/seed{seed}/`, a complete fine-tune run folder with
+/// `train.log`, `eval.log`, `test.json` and, once finished, `cell.json`; run the same command
+/// again to resume: finished cells are skipped, an unfinished one starts again.
+#[derive(Debug, Clone, Args)]
+#[command(trailing_var_arg = true)]
+pub struct SweepArgs {
+    /// Training-set sizes, comma-separated, `all` for the whole training split. Subsets are
+    /// class-stratified and nested for a seed (the 600 images are among the 6000).
+    #[arg(long, alias = "train_samples", value_delimiter = ',', required = true)]
+    pub train_samples: Vec<String>,
+    /// Seeds, comma-separated: each picks the subset, the initial head and the data order.
+    #[arg(long, value_delimiter = ',', default_value = "0")]
+    pub seeds: Vec<u64>,
+    /// Initialisations, comma-separated: `scratch`, or a checkpoint to fine-tune from
+    /// (`PATH`, named after its file stem, or `NAME=PATH`).
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub init: Vec<String>,
+    /// Extra fine-tune flags of one init, `NAME=FLAGS` (e.g. 'scratch=--layer-decay 1.0'),
+    /// for where its recipe really differs; repeat for several inits.
+    #[arg(long = "init-args", alias = "init_args", value_name = "NAME=FLAGS")]
+    pub init_args: Vec<String>,
+    /// Folder of the sweep: its cells, sweep.csv, sweep.md and sweep.png.
+    #[arg(long, alias = "output_dir")]
+    pub output_dir: PathBuf,
+    /// Split each cell's best checkpoint is tested on.
+    #[arg(long, default_value = "test")]
+    pub eval_split: String,
+    /// Run every cell data-parallel as N processes on this node (through `mae-train launch`).
+    #[arg(long, alias = "nproc_per_node", default_value_t = 1)]
+    pub nproc_per_node: usize,
+    /// Print the cells and their commands; run nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// The fine-tune flags every cell shares (after `--`); the sweep sets `--output-dir`,
+    /// `--seed`, `--train-samples` and `--finetune` itself.
+    #[arg(
+        required = true,
+        allow_hyphen_values = true,
+        value_name = "FINETUNE_FLAGS"
+    )]
+    pub finetune: Vec<String>,
 }
 
 /// `mae-train slurm`.

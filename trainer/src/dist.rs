@@ -285,6 +285,50 @@ pub fn first_host(list: &str) -> anyhow::Result<String> {
     Ok(host)
 }
 
+/// Upstream's `--world_size`, `--local_rank` and `--dist_url`, taken as torchrun's scripts take
+/// them: `--dist_url env://` (upstream's default) is what mae-train does anyway; `--local_rank`
+/// (passed by the legacy `torch.distributed.launch`) is this process's local rank when the
+/// environment gives none; a value that contradicts the environment, or one that asks for
+/// something mae-train does not do, is refused with what to use instead.
+pub fn upstream_flags(
+    args: &DistArgs,
+    mut placement: Option<Placement>,
+    env_has_local_rank: bool,
+) -> anyhow::Result<Option<Placement>> {
+    const LAUNCHERS: &str = "start the processes with `mae-train launch --nproc-per-node N`, \
+        torchrun or SLURM, which set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT";
+    if let Some(url) = args.dist_url.as_deref() {
+        if url != "env://" {
+            bail!(
+                "--dist-url {url}: mae-train reads the rendezvous from the environment (env://); \
+                 {LAUNCHERS}"
+            );
+        }
+    }
+    let world = placement.as_ref().map_or(1, |p| p.world);
+    if let Some(n) = args.world_size {
+        if n != world {
+            bail!(
+                "--world-size {n}, but the environment describes {world} process(es); \
+                 {LAUNCHERS}"
+            );
+        }
+    }
+    if let Some(lr) = args.local_rank {
+        match placement.as_mut() {
+            None if lr == 0 => {}
+            None => bail!("--local-rank {lr} without a distributed environment; {LAUNCHERS}"),
+            Some(p) if !env_has_local_rank => p.local_rank = lr,
+            Some(p) if p.local_rank != lr => bail!(
+                "--local-rank {lr}, but the environment says LOCAL_RANK={}; leave the flag out",
+                p.local_rank
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(placement)
+}
+
 /// One process of a (possibly single-process) data-parallel run.
 #[derive(Debug)]
 pub struct Dist {
@@ -309,7 +353,9 @@ impl Dist {
     /// returns the device this rank computes on: `cuda:LOCAL_RANK` when `device` is CUDA. A
     /// described run of one process still joins a process group, as torchrun's would.
     pub fn init(args: &DistArgs, device: Device) -> anyhow::Result<(Self, Device)> {
-        let Some(p) = Placement::from_env(|k| std::env::var(k).ok())? else {
+        let placement = Placement::from_env(|k| std::env::var(k).ok())?;
+        let placement = upstream_flags(args, placement, std::env::var_os("LOCAL_RANK").is_some())?;
+        let Some(p) = placement else {
             return Ok((Self::single(), device));
         };
         let device = match device {
@@ -609,5 +655,49 @@ mod tests {
         let mut all: Vec<usize> = (0..3).flat_map(|r| shard(&order, r, 3)).collect();
         all.sort();
         assert_eq!(all, vec![10, 10, 11, 12, 13, 14]);
+    }
+
+    #[test]
+    fn upstream_distributed_flags_act_or_are_refused() {
+        let args = |ws: Option<usize>, lr: Option<usize>, url: Option<&str>| DistArgs {
+            dist_backend: None,
+            dist_timeout: 60,
+            dist_eval: false,
+            world_size: ws,
+            local_rank: lr,
+            dist_url: url.map(str::to_string),
+        };
+        let two = Some(Placement {
+            rank: 1,
+            world: 2,
+            local_rank: 0,
+            master_addr: "127.0.0.1".into(),
+            master_port: 29500,
+        });
+        // Upstream's defaults pass alone and with a distributed environment.
+        assert!(
+            upstream_flags(&args(Some(1), None, Some("env://")), None, false)
+                .unwrap()
+                .is_none()
+        );
+        let p = upstream_flags(&args(Some(2), None, Some("env://")), two.clone(), true).unwrap();
+        assert_eq!(p, two);
+        // The legacy launcher's --local_rank sets the local rank when LOCAL_RANK is absent.
+        let p = upstream_flags(&args(None, Some(1), None), two.clone(), false).unwrap();
+        assert_eq!(p.unwrap().local_rank, 1);
+        // Contradictions and what mae-train does not do are refused, saying what to use.
+        for (a, pl, env) in [
+            (args(Some(4), None, None), two.clone(), true),
+            (args(Some(2), None, None), None, false),
+            (args(None, Some(1), None), two.clone(), true),
+            (args(None, Some(3), None), None, false),
+            (args(None, None, Some("tcp://10.0.0.1:23456")), None, false),
+        ] {
+            let e = upstream_flags(&a, pl, env).unwrap_err().to_string();
+            assert!(
+                e.contains("mae-train launch") || e.contains("leave the flag out"),
+                "{e}"
+            );
+        }
     }
 }

@@ -309,7 +309,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let single = Dist::single();
     let eval_dist = if a.dist.dist_eval { &dist } else { &single };
-    let precision = crate::precision::configure(a.precision, device)?;
+    let precision = crate::precision::configure(a.amp.precision, device)?;
     let randaug = randaug::parse_aa(&a.aa).with_context(|| format!("--aa {}", a.aa))?;
     let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
     let train = data::open(&a.data_path, "train")?;
@@ -425,8 +425,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     println!(
         "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}, precision {}",
         lr * 256.0 / eff_batch as f64,
-        clap::ValueEnum::to_possible_value(&precision)
-            .map_or_else(String::new, |v| v.get_name().to_string())
+        crate::precision::name(precision)
     );
 
     if a.eval {
@@ -458,8 +457,9 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: a.clip_grad,
-        scaler: crate::precision::scaler_for(precision),
+        scaler: crate::precision::scaler_for(precision, &a.amp),
     };
+    crate::run::load_scaler(&sched, a.resume.as_deref())?;
     let mix_cfg = MixConfig {
         mixup_alpha: a.mixup,
         cutmix_alpha: a.cutmix,
@@ -519,7 +519,15 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
                 None => loss_fn(&logits, &t, train.task),
             }
         })?;
-        end.finish(epoch, stats, &model, &mut best, state_dict(&vs), &opt)?;
+        let scaler = sched.scaler_state();
+        end.finish(
+            epoch,
+            stats,
+            &model,
+            &mut best,
+            state_dict(&vs),
+            (&opt, scaler.as_ref()),
+        )?;
     }
     vs.freeze();
     println!(
@@ -561,7 +569,10 @@ impl ClassifierEpoch<'_> {
         model: &dyn ModuleT,
         best: &mut f64,
         weights: mae_models::checkpoint::StateDict,
-        opt: &dyn crate::optim::Optimizer,
+        (opt, scaler): (
+            &dyn crate::optim::Optimizer,
+            Option<&crate::precision::GradScaler>,
+        ),
     ) -> anyhow::Result<()> {
         let run = self.run;
         let (train_loss, lr) = (stats.loss, stats.lr);
@@ -617,7 +628,7 @@ impl ClassifierEpoch<'_> {
         meta.metrics = m.summary();
         meta.metrics.insert("best".into(), *best);
         meta.probe = Some(probe(model, self.cfg.img_size, self.device));
-        run.save_epoch(epoch, &weights, &meta, opt)?;
+        run.save_epoch(epoch, &weights, &meta, opt, scaler)?;
         if is_best {
             save_checkpoint(
                 &run.file("checkpoint-best.safetensors"),
@@ -643,39 +654,97 @@ fn args_json(a: &FinetuneArgs) -> serde_json::Value {
         "aa": a.aa, "min_crop_scale": a.min_crop_scale, "cls_token": a.cls_token,
         "balance_classes": a.balance_classes,
         "train_samples": a.train_samples, "seed": a.seed,
+        "precision": a.amp.precision.map(crate::precision::name),
     })
+}
+
+/// The classifier an `eval` checkpoint holds: from its mae metadata, or, for a foreign file
+/// such as an official fine-tuned `.pth`, from `--model` with the head's class count and the
+/// pooling read off its tensors. Class names come from the metadata only.
+fn eval_model(
+    ck: &checkpoint::Checkpoint,
+    a: &EvalArgs,
+) -> anyhow::Result<(
+    VitConfig,
+    mae_models::preprocess::PreprocessSpec,
+    Option<Vec<String>>,
+)> {
+    let path = a.resume.display();
+    if let Some(meta) = &ck.meta {
+        let ModelConfig::Vit(cfg) = &meta.config else {
+            bail!("{path} is an MAE pretraining checkpoint, not a classifier; fine-tune or linear-probe it first");
+        };
+        return Ok((
+            cfg.clone(),
+            meta.preprocess.clone(),
+            Some(meta.class_names.clone()),
+        ));
+    }
+    let Some(model) = a.model.model.as_deref() else {
+        bail!(
+            "{path} records no architecture (not a mae checkpoint); name it with --model \
+             (e.g. --model vit_base_patch16, see `mae-train models`)"
+        );
+    };
+    let Some(head) = ck.tensors.get("head.weight") else {
+        bail!(
+            "{path} has no classification head (head.weight): it is a pretrained encoder, not a \
+             classifier; fine-tune or linear-probe it first"
+        );
+    };
+    let o = Overrides {
+        img_size: a.model.input_size,
+        patch_size: a.model.patch_size,
+        num_classes: Some(head.shape.first().copied().unwrap_or(0)),
+        depth: a.model.depth,
+    };
+    let ModelConfig::Vit(mut cfg) = ModelConfig::preset(model)?.with_overrides(&o)? else {
+        bail!("--model {model} is an MAE model; evaluate a classifier with a vit_* model");
+    };
+    if let Some(n) = a.model.nb_classes {
+        if n != cfg.num_classes {
+            bail!(
+                "--nb-classes {n}, but the head of {path} has {} classes",
+                cfg.num_classes
+            );
+        }
+    }
+    cfg.global_pool = ck.tensors.contains_key("fc_norm.weight");
+    let spec = mae_models::preprocess::PreprocessSpec::imagenet(cfg.img_size);
+    Ok((cfg, spec, None))
 }
 
 /// `mae-train eval`.
 pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let single = Dist::single();
+    crate::precision::configure(a.precision, device)?;
     let mut ck = checkpoint::load(&a.resume)
         .with_context(|| format!("cannot read checkpoint {}", a.resume.display()))?;
     // A linear-probe head is evaluated as the one linear layer it equals.
     checkpoint::fold_bn_head(&mut ck.tensors, checkpoint::LINPROBE_BN_EPS)
         .map_err(|e| anyhow::anyhow!("{}: linear-probe head: {e}", a.resume.display()))?;
-    let meta = ck.meta.as_ref().with_context(|| {
-        format!(
-            "{} has no mae metadata (architecture, classes)",
-            a.resume.display()
-        )
-    })?;
-    let ModelConfig::Vit(cfg) = &meta.config else {
-        bail!(
-            "{} is an MAE pretraining checkpoint, not a classifier",
-            a.resume.display()
-        );
-    };
+    let (cfg, spec, class_names) = eval_model(&ck, a)?;
     let ds = data::open(&a.data_path, &a.split)?;
     if ds.num_outputs() != cfg.num_classes {
         bail!(
-            "{} has {} classes, the checkpoint {}",
+            "{}: the checkpoint's head has {} classes, but the data ({}) has {}{}; a head is only \
+             meaningful on the classes it was trained for: fine-tune (`mae-train finetune \
+             --finetune {}`) or linear-probe (`mae-train linprobe`) on this data first, then \
+             evaluate that checkpoint",
+            a.resume.display(),
+            cfg.num_classes,
             ds.source,
             ds.num_outputs(),
-            cfg.num_classes
+            if ds.class_names.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", ds.class_names.join(", "))
+            },
+            a.resume.display(),
         );
     }
+    let cfg = &cfg;
     let vs = nn::VarStore::new(device);
     let model = VisionTransformer::new(&vs.root(), cfg, 0.0);
     let report = load_into(&vs, &ck.tensors);
@@ -686,12 +755,14 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let mut ds = ds;
-    ds.class_names = meta.class_names.clone();
+    if let Some(names) = class_names {
+        ds.class_names = names;
+    }
     let ds = Arc::new(ds);
     let ev = evaluate(
         &model,
         &ds,
-        &meta.preprocess,
+        &spec,
         device,
         a.batch_size,
         a.num_workers,

@@ -1,6 +1,7 @@
 //! `mae-train`: MAE pretraining, fine-tuning, linear probing and evaluation on libtorch.
 
 pub mod bench;
+pub mod chart;
 pub mod cli;
 mod cmd;
 pub mod data;
@@ -38,5 +39,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::bench(&a),
         Command::Launch(a) => launch::launch(&a),
         Command::Slurm(a) => launch::slurm(&a),
+        Command::Sweep(a) => cmd::sweep::sweep(&a),
     }
 }

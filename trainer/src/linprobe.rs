@@ -122,6 +122,7 @@ fn probe_state_dict(vs: &nn::VarStore) -> checkpoint::StateDict {
 pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let single = Dist::single();
+    let precision = crate::precision::configure(a.amp.precision, device)?;
     let train = data::open(&a.data_path, "train")?;
     let val = data::open(&a.data_path, "val")?;
     if a.finetune.is_none() && a.resume.is_none() {
@@ -252,8 +253,9 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: None,
-        scaler: None,
+        scaler: crate::precision::scaler_for(precision, &a.amp),
     };
+    crate::run::load_scaler(&sched, a.resume.as_deref())?;
     let batches = TrainBatches {
         spec: spec.clone(),
         aug: TrainAug {
@@ -289,7 +291,15 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
             let t = targets(&b.labels, train.task, c, 0.0).to_device(device);
             loss_fn(&model.forward_t(&xs, true), &t, train.task)
         })?;
-        end.finish(epoch, stats, &model, &mut best, probe_state_dict(&vs), &opt)?;
+        let scaler = sched.scaler_state();
+        end.finish(
+            epoch,
+            stats,
+            &model,
+            &mut best,
+            probe_state_dict(&vs),
+            (&opt, scaler.as_ref()),
+        )?;
     }
     println!(
         "training time {:.0}s; outputs in {}",

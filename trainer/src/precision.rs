@@ -49,6 +49,15 @@ pub fn configure(arg: Option<Precision>, device: Device) -> anyhow::Result<Preci
     Ok(p)
 }
 
+/// The name of `p` as `--precision` spells it.
+pub fn name(p: Precision) -> &'static str {
+    match p {
+        Precision::Fp32 => "fp32",
+        Precision::Bf16 => "bf16",
+        Precision::Fp16 => "fp16",
+    }
+}
+
 /// The process's precision.
 pub fn current() -> Precision {
     match MODE.load(Ordering::Relaxed) & 15 {
@@ -70,9 +79,19 @@ pub fn autocast<T>(f: impl FnOnce() -> T) -> T {
     out
 }
 
-/// The loss scaler a run of precision `p` needs: one for fp16.
-pub fn scaler_for(p: Precision) -> Option<std::cell::RefCell<GradScaler>> {
-    (p == Precision::Fp16).then(|| std::cell::RefCell::new(GradScaler::default()))
+/// The loss scaler a run of precision `p` needs: one for fp16, set up by `--loss-scale` and
+/// `--loss-scale-growth-interval`.
+pub fn scaler_for(
+    p: Precision,
+    args: &crate::cli::PrecisionArgs,
+) -> Option<std::cell::RefCell<GradScaler>> {
+    (p == Precision::Fp16).then(|| {
+        std::cell::RefCell::new(GradScaler {
+            scale: args.loss_scale,
+            growth_interval: args.loss_scale_growth_interval.max(1),
+            ..GradScaler::default()
+        })
+    })
 }
 
 /// Dynamic loss scaling for fp16 (PyTorch's defaults): the loss is multiplied by `scale`
@@ -97,7 +116,50 @@ impl Default for GradScaler {
     }
 }
 
+/// Keys of the scaler's state in the optimizer checkpoint; each an int64 (the scale as the bit
+/// pattern of its f64, so a resumed run continues with exactly the same scale).
+const SCALER_KEYS: [&str; 3] = ["scaler.scale_bits", "scaler.good_steps", "scaler.skipped"];
+
 impl GradScaler {
+    /// The state to save beside the optimizer's, under `scaler.*` keys.
+    pub fn state(&self) -> Vec<(String, mae_models::TensorData)> {
+        let values = [
+            self.scale.to_bits() as i64,
+            self.good_steps as i64,
+            self.skipped as i64,
+        ];
+        SCALER_KEYS
+            .iter()
+            .zip(values)
+            .map(|(k, v)| {
+                let t = mae_models::TensorData::new(
+                    mae_models::DType::I64,
+                    vec![1],
+                    v.to_le_bytes().to_vec(),
+                )
+                .expect("one int64");
+                (k.to_string(), t)
+            })
+            .collect()
+    }
+
+    /// Takes the `scaler.*` entries out of an optimizer state; `None` when it has none (a run
+    /// saved without a scaler). The growth interval is not saved: it is a setting, left at its
+    /// default here for the caller to set.
+    pub fn take_state(sd: &mut mae_models::checkpoint::StateDict) -> Option<Self> {
+        let mut v = [0i64; 3];
+        for (slot, key) in v.iter_mut().zip(SCALER_KEYS) {
+            let t = sd.remove(key)?;
+            *slot = i64::from_le_bytes(t.data.get(..8)?.try_into().ok()?);
+        }
+        Some(Self {
+            scale: f64::from_bits(v[0] as u64),
+            good_steps: v[1].max(0) as u64,
+            skipped: v[2].max(0) as u64,
+            ..Self::default()
+        })
+    }
+
     /// Divides the gradients of `params` by the scale; returns whether they are all finite.
     /// Updates the scale as PyTorch's `GradScaler.update` does.
     pub fn unscale(&mut self, params: &[Tensor]) -> bool {
@@ -155,6 +217,26 @@ mod tests {
         let _ = g.fill_(f64::INFINITY);
         assert!(!s.unscale(std::slice::from_ref(&p)));
         assert_eq!((s.scale, s.skipped), (65536.0, 1));
+    }
+
+    #[test]
+    fn scaler_state_round_trips_exactly() {
+        let s = GradScaler {
+            scale: 3.0517578125e-5 * 3.0,
+            good_steps: 17,
+            skipped: 4,
+            ..Default::default()
+        };
+        let mut sd: mae_models::checkpoint::StateDict = s.state().into_iter().collect();
+        sd.insert(
+            "other".into(),
+            mae_models::TensorData::from_f32(vec![1], &[1.0]).unwrap(),
+        );
+        let back = GradScaler::take_state(&mut sd).unwrap();
+        assert_eq!(back.scale.to_bits(), s.scale.to_bits());
+        assert_eq!((back.good_steps, back.skipped), (17, 4));
+        assert_eq!(sd.len(), 1, "only the scaler's entries are taken");
+        assert!(GradScaler::take_state(&mut sd).is_none());
     }
 
     #[test]

@@ -64,7 +64,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     }
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
-    let precision = crate::precision::configure(a.precision, device)?;
+    let precision = crate::precision::configure(a.amp.precision, device)?;
     let train = Arc::new(open_unlabeled(&a.data_path)?);
     let resume = crate::run::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
@@ -149,8 +149,9 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: None,
-        scaler: crate::precision::scaler_for(precision),
+        scaler: crate::precision::scaler_for(precision, &a.amp),
     };
+    crate::run::load_scaler(&sched, a.resume.as_deref())?;
     let vis = vis_batch(&train, &spec, &model, a.seed)?;
     let batches = TrainBatches {
         spec: spec.clone(),
@@ -197,7 +198,8 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         meta.epoch = Some(epoch);
         meta.args = args.clone();
         meta.metrics.insert("train_loss".into(), train_loss);
-        run.save_epoch(epoch, &state_dict(&vs), &meta, &opt)?;
+        let scaler = sched.scaler_state();
+        run.save_epoch(epoch, &state_dict(&vs), &meta, &opt, scaler.as_ref())?;
         if a.vis_every > 0 && ((epoch + 1) % a.vis_every == 0 || epoch + 1 == a.epochs) {
             let (imgs, noise) = &vis;
             let grid = render_grid(

@@ -9,6 +9,7 @@ use mae_models::checkpoint::{self, CheckpointMeta, StateDict};
 use mae_models::{DType, TensorData};
 
 use crate::optim::Optimizer;
+use crate::precision::GradScaler;
 
 /// The output folder of a run.
 #[derive(Debug, Clone)]
@@ -44,12 +45,13 @@ impl RunDir {
         weights: &StateDict,
         meta: &CheckpointMeta,
         opt: &dyn Optimizer,
+        scaler: Option<&GradScaler>,
     ) -> anyhow::Result<PathBuf> {
         let path = self.file(&format!("checkpoint-{epoch}.safetensors"));
         if !self.main {
             return Ok(path);
         }
-        save_checkpoint(&path, weights, meta, Some(opt))?;
+        save_checkpoint(&path, weights, meta, Some((opt, scaler)))?;
         if self.keep_checkpoints > 0 {
             for old in self.epoch_checkpoints()? {
                 if old.0 + self.keep_checkpoints as u64 <= epoch {
@@ -149,16 +151,18 @@ pub fn optim_path(ckpt: &Path) -> PathBuf {
     ckpt.with_file_name(format!("{stem}.optim.safetensors"))
 }
 
-/// Saves model weights with their metadata and, beside them, the optimizer state. The
-/// optimizer file is written first, so a complete checkpoint always has its optimizer state.
+/// Saves model weights with their metadata and, beside them, the optimizer state (with fp16's
+/// loss-scaler state, when the run has one). The optimizer file is written first, so a
+/// complete checkpoint always has its optimizer state.
 pub fn save_checkpoint(
     path: &Path,
     weights: &StateDict,
     meta: &CheckpointMeta,
-    opt: Option<&dyn Optimizer>,
+    opt: Option<(&dyn Optimizer, Option<&GradScaler>)>,
 ) -> anyhow::Result<()> {
-    if let Some(opt) = opt {
+    if let Some((opt, scaler)) = opt {
         let mut sd = opt.state();
+        sd.extend(scaler.map(GradScaler::state).unwrap_or_default());
         let step = TensorData::new(
             DType::I64,
             vec![1],
@@ -172,11 +176,13 @@ pub fn save_checkpoint(
     Ok(())
 }
 
-/// Reads the optimizer state saved beside `ckpt`: moments and step count.
+/// Reads the optimizer state saved beside `ckpt`: moments and step count (the loss scaler's
+/// entries left out; [`load_scaler`] reads them).
 pub fn load_optim(ckpt: &Path) -> anyhow::Result<(StateDict, u64)> {
     let p = optim_path(ckpt);
     let (mut sd, _) = checkpoint::safetensors::read(&p)
         .with_context(|| format!("cannot resume: optimizer state {} unreadable", p.display()))?;
+    GradScaler::take_state(&mut sd);
     let step = sd
         .remove("step")
         .and_then(|t| {
@@ -186,6 +192,33 @@ pub fn load_optim(ckpt: &Path) -> anyhow::Result<(StateDict, u64)> {
         })
         .with_context(|| format!("{}: no step count", p.display()))?;
     Ok((sd, step.max(0) as u64))
+}
+
+/// Restores fp16's loss scaler from the optimizer state beside `ckpt` (`--resume`), so a resumed
+/// run continues with the scale and growth count an uninterrupted one would have. A checkpoint
+/// saved without a scaler (fp32 or bf16) leaves the scaler at its initial state, with a note.
+pub fn load_scaler(sched: &Schedule, ckpt: Option<&Path>) -> anyhow::Result<()> {
+    let (Some(scaler), Some(ckpt)) = (&sched.scaler, ckpt) else {
+        return Ok(());
+    };
+    let p = optim_path(ckpt);
+    let (mut sd, _) = checkpoint::safetensors::read(&p)
+        .with_context(|| format!("cannot resume: optimizer state {} unreadable", p.display()))?;
+    match GradScaler::take_state(&mut sd) {
+        Some(saved) => {
+            // The growth interval is this run's setting, not part of the saved state.
+            let mut s = scaler.borrow_mut();
+            let growth_interval = s.growth_interval;
+            *s = saved;
+            s.growth_interval = growth_interval;
+        }
+        None => println!(
+            "note: {} holds no loss-scaler state (saved without fp16); the scale starts at {}",
+            p.display(),
+            scaler.borrow().scale
+        ),
+    }
+    Ok(())
 }
 
 /// Reads the checkpoint of `--resume`, when given.
@@ -235,7 +268,14 @@ pub struct Schedule {
     pub accum_iter: usize,
     pub clip_grad: Option<f64>,
     /// fp16's loss scaler (kept across epochs).
-    pub scaler: Option<std::cell::RefCell<crate::precision::GradScaler>>,
+    pub scaler: Option<std::cell::RefCell<GradScaler>>,
+}
+
+impl Schedule {
+    /// A copy of the loss scaler's state, for a checkpoint.
+    pub fn scaler_state(&self) -> Option<GradScaler> {
+        self.scaler.as_ref().map(|s| s.borrow().clone())
+    }
 }
 
 /// Mean training loss and last learning rate of an epoch.

@@ -356,3 +356,58 @@ fn reduced_precision_runs_on_the_cpu() {
         .unwrap();
     assert!(loss.is_finite() && loss > 0.0, "{out}");
 }
+
+/// fp16 resume is exact: the loss scaler's state (scale, good-step count, skipped steps) is
+/// saved with the optimizer state and restored, so 2 epochs and a resume of 2 end with exactly
+/// the weights of 4 straight epochs. A resume from the same files without the scaler's entries
+/// (a negative control) ends elsewhere, so the state is what makes the difference.
+#[test]
+fn fp16_resume_restores_the_loss_scaler_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mae_train_synth(d);
+    let fp16 = |out: &str, extra: &[&str]| {
+        let mut v = TRAIN.to_vec();
+        v.extend(["--aa", "none", "--precision", "fp16"]);
+        v.extend(["--loss-scale-growth-interval", "2", "--output-dir", out]);
+        v.extend_from_slice(extra);
+        mae_train(d, &v)
+    };
+    fp16("full", &[]);
+    fp16("part", &["--stop-after", "2"]);
+    // The scaler's state was saved, and it moved away from its start (it doubles every second
+    // good step and halves on overflow).
+    let (mut optim, _) =
+        checkpoint::safetensors::read(&d.join("part/checkpoint-1.optim.safetensors")).unwrap();
+    let int = |t: &mae_models::TensorData| i64::from_le_bytes(t.data[..8].try_into().unwrap());
+    let scale = f64::from_bits(int(&optim["scaler.scale_bits"]) as u64);
+    let skipped = int(&optim["scaler.skipped"]);
+    println!("loss scale after 2 epochs: {scale}, skipped steps: {skipped}");
+    assert!(scale != 65536.0 || skipped > 0, "the scaler never changed");
+
+    // The negative control: the same checkpoint without the scaler's entries.
+    std::fs::create_dir_all(d.join("ctrl")).unwrap();
+    std::fs::copy(
+        d.join("part/checkpoint-1.safetensors"),
+        d.join("ctrl/checkpoint-1.safetensors"),
+    )
+    .unwrap();
+    optim.retain(|k, _| !k.starts_with("scaler."));
+    checkpoint::safetensors::write(&d.join("ctrl/checkpoint-1.optim.safetensors"), &optim, None)
+        .unwrap();
+
+    let out = fp16("part", &["--resume", "part/checkpoint-1.safetensors"]);
+    assert!(!out.contains("holds no loss-scaler state"), "{out}");
+    let out = fp16("ctrl", &["--resume", "ctrl/checkpoint-1.safetensors"]);
+    assert!(out.contains("holds no loss-scaler state"), "{out}");
+
+    let full = d.join("full/checkpoint-3.safetensors");
+    let worst = common::max_weight_diff(&full, &d.join("part/checkpoint-3.safetensors"));
+    assert_eq!(worst, 0.0, "resumed fp16 run differs from the straight one");
+    let worst = common::max_weight_diff(&full, &d.join("ctrl/checkpoint-3.safetensors"));
+    println!("without the scaler state the resumed run ends {worst:e} away");
+    assert!(
+        worst > 0.0,
+        "the scaler state made no difference: the test cannot tell"
+    );
+}

@@ -1,5 +1,7 @@
 //! One function per subcommand.
 
+pub mod sweep;
+
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};

@@ -195,7 +195,8 @@ fn open_npz(path: &Path, split: &str) -> anyhow::Result<Dataset> {
 }
 
 /// A seeded, class-stratified subset of `n` items (by the first label for multi-label data):
-/// each class keeps its share of `n`, rounded so the total is exactly `n`.
+/// each class keeps its share of `n` (within one image), and the subsets of one seed are nested
+/// (the 600 images are among the 6000), which is what makes a data-efficiency curve a curve.
 pub fn stratified_subset(ds: &Dataset, n: usize, seed: u64) -> Vec<usize> {
     if n >= ds.len() {
         return (0..ds.len()).collect();
@@ -209,31 +210,24 @@ pub fn stratified_subset(ds: &Dataset, n: usize, seed: u64) -> Vec<usize> {
     for c in &mut by_class {
         rng.shuffle(c);
     }
-    // Largest-remainder apportionment of n over the class sizes.
+    // Images are handed out one at a time to the class furthest below its share, so the quotas
+    // of a larger subset never fall below those of a smaller one (no Alabama paradox).
     let total = ds.len() as f64;
-    let mut quotas: Vec<(usize, f64)> = by_class
-        .iter()
-        .map(|c| {
-            let exact = n as f64 * c.len() as f64 / total;
-            (exact.floor() as usize, exact - exact.floor())
-        })
-        .collect();
-    let mut left = n - quotas.iter().map(|q| q.0).sum::<usize>();
-    let mut order: Vec<usize> = (0..k).collect();
-    order.sort_by(|&a, &b| quotas[b].1.total_cmp(&quotas[a].1).then(a.cmp(&b)));
-    for &c in order.iter().cycle().take(k * 2) {
-        if left == 0 {
-            break;
-        }
-        if quotas[c].0 < by_class[c].len() {
-            quotas[c].0 += 1;
-            left -= 1;
+    let mut quotas = vec![0usize; k];
+    for t in 1..=n {
+        let deficit = |c: usize| t as f64 * by_class[c].len() as f64 / total - quotas[c] as f64;
+        let next = (0..k)
+            .filter(|&c| quotas[c] < by_class[c].len())
+            .max_by(|&a, &b| deficit(a).total_cmp(&deficit(b)).then(b.cmp(&a)));
+        match next {
+            Some(c) => quotas[c] += 1,
+            None => break,
         }
     }
     let mut chosen: Vec<usize> = by_class
         .iter()
         .zip(&quotas)
-        .flat_map(|(c, q)| c.iter().take(q.0).copied())
+        .flat_map(|(c, &q)| c.iter().take(q).copied())
         .collect();
     chosen.sort_unstable();
     chosen
@@ -282,5 +276,32 @@ mod tests {
         let ds = fake(&[7, 5, 3]);
         assert_eq!(stratified_subset(&ds, 8, 0).len(), 8);
         assert_eq!(stratified_subset(&ds, 100, 0).len(), 15);
+    }
+
+    #[test]
+    fn stratified_subsets_of_one_seed_are_nested() {
+        for counts in [&[388usize, 3494][..], &[7, 5, 3], &[50, 1, 20, 33]] {
+            let ds = fake(counts);
+            for seed in 0..3 {
+                let mut prev: Vec<usize> = Vec::new();
+                let step = (ds.len() / 200).max(1);
+                for n in (1..ds.len()).step_by(step) {
+                    let s = stratified_subset(&ds, n, seed);
+                    assert_eq!(s.len(), n);
+                    let nested = prev.iter().all(|i| s.binary_search(i).is_ok());
+                    assert!(nested, "{counts:?} n={n} seed={seed}");
+                    for (c, &size) in counts.iter().enumerate() {
+                        let got = s
+                            .iter()
+                            .filter(|&&i| ds.items[i].labels[0] == c as i64)
+                            .count();
+                        let exact = n as f64 * size as f64 / ds.len() as f64;
+                        let close = (got as f64 - exact).abs() < 1.0 + 1e-9;
+                        assert!(close, "{counts:?} n={n} class {c}: {got} vs {exact}");
+                    }
+                    prev = s;
+                }
+            }
+        }
     }
 }

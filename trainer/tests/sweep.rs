@@ -1,0 +1,344 @@
+//! `mae-train sweep` end to end on generated data: 2 sizes × 2 seeds × 2 inits (scratch and an
+//! MAE pretraining checkpoint), interrupted after its first cell and resumed without running
+//! that cell again; `sweep.csv`, `sweep.md` and `sweep.png` hold every cell. Also the `eval`
+//! refusal of a head trained for other classes.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{mae_train, tmp_dir};
+
+const FINETUNE: &[&str] = &[
+    "--data-path",
+    "data",
+    "--model",
+    "vit_tiny_patch4_28",
+    "--depth",
+    "1",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--blr",
+    "5e-3",
+    "--aa",
+    "none",
+    "--num-workers",
+    "1",
+];
+
+fn sweep_args() -> Vec<String> {
+    let mut v: Vec<String> = [
+        "sweep",
+        "--train-samples",
+        "16,all",
+        "--seeds",
+        "0,1",
+        "--init",
+        "scratch,mae=pt/checkpoint-0.safetensors",
+        "--init-args",
+        "scratch=--layer-decay 1.0",
+        "--output-dir",
+        "sw",
+        "--",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    v.extend(FINETUNE.iter().map(|s| s.to_string()));
+    v
+}
+
+fn setup(d: &Path) {
+    let _ = std::fs::remove_dir_all(d);
+    std::fs::create_dir_all(d).unwrap();
+    mae_train(
+        d,
+        &[
+            "synth",
+            "--output",
+            "data",
+            "--per-class",
+            "12",
+            "--seed",
+            "4",
+        ],
+    );
+    mae_train(
+        d,
+        &[
+            "pretrain",
+            "--data-path",
+            "data",
+            "--model",
+            "mae_vit_tiny_patch4_28",
+            "--depth",
+            "1",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--num-workers",
+            "1",
+            "--output-dir",
+            "pt",
+        ],
+    );
+    assert!(d.join("pt/checkpoint-0.safetensors").exists());
+}
+
+#[test]
+fn sweep_runs_every_cell_resumes_after_interruption_and_summarises() {
+    let d = tmp_dir("sweep");
+    setup(&d);
+    let args = sweep_args();
+
+    // --dry-run lists the 8 cells and their commands, and runs nothing.
+    let mut dry: Vec<&str> = args.iter().map(String::as_str).collect();
+    dry.insert(1, "--dry-run");
+    let out = mae_train(&d, &dry);
+    let cells = out.lines().filter(|l| l.starts_with("# init ")).count();
+    assert_eq!(cells, 8, "{out}");
+    assert!(
+        out.contains("8 cells (2 sizes × 2 seeds × 2 inits)"),
+        "{out}"
+    );
+    assert!(out.contains("--layer-decay 1.0"), "{out}");
+    assert!(out.contains("--train-samples 16"), "{out}");
+    assert!(
+        out.contains("--finetune pt/checkpoint-0.safetensors"),
+        "{out}"
+    );
+    assert!(!d.join("sw").exists(), "a dry run writes nothing");
+
+    // The first run is stopped (the whole process group, as Ctrl-C would) once the first cell
+    // has finished.
+    let first = d.join("sw/cells/scratch/n16/seed0/cell.json");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+        .current_dir(&d)
+        .args(&args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !first.exists() {
+        assert!(child.try_wait().unwrap().is_none(), "sweep ended early");
+        assert!(
+            start.elapsed() < Duration::from_secs(600),
+            "first cell never finished"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let pgid = child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-KILL", "--", &format!("-{pgid}")])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let _ = child.wait();
+    let first_row = std::fs::read_to_string(&first).unwrap();
+    let first_mtime = std::fs::metadata(&first).unwrap().modified().unwrap();
+    assert!(
+        !d.join("sw/cells/mae/n16/seed0/cell.json").exists(),
+        "stopped after one cell"
+    );
+
+    // Resumed: the finished cell is skipped, the rest run.
+    let out = mae_train(&d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(
+        out.contains("[1/8] init scratch · 16 images · seed 0: done before, skipped"),
+        "{out}"
+    );
+    assert_eq!(out.matches("done before, skipped").count(), 1, "{out}");
+    assert_eq!(std::fs::read_to_string(&first).unwrap(), first_row);
+    assert_eq!(
+        std::fs::metadata(&first).unwrap().modified().unwrap(),
+        first_mtime
+    );
+
+    // sweep.csv: one row per cell, with the columns the issue names.
+    let csv = std::fs::read_to_string(d.join("sw/sweep.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert_eq!(
+        lines.next().unwrap(),
+        "size,train_images,seed,init,best_epoch,val_auc,val_acc,test_auc,test_acc,train_seconds"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 8, "{csv}");
+    let n_all = rows.iter().find(|r| r[0] == "all").unwrap()[1];
+    let n_all: usize = n_all.parse().unwrap();
+    assert_eq!(n_all, 36, "12 per class × 3 classes in the training split");
+    for size in ["16", "all"] {
+        for seed in ["0", "1"] {
+            for init in ["scratch", "mae"] {
+                let r = rows
+                    .iter()
+                    .find(|r| r[0] == size && r[2] == seed && r[3] == init)
+                    .unwrap_or_else(|| panic!("no row {size} {seed} {init}:\n{csv}"));
+                let acc: f64 = r[8].parse().unwrap();
+                assert!((0.0..=1.0).contains(&acc), "{r:?}");
+                let auc: f64 = r[7].parse().unwrap();
+                assert!((0.0..=1.0).contains(&auc), "{r:?}");
+                let best: u64 = r[4].parse().unwrap();
+                assert!(best < 2, "{r:?}");
+                assert!(r[9].parse::<f64>().unwrap() > 0.0);
+            }
+        }
+    }
+    // Each cell trained on its size: the subset list of a 16-image cell has 16 names, and the
+    // 16 images of a seed are the same for both inits.
+    let subset = |init: &str, seed: u64| {
+        std::fs::read_to_string(d.join(format!("sw/cells/{init}/n16/seed{seed}/train_subset.txt")))
+            .unwrap()
+    };
+    assert_eq!(subset("scratch", 0).lines().count(), 16);
+    assert_eq!(subset("scratch", 0), subset("mae", 0));
+    assert_ne!(subset("scratch", 0), subset("scratch", 1));
+    // The init's own flags reached its cells only.
+    let args_of = |init: &str| {
+        let t = std::fs::read_to_string(d.join(format!("sw/cells/{init}/n16/seed0/args.json")))
+            .unwrap();
+        serde_json::from_str::<serde_json::Value>(&t).unwrap()
+    };
+    assert_eq!(args_of("scratch")["layer_decay"], 1.0);
+    assert_eq!(args_of("mae")["layer_decay"], 0.75);
+    assert!(args_of("mae")["finetune"]
+        .as_str()
+        .unwrap()
+        .ends_with("pt/checkpoint-0.safetensors"));
+
+    // sweep.md: mean ± std per size and init; sweep.png: a real picture.
+    let md = std::fs::read_to_string(d.join("sw/sweep.md")).unwrap();
+    for needle in [
+        "| scratch | 16 | 2 |",
+        "| scratch | 36 (all) | 2 |",
+        "| mae | 16 | 2 |",
+        "| mae | 36 (all) | 2 |",
+        " ± ",
+    ] {
+        assert!(md.contains(needle), "{needle:?} in\n{md}");
+    }
+    let png = image::open(d.join("sw/sweep.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1200, 520));
+
+    // Running it once more runs nothing.
+    let out = mae_train(&d, &args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.matches("done before, skipped").count(), 8, "{out}");
+}
+
+#[test]
+fn sweep_refuses_bad_flags_before_running_anything() {
+    let d = tmp_dir("sweep-bad");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    mae_train(&d, &["synth", "--output", "data", "--per-class", "4"]);
+    let run = |extra: &[&str], tail: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+            .current_dir(&d)
+            .args([
+                "sweep",
+                "--train-samples",
+                "4",
+                "--init",
+                "scratch",
+                "--output-dir",
+                "sw",
+            ])
+            .args(extra)
+            .arg("--")
+            .args(tail)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[], &["--data-path", "data", "--bogus-flag"]);
+    assert!(err.contains("--bogus-flag"), "{err}");
+    let err = run(&[], &["--data-path", "data", "--seed", "3"]);
+    assert!(
+        err.contains("--seed") && err.contains("set by the sweep"),
+        "{err}"
+    );
+    let err = run(
+        &["--init-args", "mae=--layer-decay 1"],
+        &["--data-path", "data"],
+    );
+    assert!(err.contains("no init is named 'mae'"), "{err}");
+    let err = run(&["--train-samples", "4000"], &["--data-path", "data"]);
+    assert!(err.contains("more than the 12 training images"), "{err}");
+    assert!(!d.join("sw").exists());
+}
+
+/// The seed's step 5: an ImageNet-head checkpoint (1000 classes, official `.pth` layout) on a
+/// data set of a few classes stops with a clear message and prints no metrics.
+#[test]
+fn eval_refuses_a_head_trained_for_other_classes() {
+    let d = tmp_dir("eval-head");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    mae_train(&d, &["synth", "--output", "eval_data", "--per-class", "4"]);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cfg = serde_json::json!({
+        "img_size": 28, "patch_size": 4, "embed_dim": 192, "depth": 1, "num_heads": 3,
+        "num_classes": 1000, "global_pool": true,
+    });
+    let mut py = Command::new(root.join("../.venv/bin/python"))
+        .arg(root.join("../tests/fixtures/timm_reference.py"))
+        .args(["save", "mae_finetuned_vit_base.pth"])
+        .current_dir(&d)
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut py.stdin.take().unwrap(), cfg.to_string().as_bytes()).unwrap();
+    assert!(py.wait().unwrap().success());
+    let eval = |extra: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+            .current_dir(&d)
+            .args([
+                "eval",
+                "--resume",
+                "mae_finetuned_vit_base.pth",
+                "--data-path",
+                "eval_data",
+            ])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, stdout, stderr) = eval(&["--model", "vit_tiny_patch4_28", "--depth", "1"]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(stderr.contains("head has 1000 classes"), "{stderr}");
+    assert!(
+        stderr.contains("has 3 (circle, square, triangle)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("fine-tune") && stderr.contains("linear-probe"),
+        "{stderr}"
+    );
+    assert!(
+        !stdout.contains("acc1") && !stdout.to_lowercase().contains("auc"),
+        "{stdout}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    // Without --model, the file's missing architecture is named.
+    let (code, _, stderr) = eval(&[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("--model"), "{stderr}");
+}
