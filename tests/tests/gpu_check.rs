@@ -26,9 +26,9 @@ fn check_sh() -> Command {
 fn num(v: &Value, path: &str) -> f64 {
     let mut cur = v;
     for key in path.split('.') {
-        cur = match key.parse::<usize>() {
-            Ok(i) => &cur[i],
-            Err(_) => &cur[key],
+        cur = match (cur.is_array(), key.parse::<usize>()) {
+            (true, Ok(i)) => &cur[i],
+            _ => &cur[key],
         };
     }
     cur.as_f64()
@@ -163,7 +163,10 @@ fn dry_run_writes_every_step_with_sane_values() {
 
     let table = std::fs::read_to_string(out.path().join("check.md")).expect("check.md");
     for heading in ["## 2.", "## 3.", "## 4.", "## 5.", "## 6."] {
-        assert!(table.contains(heading), "check.md has no {heading}:\n{table}");
+        assert!(
+            table.contains(heading),
+            "check.md has no {heading}:\n{table}"
+        );
     }
 }
 
