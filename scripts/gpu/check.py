@@ -3,7 +3,7 @@ file and a Markdown table. check.sh sets up the environment (libraries, binaries
 runs this with the standard library only, so that it runs on any Python 3.9+.
 
 usage: check.py --out DIR --bin DIR --python PY [--data NPZ] [--dry-run] [--ort-gpu DIR]
-                [--ort-cpu LIB] [--budgets 25,115,90,170,80,90] [--deadline 570]
+                [--ort-cpu LIB] [--budgets 20,110,85,165,80,90] [--deadline 560]
 
 Every step records a status: `ok`, `failed: <why>`, `timeout: <what>` or `unsupported: <why>`.
 The JSON is rewritten (atomically) after each step, so a run cut short still leaves every
@@ -28,7 +28,7 @@ STEPS = ["info", "finetune_throughput", "pretrain_throughput", "short_finetune",
          "mae_run_cuda"]
 # Caps in seconds on the GPU (the whole check must stay under the device's 10 minutes per
 # call) and in the dry run (a few minutes on a 2-core CPU with debug binaries).
-GPU_BUDGETS = [25, 115, 90, 170, 80, 90]
+GPU_BUDGETS = [20, 110, 85, 165, 80, 90]
 DRY_BUDGETS = [30, 60, 60, 90, 60, 60]
 # Figures measured on an H200 with PyTorch 2.11 (the issue's anchors), for the table.
 ANCHORS_H200 = {
@@ -40,7 +40,11 @@ ANCHORS_H200 = {
 
 
 class Timeout(Exception):
-    pass
+    """A command ran out of time; `lines` holds what it printed before it was stopped."""
+
+    def __init__(self, msg, lines=()):
+        super().__init__(msg)
+        self.lines = list(lines)
 
 
 class Check:
@@ -49,6 +53,11 @@ class Check:
         self.out = a.out
         self.logs = os.path.join(self.out, "logs")
         os.makedirs(self.logs, exist_ok=True)
+        # Checkpoints, ONNX files and data stay out of $OUT, which the device tool sends back.
+        self.work = a.work or os.path.join(
+            "/tmp" if not a.dry_run else self.out, "mae-gpu-check-work")
+        shutil.rmtree(self.work, ignore_errors=True)
+        os.makedirs(self.work)
         self.started = time.monotonic()
         self.deadline = self.started + a.deadline
         self.step_deadline = self.deadline
@@ -62,12 +71,14 @@ class Check:
             "complete": False,
             "host": {"cores": os.cpu_count(), "python": sys.version.split()[0]},
             "binaries": a.bin,
+            "work": None,
             "data": a.data,
             "steps": [],
             "missing": self.missing,
         }
         self.ncmd = 0
         self.helps = {}
+        self.result["work"] = self.work
 
     # -- running commands -------------------------------------------------------------------
     def left(self):
@@ -88,7 +99,7 @@ class Check:
             f.flush()
             try:
                 p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=f, text=True,
-                                     start_new_session=True, env=env, cwd=self.out)
+                                     start_new_session=True, env=env, cwd=self.work)
             except OSError as e:
                 return 127, [], f"cannot start {argv[0]}: {e}"
 
@@ -105,7 +116,7 @@ class Check:
                 t.join(5)
                 with open(log, "a") as g:
                     g.write(f"\n[check] killed after {limit:.0f}s\n")
-                raise Timeout(f"{name} ran past {limit:.0f}s") from None
+                raise Timeout(f"{name} ran past {limit:.0f}s", lines) from None
             t.join(10)
         with open(log) as f:
             stderr = f.read().split("\n", 1)[-1]
@@ -269,7 +280,17 @@ def trainer_bench(c, name, model, depth, batch, steps, warmup, cap):
     raise StepFailed(f"{name}: no '... ms/step, ... img/s' line in its output")
 
 
+def trainer_or_failure(c, *args, **kw):
+    """The trainer's figure, or its failure recorded, so that PyTorch's figures still come."""
+    try:
+        return trainer_bench(c, *args, **kw)
+    except StepFailed as e:
+        return {"status": f"failed: {e}"}
+
+
 def torch_bench(c, name, kind, model, depth, batch, steps, warmup, modes):
+    """PyTorch's figures for each mode; when time runs out, the modes that finished are kept
+    and the rest recorded as `timeout` (the step then ends as a timeout)."""
     args = [kind, "--model", model, "--batch-size", str(batch), "--steps", str(steps),
             "--warmup", str(warmup), "--modes", ",".join(modes), "--device", c.device]
     if depth:
@@ -277,7 +298,22 @@ def torch_bench(c, name, kind, model, depth, batch, steps, warmup, modes):
     if c.a.dry_run:
         # inductor's C++ build takes minutes on a small CPU; the dry run checks the plumbing.
         args += ["--compile-backend", "aot_eager"]
-    return c.python_json(name, args)
+    try:
+        rc, lines, tail = c.run(name, [c.a.python, REFERENCE] + args)
+    except Timeout as e:
+        done = {}
+        for _, x in e.lines:
+            if x.startswith('{"partial_mode"'):
+                d = json.loads(x)
+                done[d["partial_mode"]] = d["result"]
+        e.partial = {"modes": {m: done.get(m, {"status": f"timeout: {e}"}) for m in modes}}
+        raise
+    if rc != 0:
+        raise StepFailed(f"{name} exited {rc}: {last_error(tail)}")
+    for _, x in reversed(lines):
+        if x.startswith("{") and '"modes"' in x:
+            return json.loads(x)
+    raise StepFailed(f"{name} printed no result")
 
 
 def compare(trainer, ref):
@@ -298,19 +334,26 @@ def step_finetune_throughput(c, rec):
     else:
         model, depth, batch, steps, warmup = "vit_base_patch16", None, 128, 20, 3
     rec.update(model=model, depth=depth, batch_size=batch, steps=steps)
-    rec["trainer"] = trainer_bench(c, "trainer-bench", model, depth, batch, steps, warmup,
-                                   cap=max(20.0, c.left() * 0.35))
-    rec["torch"] = torch_bench(c, "torch-finetune", "finetune", model, depth, batch, steps,
-                               warmup, ["eager-fp32", "eager-bf16", "compile-bf16"])
+    rec["trainer"] = trainer_or_failure(c, "trainer-bench", model, depth, batch, steps,
+                                        warmup, cap=max(20.0, c.left() * 0.35))
+    try:
+        rec["torch"] = torch_bench(c, "torch-finetune", "finetune", model, depth, batch, steps,
+                                   warmup, ["eager-bf16", "eager-fp32", "compile-bf16"])
+    except Timeout as e:
+        rec["torch"] = e.partial
+        rec["ratios"] = compare(rec["trainer"], rec["torch"])
+        raise
     rec["ratios"] = compare(rec["trainer"], rec["torch"])
-    prec = rec["trainer"]["precision"]
+    prec = rec["trainer"].get("precision")
     goal = rec["ratios"].get("trainer_vs_eager-bf16")
     rec["goal_ge_1x_eager_bf16"] = (goal >= 1.0 if prec == "bf16" and goal is not None
                                     else f"not comparable: the trainer ran {prec}")
     if not c.a.dry_run:
         rec["anchors_h200"] = ANCHORS_H200["finetune_vit_base_patch16_b128"]
     bad = [m for m, r in rec["torch"]["modes"].items() if r.get("status") != "ok"]
-    if bad:
+    if "status" in rec["trainer"]:
+        rec["status"] = f"failed: mae-train bench: {rec['trainer']['status']}"
+    elif bad:
         rec["status"] = "failed: PyTorch " + ", ".join(
             f"{m} ({rec['torch']['modes'][m]['status']})" for m in bad)
 
@@ -327,17 +370,25 @@ def step_pretrain_throughput(c, rec):
         case = {"model": model, "depth": depth, "batch_size": batch, "steps": steps}
         rec["cases"].append(case)
         share = c.left() / (2 * (len(cases) - i))
-        case["trainer"] = trainer_bench(c, f"trainer-bench-{model}", model, depth, batch, steps,
-                                        warmup, cap=max(15.0, share))
-        case["torch"] = torch_bench(c, f"torch-{model}", "pretrain", model, depth, batch, steps,
-                                    warmup, ["eager-fp32", "eager-bf16"])
+        case["trainer"] = trainer_or_failure(c, f"trainer-bench-{model}", model, depth, batch,
+                                             steps, warmup, cap=max(15.0, share))
+        try:
+            case["torch"] = torch_bench(c, f"torch-{model}", "pretrain", model, depth, batch,
+                                        steps, warmup, ["eager-bf16", "eager-fp32"])
+        except Timeout as e:
+            case["torch"] = e.partial
+            case["ratios"] = compare(case["trainer"], case["torch"])
+            raise
         case["ratios"] = compare(case["trainer"], case["torch"])
         key = f"pretrain_{model}_b{batch}"
         if key in ANCHORS_H200 and not c.a.dry_run:
             case["anchors_h200"] = ANCHORS_H200[key]
     bad = [f"{k['model']} {m}" for k in rec["cases"] for m, r in k["torch"]["modes"].items()
            if r.get("status") != "ok"]
-    if bad:
+    bad_trainer = [k["model"] for k in rec["cases"] if "status" in k["trainer"]]
+    if bad_trainer:
+        rec["status"] = "failed: mae-train bench " + ", ".join(bad_trainer)
+    elif bad:
         rec["status"] = "failed: PyTorch " + ", ".join(bad)
 
 
@@ -370,7 +421,7 @@ def epoch_times(lines):
 
 
 def short_run(c, tag, precision, launch=False):
-    out_dir = os.path.join(c.out, f"ft-{tag}")
+    out_dir = os.path.join(c.work, f"ft-{tag}")
     shutil.rmtree(out_dir, ignore_errors=True)
     argv = [c.bin("mae-train")]
     if launch:
@@ -469,7 +520,7 @@ def find_ort_gpu(c):
 
 
 def mae_run_bench(c, name, model, backend, device, batches, iters, lib):
-    out = os.path.join(c.out, f"{name}.json")
+    out = os.path.join(c.work, f"{name}.json")
     argv = [c.bin("mae-run"), "bench", "--model", model, "--backend", backend, "--device",
             device, "--batch-size", batches, "--iterations", str(iters), "--warmup", "3",
             "--format", "json", "--output", out]
@@ -497,11 +548,12 @@ def step_mae_run(c, rec, finetuned):
         rec["cuda_provider"] += " (not used in the dry run)"
     lib = gpu_lib if cuda else c.a.ort_cpu
     rec["ort_lib"] = lib
+    rec["device"] = "cuda" if cuda else "cpu"
     # 1. the model: step 4's checkpoint, else random weights in the upstream layout.
     ckpt, model_flag = finetuned, []
     if not (ckpt and os.path.exists(ckpt)):
         model = "vit_tiny_patch4_28" if c.a.dry_run else "vit_base_patch16"
-        ckpt = os.path.join(c.out, f"{model}-random.pth")
+        ckpt = os.path.join(c.work, f"{model}-random.pth")
         args = ["make-vit", ckpt, "--model", model]
         if c.a.dry_run:
             args += ["--depth", "2"]
@@ -512,7 +564,7 @@ def step_mae_run(c, rec, finetuned):
         rec["weights"] = ckpt
     onnx = {}
     for prec in ("fp32", "fp16"):
-        path = os.path.join(c.out, f"model.{prec}.onnx")
+        path = os.path.join(c.work, f"model.{prec}.onnx")
         extra = ["--fp16"] if prec == "fp16" else []
         c.run_ok(f"export-{prec}", [c.bin("mae-export"), "--onnx", "--checkpoint", ckpt,
                                     "--output", path] + model_flag + extra)
@@ -524,7 +576,6 @@ def step_mae_run(c, rec, finetuned):
     else:
         device, batches, iters = "cpu", ("1,8" if not c.a.dry_run else "1,4"), 5
         rec["note"] = "no CUDA provider: ONNX Runtime's CPU provider stands in for the CUDA figures"
-    rec["device"] = device
     rec["bench"] = {}
     env_py = os.environ.copy()
     if cuda:
@@ -543,10 +594,10 @@ def step_mae_run(c, rec, finetuned):
             b["ort_python"] = {"status": f"failed: rc {rc}: {last_error(tail)}"}
         rec["bench"][prec] = b
     # 3. parity: the same images through the CPU and the device, fp32.
-    sub = os.path.join(c.out, "parity.npz")
+    sub = os.path.join(c.work, "parity.npz")
     c.python_json("parity-subset", ["subset-npz", c.a.data, sub, "--splits", "test", "--n",
                                     "16" if not cuda else "64"])
-    ref_csv, dev_csv = (os.path.join(c.out, f"parity-{x}.csv") for x in ("cpu", device))
+    ref_csv, dev_csv = (os.path.join(c.work, f"parity-{x}.csv") for x in ("cpu", device))
     ref_backend = ["--backend", "tract"]
     c.run_ok("predict-cpu", [c.bin("mae-run"), "predict", "--model", onnx["fp32"], sub,
                              "--format", "csv", "--output", ref_csv] + ref_backend)
@@ -656,7 +707,7 @@ def prepare_data(c):
     a = c.a
     if a.data and not a.dry_run:
         return
-    small = os.path.join(a.out, "data.npz")
+    small = os.path.join(c.work, "data.npz")
     if a.data:
         args = ["subset-npz", a.data, small, "--splits", "train,val,test", "--n", "128"]
     else:
@@ -679,6 +730,8 @@ def main():
     ap.add_argument("--ort-gpu", help="folder of an ONNX Runtime build with the CUDA provider")
     ap.add_argument("--ort-cpu", help="libonnxruntime.so of the CPU build")
     ap.add_argument("--budgets", help="six comma-separated caps in seconds")
+    ap.add_argument("--work", help="folder for checkpoints, ONNX files and data (default: "
+                    "/tmp/mae-gpu-check-work, or OUT/mae-gpu-check-work in the dry run)")
     ap.add_argument("--deadline", type=float, help="seconds for the whole check")
     a = ap.parse_args()
     budgets = [float(x) for x in a.budgets.split(",")] if a.budgets else (
@@ -686,7 +739,7 @@ def main():
     if len(budgets) != 6:
         sys.exit(f"--budgets: six values expected, got {len(budgets)}")
     a.deadline = a.deadline or sum(budgets) + 10
-    for k in ("out", "bin", "data"):
+    for k in ("out", "bin", "data", "work"):
         if getattr(a, k):
             setattr(a, k, os.path.abspath(getattr(a, k)))
     c = Check(a)

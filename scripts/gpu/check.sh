@@ -14,7 +14,7 @@
 #              in the dry run a small generated set, or a 128-image subset of --data)
 #   env PYTHON: the Python with torch (default: .venv/bin/python when present, else python3)
 #
-# Steps, in order, each under its own time budget (defaults 25,115,90,170,80,90 s on the GPU,
+# Steps, in order, each under its own time budget (defaults 20,110,85,165,80,90 s on the GPU,
 # at most ~9.5 minutes in all; a step that runs out is recorded as `timeout` and the next one
 # starts):
 #   1. mae-train info (GPU, CUDA, cuDNN, bf16 from the device's PyTorch beside it)

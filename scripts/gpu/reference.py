@@ -13,7 +13,8 @@ usage:
   reference.py compare-csv A.csv B.csv
   reference.py synth-npz OUT.npz [--n 600] [--size 28]
 
-Each command prints one JSON object on standard output.
+Each command prints one JSON object on standard output (finetune and pretrain print one line
+per mode first, `{"partial_mode": ..., "result": ...}`, as each mode ends).
 
 `finetune` times forward + backward + AdamW steps of a ViT classifier on random data: timm's
 VisionTransformer when timm is importable (it uses fused scaled-dot-product attention), else the
@@ -271,11 +272,10 @@ def run_modes(a, build):
 
     device = torch.device(a.device)
     torch.manual_seed(0)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    out = {"model": a.model, "depth": a.depth, "compile_backend": a.compile_backend, "batch_size": a.batch_size, "steps": a.steps,
+    # libtorch's defaults (no TF32 matmuls), as mae-train runs: fp32 is compared like for like.
+    out = {"tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "model": a.model, "depth": a.depth, "compile_backend": a.compile_backend, "batch_size": a.batch_size, "steps": a.steps,
            "warmup": a.warmup, "device": str(device), "torch": torch.__version__, "modes": {}}
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         out["gpu"] = torch.cuda.get_device_name(0)
     for mode in a.modes.split(","):
         try:
@@ -290,7 +290,8 @@ def run_modes(a, build):
         except Exception as e:  # noqa: BLE001 - one mode's failure must not hide the others
             r = {"status": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}"}
         out["modes"][mode] = r
-        print(f"{a.model} {mode}: {r}", file=sys.stderr)
+        # One line per mode as it ends, so a caller that runs out of time keeps the rest.
+        print(json.dumps({"partial_mode": mode, "result": r}), flush=True)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return out
