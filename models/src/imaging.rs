@@ -20,17 +20,16 @@ use image::{DynamicImage, ImageReader, Rgb, RgbImage};
 use crate::error::{Error, Result};
 use crate::preprocess::{Interpolation, PreprocessSpec};
 
-/// Reads an image file (PNG, JPEG, BMP or TIFF, recognised by content) as 8-bit RGB.
+/// Reads an image or DICOM file as 8-bit RGB (see [`crate::input::load_rgb`]).
 ///
 /// Grayscale is replicated to three channels, alpha is dropped (as Pillow's `convert("RGB")`
 /// does) and 16-bit samples are scaled to 8 bits.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_rgb(&bytes, path)
+    crate::input::load_rgb(path)
 }
 
-/// Decodes image bytes (PNG, JPEG, BMP or TIFF, recognised by content) as 8-bit RGB; `name`
-/// names the source in errors.
+/// Decodes image bytes (PNG, JPEG, BMP, TIFF, PPM/PGM or WebP, recognised by content) as 8-bit
+/// RGB; `name` names the source in errors. DICOM goes through [`crate::input::decode_rgb`].
 pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
@@ -38,7 +37,7 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     if reader.format().is_none() {
         return Err(Error::format(
             name,
-            "not an image in a supported format (PNG, JPEG, BMP, TIFF)",
+            "not an image in a supported format (PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, DICOM)",
         ));
     }
     // Decoders are meant not to panic on damaged input; should one do so anyway, it is a

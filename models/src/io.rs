@@ -53,3 +53,37 @@ mod tests {
         assert_eq!(std::fs::read(&p).unwrap(), b"ok");
     }
 }
+
+/// Whether `err` or one of its causes is a broken pipe (the reader of standard output went
+/// away, as `mae-run predict DIR | head -1` does).
+pub fn is_broken_pipe(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Makes `println!` on a closed standard output end the program quietly with status 0, as
+/// Unix tools do when their reader goes away, instead of panicking. Other panics are reported
+/// as before.
+pub fn exit_quietly_on_broken_pipe() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let text = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if text.starts_with("failed printing to stdout") && text.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        previous(info)
+    }));
+}

@@ -7,6 +7,7 @@ pub mod config;
 pub mod digest;
 pub mod error;
 pub mod imaging;
+pub mod input;
 pub mod io;
 pub mod metrics;
 pub mod npz;

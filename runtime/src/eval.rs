@@ -4,7 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
+use mae_models::input::ImageFolder;
 use mae_models::metrics::{evaluate_with, EvalOptions, Metrics};
 use serde_json::json;
 
@@ -19,7 +20,8 @@ pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// A MedMNIST .npz file, an ImageFolder root (its `<split>/` folder is read), or a folder
-    /// with one subfolder of images per class.
+    /// with one subfolder of images per class (read by torchvision's ImageFolder rules, each
+    /// folder named after one of the model's classes).
     #[arg(long, value_name = "DIR|FILE.npz")]
     pub data_path: PathBuf,
     /// Split of a .npz file or an ImageFolder root.
@@ -54,6 +56,10 @@ pub enum EvalFormat {
 
 /// Labelled samples of a data set: `.npz` split, an ImageFolder root whose `<split>/` holds the
 /// class folders (as `mae-train eval --data-path ROOT --split test` reads it), or class folders.
+///
+/// Class folders are read by the shared ImageFolder rules (torchvision's) and labelled by the
+/// model's class names: a folder the model does not name is an error. A model without class
+/// names takes the folders in sorted order, with a note.
 pub fn labelled_items(
     path: &Path,
     split: &str,
@@ -66,34 +72,20 @@ pub fn labelled_items(
         path
     };
     if path.is_dir() {
-        let mut classes: Vec<String> = std::fs::read_dir(path)
-            .with_context(|| format!("cannot list {}", path.display()))?
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !n.starts_with('.'))
-            .collect();
-        classes.sort();
-        if classes.is_empty() {
-            bail!(
-                "{}: expected one subfolder of images per class",
-                path.display()
-            );
+        let folder = ImageFolder::open(path)?;
+        if let Some(note) = folder.skipped_note() {
+            eprintln!("mae-run: {note}");
         }
-        let mut items = Vec::new();
-        for (k, class) in classes.iter().enumerate() {
-            // The model's class order when it names the folder; else the sorted folder order.
-            let label = class_names.iter().position(|c| c == class).unwrap_or(k);
-            let (found, failures) = inputs::collect(&[path.join(class)], split);
-            if let Some(f) = failures.first() {
-                bail!("{}: {}", f.input, f.error);
-            }
-            items.extend(found.into_iter().map(|mut i| {
-                i.label = Some(vec![label as i64]);
-                i
-            }));
-        }
-        Ok(items)
+        let labels = folder_labels(path, &folder.classes, class_names)?;
+        Ok(folder
+            .samples
+            .into_iter()
+            .map(|(file, k)| Item {
+                name: file.display().to_string(),
+                source: Source::File(file),
+                label: Some(vec![labels[k] as i64]),
+            })
+            .collect())
     } else {
         let split_data = mae_models::npz::read_split(path, split)?;
         Ok(split_data
@@ -108,6 +100,43 @@ pub fn labelled_items(
             })
             .collect())
     }
+}
+
+/// The model's class index of each class folder (in the folders' sorted order).
+fn folder_labels(
+    root: &Path,
+    folders: &[String],
+    class_names: &[String],
+) -> anyhow::Result<Vec<usize>> {
+    if class_names.is_empty() {
+        eprintln!(
+            "mae-run: note: the model does not name its classes; the class folders of {} are \
+             taken in sorted order as classes 0..{}: {}",
+            root.display(),
+            folders.len(),
+            folders.join(", ")
+        );
+        return Ok((0..folders.len()).collect());
+    }
+    let unknown: Vec<&String> = folders
+        .iter()
+        .filter(|f| !class_names.contains(f))
+        .collect();
+    if !unknown.is_empty() {
+        let list: Vec<String> = unknown.iter().map(|f| format!("'{f}'")).collect();
+        bail!(
+            "{}: class folder{} {} {} not among the model's classes ({})",
+            root.display(),
+            if unknown.len() == 1 { "" } else { "s" },
+            list.join(", "),
+            if unknown.len() == 1 { "is" } else { "are" },
+            class_names.join(", ")
+        );
+    }
+    Ok(folders
+        .iter()
+        .filter_map(|f| class_names.iter().position(|c| c == f))
+        .collect())
 }
 
 /// Probabilities and labels of every sample that could be read.
@@ -241,4 +270,38 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn names(xs: &[&str]) -> Vec<String> {
+        xs.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn folders_take_the_models_labels() {
+        let root = Path::new("data/test");
+        let folders = names(&["10_x", "Normal", "abnormal"]);
+        let model = names(&["abnormal", "Normal", "2_y", "10_x"]);
+        assert_eq!(folder_labels(root, &folders, &model).unwrap(), [3, 1, 0]);
+        // Without names: the sorted order.
+        assert_eq!(folder_labels(root, &folders, &[]).unwrap(), [0, 1, 2]);
+    }
+
+    #[test]
+    fn an_unknown_folder_is_refused_by_name() {
+        let folders = names(&["Normal", "renamed", "other"]);
+        let model = names(&["Normal", "abnormal"]);
+        let err = folder_labels(Path::new("d"), &folders, &model)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("class folders 'renamed', 'other' are not among the model's classes"),
+            "{err}"
+        );
+        assert!(err.contains("(Normal, abnormal)"), "{err}");
+    }
 }

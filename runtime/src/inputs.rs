@@ -7,16 +7,18 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use image::RgbImage;
-use mae_models::imaging::{decode_rgb, preprocess_eval};
+use mae_models::imaging::preprocess_eval;
 use mae_models::preprocess::PreprocessSpec;
 
 /// Lowercase hex SHA-256, as every output names inputs and models by it.
 pub use mae_models::digest::sha256_hex;
 
-/// File extensions picked up when walking a folder.
-const EXTENSIONS: [&str; 9] = [
-    "png", "jpg", "jpeg", "bmp", "tif", "tiff", "dcm", "dicom", "npz",
-];
+/// Whether a file met while walking a folder is an input: an image or DICOM file by the
+/// shared extension list (`mae_models::input::EXTENSIONS`), a `.dicom` file or an `.npz` file.
+fn is_input_name(name: &str) -> bool {
+    let lower = name.to_lowercase();
+    mae_models::input::is_image_name(name) || lower.ends_with(".dicom") || lower.ends_with(".npz")
+}
 
 /// One image to run.
 #[derive(Debug, Clone)]
@@ -40,6 +42,20 @@ pub enum Source {
 pub struct Failure {
     pub input: String,
     pub error: String,
+}
+
+impl Failure {
+    /// The failure of `input` with `error`, whose text leaves out the input's name when the
+    /// error starts with it (errors of the input layer name their file), so that
+    /// `input: error` names the file once.
+    pub fn new(input: impl Into<String>, error: &anyhow::Error) -> Self {
+        let input = input.into();
+        let text = format!("{error:#}");
+        let error = text
+            .strip_prefix(&format!("{input}: "))
+            .map_or_else(|| text.clone(), str::to_string);
+        Self { input, error }
+    }
 }
 
 /// Expands `inputs` (files, folders walked recursively in name order, `.npz` files read at
@@ -88,11 +104,7 @@ fn walk(dir: &Path, files: &mut Vec<PathBuf>, failures: &mut Vec<Failure>) {
         match entry.file_type() {
             Ok(t) if t.is_dir() => walk(&path, files, failures),
             Ok(_) => {
-                let ext = path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .map(str::to_lowercase);
-                if ext.is_some_and(|e| EXTENSIONS.contains(&e.as_str())) {
+                if is_input_name(&entry.file_name().to_string_lossy()) {
                     files.push(path);
                 }
             }
@@ -126,23 +138,13 @@ fn push_file(path: &Path, split: &str, items: &mut Vec<Item>, failures: &mut Vec
                 });
             }
         }
-        Err(e) => failures.push(Failure {
-            input: path.display().to_string(),
-            error: e.to_string(),
-        }),
+        Err(e) => failures.push(Failure::new(path.display().to_string(), &e.into())),
     }
 }
 
-/// Decodes image or DICOM bytes to RGB; `name` names the source in errors.
+/// Decodes image or DICOM bytes to RGB through the shared input layer; errors name `name`.
 pub fn decode_bytes(bytes: &[u8], name: &Path) -> anyhow::Result<RgbImage> {
-    let dicom_ext = name
-        .extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("dcm") || e.eq_ignore_ascii_case("dicom"));
-    if crate::dicom::is_dicom(bytes) || dicom_ext {
-        return crate::dicom::decode(bytes, name);
-    }
-    Ok(decode_rgb(bytes, name)?)
+    Ok(mae_models::input::decode_rgb(bytes, name)?)
 }
 
 /// Reads and decodes one item; also returns the SHA-256 of its bytes (of its raw RGB pixels
@@ -194,10 +196,7 @@ pub fn pipeline(
                         batch.sha256.push(sha);
                         batch.items.push(item.clone());
                     }
-                    Err(e) => batch.failures.push(Failure {
-                        input: item.name.clone(),
-                        error: format!("{e:#}"),
-                    }),
+                    Err(e) => batch.failures.push(Failure::new(item.name.clone(), &e)),
                 }
             }
             if tx.send(batch).is_err() {
@@ -236,7 +235,15 @@ mod tests {
     fn walks_folders_in_order_and_reports_missing() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("b/c")).unwrap();
-        for f in ["b/c/2.png", "a.jpg", "b/1.dcm", "notes.txt", ".hidden.png"] {
+        for f in [
+            "b/c/2.png",
+            "a.jpg",
+            "b/1.dcm",
+            "notes.txt",
+            ".hidden.png",
+            "c.WEBP",
+            "d.ppm",
+        ] {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
         let missing = dir.path().join("missing.png");
@@ -251,9 +258,28 @@ mod tests {
                     .to_string()
             })
             .collect();
-        assert_eq!(names, ["a.jpg", "b/1.dcm", "b/c/2.png"]);
+        assert_eq!(names, ["a.jpg", "b/1.dcm", "b/c/2.png", "c.WEBP", "d.ppm"]);
         assert_eq!(failures.len(), 1);
         assert!(failures[0].input.ends_with("missing.png"));
+    }
+
+    #[test]
+    fn failures_name_the_input_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.dcm");
+        std::fs::write(&path, b"not dicom").unwrap();
+        let item = Item {
+            name: path.display().to_string(),
+            source: Source::File(path.clone()),
+            label: None,
+        };
+        let f = Failure::new(item.name.clone(), &load(&item).unwrap_err());
+        assert!(
+            f.error.starts_with("cannot read DICOM image"),
+            "{}",
+            f.error
+        );
+        assert!(!f.error.contains("x.dcm"), "{}", f.error);
     }
 
     #[test]

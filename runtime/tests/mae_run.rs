@@ -232,8 +232,14 @@ fn unreadable_inputs_are_counted_and_the_rest_predicted() {
     let err = stderr(&o);
     assert!(err.contains("1 predicted, 3 failed"), "{err}");
     for name in ["broken.png", "missing.jpg", "broken.dcm"] {
-        assert!(err.contains(name), "{name} not reported:\n{err}");
+        // Named once: `failed: NAME: reason`, never `NAME: NAME: reason`.
+        assert_eq!(
+            err.matches(name).count(),
+            1,
+            "{name} not reported once:\n{err}"
+        );
     }
+    assert!(err.contains("broken.dcm: cannot read DICOM image"), "{err}");
     assert!(!err.contains("panicked"));
     assert!(stdout(&o).contains("rgb.png"));
     let log = std::fs::read_to_string(&audit).unwrap();
@@ -245,6 +251,40 @@ fn unreadable_inputs_are_counted_and_the_rest_predicted() {
         mae_runtime::inputs::sha256_hex(&std::fs::read(&good).unwrap()).as_str()
     );
     assert!(line["time"].is_string() && line["model_sha256"].is_string());
+}
+
+/// `mae-run predict DIR | head -1`: the reader closes the pipe before `mae-run` writes, and
+/// `mae-run` ends quietly with status 0 as Unix tools do.
+#[test]
+fn a_closed_stdout_pipe_ends_predict_quietly() {
+    use std::process::{Command, Stdio};
+    let model = fixtures().join("multiclass.onnx");
+    let images = fixtures().join("images");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mae-run"))
+        .args(["predict", "--model", p(&model), p(&images)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Closing the read end before the model is loaded makes every write fail with EPIPE.
+    drop(child.stdout.take());
+    let o = child.wait_with_output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "status {:?}:\n{err}", o.status);
+    assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
+
+    // The same through a shell pipeline, whose status is mae-run's with pipefail.
+    let script = format!(
+        "set -o pipefail; '{}' predict --model '{}' '{}' | head -1",
+        env!("CARGO_BIN_EXE_mae-run"),
+        p(&model),
+        p(&images)
+    );
+    let o = Command::new("bash").args(["-c", &script]).output().unwrap();
+    let err = stderr(&o);
+    assert!(o.status.success(), "status {:?}:\n{err}", o.status);
+    assert!(!err.contains("error") && !err.contains("panicked"), "{err}");
+    assert_eq!(stdout(&o).lines().count(), 1, "{}", stdout(&o));
 }
 
 #[test]

@@ -92,6 +92,26 @@ impl TestCommand {
         text(&out.stdout)
     }
 
+    /// Runs the command, asserts success and returns its standard output and standard error.
+    pub fn stdout_stderr(&mut self) -> (String, String) {
+        let out = self.output();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        assert!(
+            out.status.success(),
+            "{} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+            self.name,
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        (text(&out.stdout), text(&out.stderr))
+    }
+
+    /// The underlying command, for callers that arrange its pipes themselves.
+    pub fn command(&mut self) -> &mut Command {
+        &mut self.cmd
+    }
+
     /// Runs the command, asserts failure without a panic and returns its standard error.
     pub fn fails(&mut self) -> String {
         let out = self.output();

@@ -3,9 +3,12 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    mae_models::io::exit_quietly_on_broken_pipe();
     let cli = mae_trainer::cli::Cli::parse();
     match mae_trainer::run(cli) {
         Ok(code) => code,
+        // The reader of standard output went away: end quietly, as Unix tools do.
+        Err(e) if e.chain().any(mae_models::io::is_broken_pipe) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mae-train: error: {e:#}");
             ExitCode::FAILURE

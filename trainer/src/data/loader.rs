@@ -7,7 +7,6 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use anyhow::Context;
 use mae_models::preprocess::PreprocessSpec;
 
 use super::transform::{eval_transform, train_transform, TrainAug};
@@ -113,9 +112,8 @@ fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig) -> anyhow::Result
     let mut labels = Vec::with_capacity(idx.len());
     for &i in idx {
         let item = &ds.items[i];
-        let img = item
-            .image()
-            .with_context(|| format!("cannot load sample {}", item.name))?;
+        // The input layer's errors name the file.
+        let img = item.image()?;
         let v = match &cfg.aug {
             Some(aug) => {
                 let mut rng = Rng::derive(&[cfg.seed, cfg.epoch, i as u64]);

@@ -11,11 +11,13 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use image::RgbImage;
 use mae_models::checkpoint::Task;
+use mae_models::input::ImageFolder;
 
 use crate::rng::Rng;
 
-/// Extensions read from ImageFolder trees.
-pub const IMAGE_EXTENSIONS: [&str; 6] = ["png", "jpg", "jpeg", "bmp", "tif", "tiff"];
+/// Extensions read from ImageFolder trees (torchvision's, and `.dcm`; any case): the shared
+/// input layer's list.
+pub const IMAGE_EXTENSIONS: [&str; 10] = mae_models::input::EXTENSIONS;
 
 /// Where one sample's pixels are.
 #[derive(Debug, Clone)]
@@ -34,10 +36,11 @@ pub struct Item {
 }
 
 impl Item {
-    /// Decodes the pixels; errors name the file.
+    /// Decodes the pixels (an image or DICOM file through the shared input layer); errors
+    /// name the file.
     pub fn image(&self) -> anyhow::Result<RgbImage> {
         match &self.pixels {
-            Pixels::File(p) => Ok(mae_models::imaging::load_rgb(p)?),
+            Pixels::File(p) => Ok(mae_models::input::load_rgb(p)?),
             Pixels::Memory(img) => Ok((**img).clone()),
         }
     }
@@ -82,53 +85,43 @@ pub fn open(data_path: &Path, split: &str) -> anyhow::Result<Dataset> {
     }
 }
 
+/// An ImageFolder split read by the shared rules (torchvision's): sorted class folders, their
+/// images and DICOM files found recursively; other files are reported on standard error.
 fn open_image_folder(root: &Path) -> anyhow::Result<Dataset> {
-    let mut classes: Vec<String> = std::fs::read_dir(root)
-        .with_context(|| format!("cannot read data folder {}", root.display()))?
-        .filter_map(|e| e.ok())
-        .filter(|e| e.path().is_dir())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .collect();
-    classes.sort();
-    if classes.len() < 2 {
+    let folder = ImageFolder::open(root)?;
+    if let Some(note) = folder.skipped_note() {
+        eprintln!("mae-train: {note}");
+    }
+    if folder.classes.len() < 2 {
         bail!(
             "{} must hold one folder per class (found {})",
             root.display(),
-            classes.len()
+            folder.classes.len()
         );
     }
-    let mut items = Vec::new();
-    for (label, class) in classes.iter().enumerate() {
-        let mut files = Vec::new();
-        collect_images(&root.join(class), &mut files)?;
-        files.sort();
-        items.extend(files.into_iter().map(|p| Item {
+    let items = folder
+        .samples
+        .into_iter()
+        .map(|(p, label)| Item {
             name: p.display().to_string(),
             pixels: Pixels::File(p),
             labels: vec![label as i64],
-        }));
-    }
-    if items.is_empty() {
-        bail!(
-            "no images ({}) under {}",
-            IMAGE_EXTENSIONS.join(", "),
-            root.display()
-        );
-    }
-    let task = if classes.len() == 2 {
+        })
+        .collect();
+    let task = if folder.classes.len() == 2 {
         Task::Binary
     } else {
         Task::MultiClass
     };
     Ok(Dataset {
         items,
-        class_names: classes,
+        class_names: folder.classes,
         task,
         source: root.display().to_string(),
     })
 }
 
-/// Every image file under `dir`, recursively.
+/// Every image or DICOM file under `dir`, recursively (links followed).
 pub fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
     for e in std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
         let p = e
@@ -136,11 +129,7 @@ pub fn collect_images(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> 
             .path();
         if p.is_dir() {
             collect_images(&p, out)?;
-        } else if p
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        {
+        } else if mae_models::input::is_image_file(&p) {
             out.push(p);
         }
     }
