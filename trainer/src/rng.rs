@@ -6,6 +6,13 @@
 pub struct Rng(pub u64);
 
 impl Rng {
+    /// A standard normal sample (Box–Muller).
+    pub fn normal(&mut self) -> f64 {
+        let u1 = self.unit().max(1e-300);
+        let u2 = self.unit();
+        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+    }
+
     /// A generator for one purpose, derived from several integers.
     pub fn derive(parts: &[u64]) -> Self {
         let mut r = Rng(0x51_7cc1_b727_220a);

@@ -118,7 +118,7 @@ fn make_batch(ds: &Dataset, idx: &[usize], cfg: &LoaderConfig) -> anyhow::Result
             Some(aug) => {
                 let mut rng = Rng::derive(&[cfg.seed, cfg.epoch, i as u64]);
                 let mut v = train_transform(&img, &cfg.spec, aug, &mut rng);
-                crate::mixup::random_erase(&mut v, s, cfg.reprob, &mut rng);
+                crate::data::erasing::random_erase(&mut v, s, cfg.reprob, &mut rng);
                 v
             }
             None => eval_transform(&img, &cfg.spec),

@@ -1,7 +1,9 @@
 //! Data sets (ImageFolder trees and MedMNIST `.npz` files), subsets, transforms and a
 //! multi-threaded batch loader that decodes and augments ahead of the model.
 
+pub mod erasing;
 pub mod loader;
+pub mod mixup;
 pub mod randaug;
 pub mod transform;
 

@@ -2,6 +2,7 @@
 
 pub mod load;
 pub mod mae;
+pub mod probe;
 pub mod vit;
 
 use tch::{nn, Tensor};

@@ -1,16 +1,9 @@
-//! Mixup (Zhang et al. 2017) and CutMix (Yun et al. 2019) in timm's batch mode, and random
-//! erasing (Zhong et al. 2017) in pixel mode, as the MAE fine-tuning recipe uses them.
+//! Mixup (Zhang et al. 2017) and CutMix (Yun et al. 2019) in timm's batch mode, as the MAE
+//! fine-tuning recipe uses them.
 
 use tch::{Kind, Tensor};
 
 use crate::rng::Rng;
-
-/// A standard normal sample (Box–Muller).
-fn normal(rng: &mut Rng) -> f64 {
-    let u1 = rng.unit().max(1e-300);
-    let u2 = rng.unit();
-    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-}
 
 /// A Gamma(shape, 1) sample (Marsaglia–Tsang, with the boost for shape < 1).
 fn gamma(shape: f64, rng: &mut Rng) -> f64 {
@@ -21,7 +14,7 @@ fn gamma(shape: f64, rng: &mut Rng) -> f64 {
     let d = shape - 1.0 / 3.0;
     let c = 1.0 / (9.0 * d).sqrt();
     loop {
-        let x = normal(rng);
+        let x = rng.normal();
         let v = (1.0 + c * x).powi(3);
         if v <= 0.0 {
             continue;
@@ -100,35 +93,6 @@ pub fn mix(xs: &Tensor, targets: &Tensor, cfg: &MixConfig, rng: &mut Rng) -> (Te
     (xs, t.to_kind(Kind::Float), lam)
 }
 
-/// Random erasing in pixel mode on one normalised `[3, s, s]` image: with probability `prob`,
-/// a box of 2–33 % of the area and aspect 0.3–3.3 is filled with standard-normal noise.
-pub fn random_erase(px: &mut [f32], s: usize, prob: f64, rng: &mut Rng) {
-    if prob <= 0.0 || rng.unit() >= prob {
-        return;
-    }
-    let area = (s * s) as f64;
-    let (lo, hi) = ((0.3f64).ln(), (1.0 / 0.3f64).ln());
-    for _ in 0..10 {
-        let target = area * rng.uniform(0.02, 1.0 / 3.0);
-        let aspect = rng.uniform(lo, hi).exp();
-        let h = (target * aspect).sqrt().round() as usize;
-        let w = (target / aspect).sqrt().round() as usize;
-        if h == 0 || w == 0 || h >= s || w >= s {
-            continue;
-        }
-        let y0 = rng.below(s - h + 1);
-        let x0 = rng.below(s - w + 1);
-        for c in 0..3 {
-            for y in y0..y0 + h {
-                for x in x0..x0 + w {
-                    px[c * s * s + y * s + x] = normal(rng) as f32;
-                }
-            }
-        }
-        return;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -186,28 +150,5 @@ mod tests {
             );
             assert!((mt.double_value(&[0, 0]) - lam).abs() < 1e-6);
         }
-    }
-
-    #[test]
-    fn random_erasing_fills_one_box_or_nothing() {
-        let s = 16;
-        let mut rng = Rng(4);
-        let mut erased = 0;
-        for _ in 0..200 {
-            let mut px = vec![7f32; 3 * s * s];
-            random_erase(&mut px, s, 0.25, &mut rng);
-            let changed = px.iter().filter(|&&v| v != 7.0).count();
-            if changed > 0 {
-                erased += 1;
-                assert!(
-                    changed % 3 == 0 && changed <= 3 * s * s / 3 + 3 * s,
-                    "{changed}"
-                );
-            }
-        }
-        assert!(
-            (30..=70).contains(&erased),
-            "{erased} of 200 erased at p = 0.25"
-        );
     }
 }

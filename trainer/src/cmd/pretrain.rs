@@ -13,16 +13,16 @@ use mae_models::{ModelConfig, Overrides};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::PretrainArgs;
+use crate::cmd::visualize::{render_grid, save_png};
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset, Item, Pixels};
-use crate::dist::Dist;
-use crate::finetune::{device, to_input};
+use crate::engine::dist::Dist;
+use crate::engine::{device, to_input};
+use crate::engine::{epochs_to_run, train_epoch, RunDir, Schedule, TrainBatches};
 use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, scaled_lr, AdamW};
 use crate::rng::Rng;
-use crate::run::{epochs_to_run, train_epoch, RunDir, Schedule, TrainBatches};
-use crate::visualize::{render_grid, save_png};
 
 /// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
 /// image under a flat folder (labels are not used).
@@ -64,9 +64,9 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     }
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
-    let precision = crate::precision::configure(a.amp.precision, device)?;
+    let precision = crate::engine::precision::configure(a.amp.precision, device)?;
     let train = Arc::new(open_unlabeled(&a.data_path)?);
-    let resume = crate::run::read_resume(a.resume.as_deref())?;
+    let resume = crate::engine::read_resume(a.resume.as_deref())?;
     let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
         Some(Some(meta)) => match &meta.config {
             ModelConfig::Mae(c) => c.clone(),
@@ -116,7 +116,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
     let mut start_epoch = 0;
     if let (Some(ck), Some(path)) = (&resume, &a.resume) {
-        start_epoch = crate::run::resume(&vs, &mut opt, ck, path, &run)?;
+        start_epoch = crate::engine::resume(&vs, &mut opt, ck, path, &run)?;
     }
     let args = serde_json::json!({
         "data_path": a.data_path, "model": a.model, "input_size": cfg.img_size, "mask_ratio": a.mask_ratio,
@@ -149,9 +149,9 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         epochs: a.epochs,
         accum_iter: a.accum_iter,
         clip_grad: None,
-        scaler: crate::precision::scaler_for(precision, &a.amp),
+        scaler: crate::engine::precision::scaler_for(precision, &a.amp),
     };
-    crate::run::load_scaler(&sched, a.resume.as_deref())?;
+    crate::engine::load_scaler(&sched, a.resume.as_deref())?;
     let vis = vis_batch(&train, &spec, &model, a.seed)?;
     let batches = TrainBatches {
         spec: spec.clone(),

@@ -8,6 +8,8 @@
 //! is done when its `cell.json` exists, which is written last and atomically. After every cell
 //! the summary (`sweep.csv`, `sweep.md`, `sweep.png`) is written anew from the finished cells.
 
+mod chart;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
@@ -498,6 +500,7 @@ pub fn mean_std(v: &[f64]) -> (f64, f64) {
 }
 
 /// One (init, size) group of finished cells.
+#[derive(Debug)]
 pub struct Group<'a> {
     pub init: &'a str,
     pub train_images: usize,
@@ -594,7 +597,7 @@ fn write_summary(dir: &Path, rows: &[Row], command_line: &str) -> anyhow::Result
         total
     ));
     mae_models::io::atomic_write(&dir.join("sweep.md"), md.as_bytes())?;
-    crate::chart::sweep_png(&dir.join("sweep.png"), rows)
+    chart::sweep_png(&dir.join("sweep.png"), rows)
 }
 
 #[cfg(test)]

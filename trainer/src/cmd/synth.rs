@@ -2,10 +2,15 @@
 //! images of three shapes on a noisy background, in the ImageFolder layout
 //! (`{train,val,test}/{circle,square,triangle}/NNNN.png`).
 
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+
+use crate::cli::SynthArgs;
+
 use std::fmt;
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
 use image::{GrayImage, Luma};
 
 /// Class names, in label order.
@@ -144,6 +149,12 @@ fn write_all(tmp: &Path, per_class: usize, size: u32, seed: u64) -> anyhow::Resu
         }
     }
     Ok(counts)
+}
+
+pub fn synth(a: &SynthArgs) -> anyhow::Result<ExitCode> {
+    let summary = crate::cmd::synth::generate(&a.output, a.per_class, a.size, a.seed)?;
+    println!("{summary}");
+    Ok(ExitCode::SUCCESS)
 }
 
 #[cfg(test)]

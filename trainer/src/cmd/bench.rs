@@ -9,7 +9,7 @@ use tch::nn::{self, ModuleT};
 use tch::{Kind, Tensor};
 
 use crate::cli::BenchArgs;
-use crate::finetune::device;
+use crate::engine::device;
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::model::vit::VisionTransformer;
 use crate::optim::{param_groups, AdamW};
@@ -34,7 +34,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         bail!("--steps and --batch-size must be at least 1");
     }
     let device = device(a.device)?;
-    let precision = crate::precision::configure(a.amp.precision, device)?;
+    let precision = crate::engine::precision::configure(a.amp.precision, device)?;
     let o = Overrides {
         img_size: a.input_size,
         depth: a.depth,
@@ -73,12 +73,12 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         (0.9, 0.999),
     );
     let params = vs.trainable_variables();
-    let scaler = crate::precision::scaler_for(precision, &a.amp);
+    let scaler = crate::engine::precision::scaler_for(precision, &a.amp);
     let mut run = |n: usize| -> f64 {
         let t = Instant::now();
         for _ in 0..n {
             opt.zero_grad();
-            let loss = crate::precision::autocast(&step);
+            let loss = crate::engine::precision::autocast(&step);
             match &scaler {
                 Some(s) => {
                     (loss * s.borrow().scale).backward();
@@ -103,7 +103,7 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     println!(
         "{} at {s}×{s}, batch {b}, {device:?}, {}: {:.1} ms/step, {:.1} img/s (forward + backward + AdamW, {} steps after {} warm-up)",
         a.model,
-        crate::precision::name(precision),
+        crate::engine::precision::name(precision),
         per_step * 1e3,
         a.batch_size as f64 / per_step,
         a.steps,
