@@ -75,8 +75,40 @@ pub fn to_bytes(
         info.insert(METADATA_KEY.to_string(), doc);
     }
     let entries = tensors.iter().map(|(k, v)| (k.as_str(), Entry(v)));
-    safetensors::serialize(entries, Some(info))
-        .map_err(|e| Error::format(path, format!("cannot encode safetensors: {e}")))
+    let mut bytes = safetensors::serialize(entries, Some(info))
+        .map_err(|e| Error::format(path, format!("cannot encode safetensors: {e}")))?;
+    sort_header(&mut bytes);
+    Ok(bytes)
+}
+
+/// Rewrites the JSON header with its keys in sorted order. The safetensors writer takes the
+/// metadata as a hash map, whose order changes from one process to the next; sorted, the same
+/// weights and metadata always give the same bytes. The data section is not touched: the
+/// re-encoded header has the same content, so the same length (left as it was otherwise).
+fn sort_header(bytes: &mut [u8]) {
+    let Some(len) = bytes
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes)
+        .and_then(|n| usize::try_from(n).ok())
+    else {
+        return;
+    };
+    let Some(header) = bytes.get(8..8 + len) else {
+        return;
+    };
+    let text = String::from_utf8_lossy(header);
+    let trimmed = text.trim_end();
+    // serde_json's map is ordered by key (no `preserve_order`), so this sorts every level.
+    let Ok(value) = serde_json::from_str::<serde_json::Value>(trimmed) else {
+        return;
+    };
+    let Ok(sorted) = serde_json::to_string(&value) else {
+        return;
+    };
+    if sorted.len() == trimmed.len() {
+        bytes[8..8 + sorted.len()].copy_from_slice(sorted.as_bytes());
+    }
 }
 
 /// Writes a checkpoint atomically: a temporary file beside `path`, then a rename.
@@ -223,5 +255,37 @@ mod tests {
             }
             let _ = from_bytes(p, &b);
         }
+    }
+
+    #[test]
+    fn the_same_checkpoint_always_has_the_same_bytes() {
+        let mut sd = StateDict::new();
+        for name in ["b", "a", "c.weight", "c.bias"] {
+            sd.insert(
+                name.into(),
+                TensorData::from_f32(vec![2], &[1.0, 2.0]).unwrap(),
+            );
+        }
+        let meta = CheckpointMeta::new(
+            crate::checkpoint::CheckpointKind::Classifier,
+            "vit_tiny_patch4_28",
+            crate::ModelConfig::preset("vit_tiny_patch4_28").unwrap(),
+            "test",
+        );
+        let p = Path::new("x.safetensors");
+        let first = to_bytes(p, &sd, Some(&meta)).unwrap();
+        // A fresh hash-map seed on every call: the order would differ without the sorting.
+        for _ in 0..16 {
+            assert_eq!(to_bytes(p, &sd, Some(&meta)).unwrap(), first);
+        }
+        let len = u64::from_le_bytes(first[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&first[8..8 + len]).unwrap();
+        assert!(
+            header.starts_with("{\"__metadata__\":{\"format\":\"pt\",\"mae\":"),
+            "{header}"
+        );
+        let (back, m) = from_bytes(p, &first).unwrap();
+        assert_eq!(back, sd);
+        assert_eq!(m.unwrap().arch, "vit_tiny_patch4_28");
     }
 }
