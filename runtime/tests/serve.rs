@@ -340,7 +340,8 @@ fn bearer_tokens_are_required_with_api_keys() {
         let (code, head, body) = post(auth);
         assert_eq!(code, 401, "{auth:?}");
         assert!(
-            head.to_ascii_lowercase().contains("www-authenticate: bearer"),
+            head.to_ascii_lowercase()
+                .contains("www-authenticate: bearer"),
             "{head}"
         );
         assert!(json_of(&body)["error"].as_str().unwrap().contains("token"));
