@@ -120,11 +120,7 @@ fn json_of(body: &[u8]) -> serde_json::Value {
 }
 
 fn rows(v: &serde_json::Value) -> Vec<f32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|r| floats(r))
-        .collect()
+    v.as_array().unwrap().iter().flat_map(floats).collect()
 }
 
 /// Asserts that Triton's Python client is installed (requirements.txt pins it).
