@@ -113,6 +113,12 @@ impl Engine {
     /// Probabilities `[batch, classes]` of one batch of preprocessed images, calibrated when
     /// the model carries a temperature.
     pub fn probabilities(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<Vec<Vec<f32>>> {
+        Ok(self.scores(pixels, batch)?.probabilities)
+    }
+
+    /// The graph's raw logits (when it has them) and the calibrated probabilities, row by row,
+    /// of one batch of preprocessed images.
+    pub fn scores(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<Scores> {
         let raw = self.run_raw(pixels, batch)?;
         let c = raw.classes;
         if c == 0 {
@@ -140,7 +146,11 @@ impl Engine {
                 self.meta.class_names.len()
             );
         }
-        Ok(probs.chunks(c).map(<[f32]>::to_vec).collect())
+        let rows = |v: &[f32]| v.chunks(c).map(<[f32]>::to_vec).collect::<Vec<_>>();
+        Ok(Scores {
+            logits: raw.logits.as_deref().map(rows),
+            probabilities: rows(&probs),
+        })
     }
 
     /// The labelled prediction for one row of probabilities.
@@ -201,6 +211,15 @@ pub fn activate(logits: &[f32], c: usize, task: Task, t: f32) -> Vec<f32> {
         }
     }
     out
+}
+
+/// The outputs of one batch, one row per image.
+#[derive(Debug, Clone, Default)]
+pub struct Scores {
+    /// The graph's `logits` (before any calibration), when it has that output.
+    pub logits: Option<Vec<Vec<f32>>>,
+    /// Probabilities, calibrated when the model carries a temperature.
+    pub probabilities: Vec<Vec<f32>>,
 }
 
 /// One class and its probability.

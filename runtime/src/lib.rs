@@ -6,6 +6,7 @@
 //! ones `mae-train eval` uses, so a prediction here equals the one made in training.
 
 pub mod audit;
+pub mod auth;
 pub mod backend;
 pub mod bench;
 pub mod calibrate;
@@ -15,9 +16,11 @@ pub mod eval;
 pub mod info;
 pub mod inputs;
 pub mod model;
+pub mod oip;
 pub mod ortlib;
 pub mod predict;
 pub mod protoedit;
+pub mod repository;
 pub mod serve;
 
 use std::path::PathBuf;
