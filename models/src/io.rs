@@ -37,23 +37,6 @@ pub fn atomic_write_with(
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    #[test]
-    fn failed_write_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("out.bin");
-        let err = atomic_write_with(&p, |_| Err(std::io::Error::other("boom"))).unwrap_err();
-        assert!(err.to_string().contains("out.bin"));
-        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        atomic_write(&p, b"ok").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"ok");
-    }
-}
-
 /// Whether `err` or one of its causes is a broken pipe (the reader of standard output went
 /// away, as `mae-run predict DIR | head -1` does).
 pub fn is_broken_pipe(err: &(dyn std::error::Error + 'static)) -> bool {
@@ -86,4 +69,21 @@ pub fn exit_quietly_on_broken_pipe() {
         }
         previous(info)
     }));
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn failed_write_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("out.bin");
+        let err = atomic_write_with(&p, |_| Err(std::io::Error::other("boom"))).unwrap_err();
+        assert!(err.to_string().contains("out.bin"));
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        atomic_write(&p, b"ok").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"ok");
+    }
 }
