@@ -270,7 +270,7 @@ mod tests {
         std::fs::write(&path, b"not dicom").unwrap();
         let item = Item {
             name: path.display().to_string(),
-            source: Source::File(path.clone()),
+            source: Source::File(path),
             label: None,
         };
         let f = Failure::new(item.name.clone(), &load(&item).unwrap_err());
