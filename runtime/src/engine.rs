@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use mae_models::checkpoint::Task;
 use mae_models::metrics::top_k;
 use serde::Serialize;
@@ -257,11 +257,6 @@ pub fn threads(requested: Option<usize>) -> usize {
     requested
         .filter(|&n| n > 0)
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-/// Context helper for the binaries: `model.onnx: ...`.
-pub fn with_model<T>(r: anyhow::Result<T>, path: &Path) -> anyhow::Result<T> {
-    r.with_context(|| format!("model {}", path.display()))
 }
 
 #[cfg(test)]

@@ -171,11 +171,6 @@ impl ModelFile {
             .or_else(|| self.props.get(name))
             .map(String::as_str)
     }
-
-    /// Whether the file carries the preprocessing metadata of our exporter.
-    pub fn has_mae_metadata(&self) -> bool {
-        self.prop("input_size").is_some()
-    }
 }
 
 /// Command-line values for models without (or to override) our metadata.

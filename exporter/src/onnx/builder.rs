@@ -280,11 +280,6 @@ impl GraphBuilder {
         Ok(())
     }
 
-    /// Total bytes of initializer data.
-    pub fn initializer_bytes(&self) -> usize {
-        self.initializers.iter().map(|t| t.raw_data.len()).sum()
-    }
-
     pub fn finish(self, name: &str) -> GraphProto {
         GraphProto {
             node: self.nodes,
