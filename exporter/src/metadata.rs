@@ -27,6 +27,7 @@
 use std::collections::BTreeMap;
 
 use mae_models::checkpoint::Task;
+use mae_models::onnx_keys as keys;
 use mae_models::preprocess::PreprocessSpec;
 use mae_models::VitConfig;
 
@@ -36,25 +37,7 @@ use crate::onnx::vit::Precision;
 pub const FORMAT_VERSION: &str = "1";
 
 /// Every key that every export carries (`mae.epoch` is optional and not listed).
-pub const KEYS: [&str; 17] = [
-    "mae.format_version",
-    "mae.output",
-    "mae.task",
-    "mae.class_names",
-    "mae.input_name",
-    "mae.input_size",
-    "mae.mean",
-    "mae.std",
-    "mae.crop_pct",
-    "mae.interpolation",
-    "mae.arch",
-    "mae.model_config",
-    "mae.precision",
-    "mae.checkpoint_file",
-    "mae.checkpoint_sha256",
-    "mae.exporter_version",
-    "mae.metrics",
-];
+pub const KEYS: [&str; 17] = keys::REQUIRED;
 
 /// What the metadata is made from.
 #[derive(Debug, Clone)]
@@ -89,29 +72,29 @@ pub fn props(info: &ModelInfo<'_>) -> Vec<(String, String)> {
     // Serialised from the struct so the fields keep their declaration order.
     let config = serde_json::to_string(info.config).unwrap_or_else(|_| "null".into());
     let mut v = vec![
-        ("mae.format_version", FORMAT_VERSION.to_string()),
-        ("mae.output", output.to_string()),
-        ("mae.task", task.to_string()),
-        ("mae.class_names", json(serde_json::json!(info.class_names))),
-        ("mae.input_name", info.input_name.to_string()),
-        ("mae.input_size", p.input_size.to_string()),
-        ("mae.mean", f32_list(&p.mean)),
-        ("mae.std", f32_list(&p.std)),
-        ("mae.crop_pct", p.crop_pct.to_string()),
-        ("mae.interpolation", p.interpolation.as_str().to_string()),
-        ("mae.arch", info.architecture.to_string()),
-        ("mae.model_config", config),
-        ("mae.precision", precision.to_string()),
-        ("mae.checkpoint_file", info.checkpoint_file.to_string()),
-        ("mae.checkpoint_sha256", info.checkpoint_sha256.to_string()),
+        (keys::FORMAT_VERSION, FORMAT_VERSION.to_string()),
+        (keys::OUTPUT, output.to_string()),
+        (keys::TASK, task.to_string()),
+        (keys::CLASS_NAMES, json(serde_json::json!(info.class_names))),
+        (keys::INPUT_NAME, info.input_name.to_string()),
+        (keys::INPUT_SIZE, p.input_size.to_string()),
+        (keys::MEAN, f32_list(&p.mean)),
+        (keys::STD, f32_list(&p.std)),
+        (keys::CROP_PCT, p.crop_pct.to_string()),
+        (keys::INTERPOLATION, p.interpolation.as_str().to_string()),
+        (keys::ARCH, info.architecture.to_string()),
+        (keys::MODEL_CONFIG, config),
+        (keys::PRECISION, precision.to_string()),
+        (keys::CHECKPOINT_FILE, info.checkpoint_file.to_string()),
+        (keys::CHECKPOINT_SHA256, info.checkpoint_sha256.to_string()),
         (
-            "mae.exporter_version",
+            keys::EXPORTER_VERSION,
             format!("mae-export {}", env!("CARGO_PKG_VERSION")),
         ),
-        ("mae.metrics", json(serde_json::json!(info.metrics))),
+        (keys::METRICS, json(serde_json::json!(info.metrics))),
     ];
     if let Some(e) = info.epoch {
-        v.push(("mae.epoch", e.to_string()));
+        v.push((keys::EPOCH, e.to_string()));
     }
     v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }

@@ -11,6 +11,7 @@ pub mod input;
 pub mod io;
 pub mod metrics;
 pub mod npz;
+pub mod onnx_keys;
 pub mod predictions;
 pub mod preprocess;
 pub mod probe;

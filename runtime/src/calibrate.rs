@@ -2,6 +2,7 @@
 //! for binary tasks an operating threshold (Youden's J, or a chosen sensitivity), written as
 //! `mae.temperature` / `mae.threshold` into a copy of the model.
 
+use mae_models::onnx_keys as keys;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -184,7 +185,7 @@ pub fn run(mut args: CalibrateArgs) -> anyhow::Result<ExitCode> {
     let after = nll(&logits, c, &labels, task, t);
     let p1 = activate(&logits, c, task, 1.0);
     let pt = activate(&logits, c, task, t as f32);
-    let mut props = vec![("mae.temperature".to_string(), format!("{t:.6}"))];
+    let mut props = vec![(keys::TEMPERATURE.to_string(), format!("{t:.6}"))];
     let mut report = format!(
         "calibration on {} ({}), {} samples{}\n\
          temperature {t:.4}: NLL {before:.4} → {after:.4}",
@@ -217,7 +218,7 @@ pub fn run(mut args: CalibrateArgs) -> anyhow::Result<ExitCode> {
                 None => "Youden's J".to_string(),
             }
         );
-        props.push(("mae.threshold".to_string(), format!("{thr:.6}")));
+        props.push((keys::THRESHOLD.to_string(), format!("{thr:.6}")));
     }
     let out = args.output.clone().unwrap_or_else(|| {
         let stem = args

@@ -8,6 +8,7 @@
 //! calibration). The bare names (`task`, `input_size`, ..., `architecture`) are read too, as a
 //! fallback, so that files written before the prefix was settled still load.
 
+use mae_models::onnx_keys as keys;
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -164,11 +165,13 @@ impl ModelFile {
         })
     }
 
-    /// A metadata value by its contract name (`task`), as `mae.task` or, failing that, `task`.
-    pub fn prop(&self, name: &str) -> Option<&str> {
+    /// A metadata value by its key (`mae_models::onnx_keys::TASK`, or its bare name `task`):
+    /// the `mae.` key or, failing that, the bare one, as other tools may write it.
+    pub fn prop(&self, key: &str) -> Option<&str> {
+        let bare = keys::bare(key);
         self.props
-            .get(&format!("mae.{name}"))
-            .or_else(|| self.props.get(name))
+            .get(&format!("mae.{bare}"))
+            .or_else(|| self.props.get(bare))
             .map(String::as_str)
     }
 }
@@ -287,7 +290,7 @@ impl ModelMeta {
                 .transpose()
         };
 
-        let input_size = match (o.input_size, num("input_size")?) {
+        let input_size = match (o.input_size, num(keys::INPUT_SIZE)?) {
             (Some(s), _) => s,
             (None, Some(s)) if s >= 1.0 && s.fract() == 0.0 => s as usize,
             (None, Some(s)) => bail!("{path}: metadata 'mae.input_size' is {s}"),
@@ -303,16 +306,16 @@ impl ModelMeta {
         }
         let mean = match &o.mean {
             Some(m) => [m[0], m[1], m[2]],
-            None => triple("mean")?.unwrap_or(IMAGENET_MEAN),
+            None => triple(keys::MEAN)?.unwrap_or(IMAGENET_MEAN),
         };
         let std = match &o.std {
             Some(s) => [s[0], s[1], s[2]],
-            None => triple("std")?.unwrap_or(IMAGENET_STD),
+            None => triple(keys::STD)?.unwrap_or(IMAGENET_STD),
         };
         if std.iter().any(|&s| s.is_nan() || s <= 0.0) {
             bail!("{path}: std {std:?} must be positive");
         }
-        let crop_pct = match (o.crop_pct, num("crop_pct")?) {
+        let crop_pct = match (o.crop_pct, num(keys::CROP_PCT)?) {
             (Some(c), _) => c,
             (None, Some(c)) => c as f32,
             (None, None) => mae_models::preprocess::DEFAULT_CROP_PCT,
@@ -320,7 +323,7 @@ impl ModelMeta {
         if !(crop_pct > 0.0 && crop_pct <= 4.0) {
             bail!("{path}: crop fraction {crop_pct} is out of range (0, 4]");
         }
-        let interpolation = match (o.interpolation, file.prop("interpolation")) {
+        let interpolation = match (o.interpolation, file.prop(keys::INTERPOLATION)) {
             (Some(InterpolationArg::Bicubic), _) => Interpolation::Bicubic,
             (Some(InterpolationArg::Bilinear), _) => Interpolation::Bilinear,
             (Some(InterpolationArg::Nearest), _) => Interpolation::Nearest,
@@ -332,7 +335,7 @@ impl ModelMeta {
                 other => bail!("{path}: unknown interpolation '{other}' in metadata"),
             },
         };
-        let task = match (o.task, file.prop("task")) {
+        let task = match (o.task, file.prop(keys::TASK)) {
             (Some(TaskArg::MultiClass), _) => Task::MultiClass,
             (Some(TaskArg::Binary), _) => Task::Binary,
             (Some(TaskArg::MultiLabel), _) => Task::MultiLabel,
@@ -349,7 +352,7 @@ impl ModelMeta {
         };
         let class_names = match &o.class_names {
             Some(c) => c.clone(),
-            None => match json("class_names")? {
+            None => match json(keys::CLASS_NAMES)? {
                 Some(v) => serde_json::from_value::<Vec<String>>(v).with_context(|| {
                     format!("{path}: metadata 'mae.class_names' must be a JSON list of strings")
                 })?,
@@ -359,7 +362,7 @@ impl ModelMeta {
         let (temperature, threshold) = if o.no_calibration {
             (None, None)
         } else {
-            (num("temperature")?, num("threshold")?)
+            (num(keys::TEMPERATURE)?, num(keys::THRESHOLD)?)
         };
         if let Some(t) = temperature {
             if !(t.is_finite() && t > 0.0) {
@@ -399,13 +402,13 @@ impl ModelMeta {
                 interpolation,
             },
             arch: file
-                .prop("arch")
+                .prop(keys::ARCH)
                 .or(file.prop("architecture"))
                 .map(String::from),
             sha256: file.sha256.clone(),
-            checkpoint_sha256: file.prop("checkpoint_sha256").map(String::from),
-            exporter_version: file.prop("exporter_version").map(String::from),
-            metrics: json("metrics").ok().flatten(),
+            checkpoint_sha256: file.prop(keys::CHECKPOINT_SHA256).map(String::from),
+            exporter_version: file.prop(keys::EXPORTER_VERSION).map(String::from),
+            metrics: json(keys::METRICS).ok().flatten(),
             temperature,
             threshold,
             input_name: input.name.clone(),
