@@ -35,9 +35,17 @@ fn register_font() {
 /// Draws into a `w`×`h` RGB buffer with `draw` and writes it to `path` as PNG, atomically.
 pub fn write_png(
     path: &Path,
-    (w, h): (u32, u32),
+    size: (u32, u32),
     draw: impl FnOnce(DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
+    save_png(&render(size, draw)?, path)
+}
+
+/// Draws into a white `w`×`h` RGB image with `draw`.
+pub fn render(
+    (w, h): (u32, u32),
+    draw: impl FnOnce(DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>) -> anyhow::Result<()>,
+) -> anyhow::Result<image::RgbImage> {
     register_font();
     let mut buf = vec![255u8; (w * h * 3) as usize];
     {
@@ -46,11 +54,16 @@ pub fn write_png(
         draw(root.clone())?;
         root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
     }
-    let img = image::RgbImage::from_raw(w, h, buf).context("chart buffer size")?;
+    image::RgbImage::from_raw(w, h, buf).context("chart buffer size")
+}
+
+/// Writes `img` to `path` as PNG, atomically.
+pub fn save_png(img: &image::RgbImage, path: &Path) -> anyhow::Result<()> {
     let mut png = Vec::new();
     img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .context("cannot encode the chart as PNG")?;
-    mae_models::io::atomic_write(path, &png)?;
+        .context("cannot encode the image as PNG")?;
+    mae_models::io::atomic_write(path, &png)
+        .with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }
 

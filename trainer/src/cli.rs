@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
 
 /// MAE pretraining, fine-tuning, linear probing and evaluation of Vision Transformers on libtorch.
 #[derive(Debug, Parser)]
@@ -45,67 +46,121 @@ pub enum Command {
 
 /// Flags of `pretrain`, spelled as upstream `main_pretrain.py` in kebab-case; the upstream
 /// snake_case spellings are accepted too.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
+#[command(
+    mut_arg("model", |a| a.default_value("mae_vit_large_patch16").required(false)),
+    mut_arg("batch_size", |a| a.default_value("64").required(false)),
+    mut_arg("epochs", |a| a.default_value("400").required(false)),
+    mut_arg("blr", |a| a.default_value("1.5e-4").required(false)),
+    mut_arg("min_lr", |a| a.default_value("0").required(false)),
+    mut_arg("warmup_epochs", |a| a.default_value("40").required(false)),
+    mut_arg("weight_decay", |a| a.default_value("0.05").required(false))
+)]
 pub struct PretrainArgs {
-    /// ImageFolder root (its `train/` split), a MedMNIST `.npz` (train split) or a flat folder
-    /// of images.
-    #[arg(long, alias = "data_path")]
-    pub data_path: PathBuf,
-    #[arg(long, alias = "output_dir", default_value = "./output_dir")]
-    pub output_dir: PathBuf,
-    /// MAE preset (see `mae-train models`).
-    #[arg(long, default_value = "mae_vit_large_patch16")]
-    pub model: String,
-    #[arg(long, alias = "input_size")]
-    pub input_size: Option<usize>,
-    /// Override the preset's encoder depth.
-    #[arg(long)]
-    pub depth: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub arch: TrainArchArgs,
     /// Fraction of patches removed.
     #[arg(long, alias = "mask_ratio", default_value_t = 0.75)]
     pub mask_ratio: f64,
     /// Reconstruct per-patch normalised pixels.
     #[arg(long, alias = "norm_pix_loss")]
     pub norm_pix_loss: bool,
-    /// Continue a run from one of its checkpoints.
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub amp: PrecisionArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dist: DistArgs,
+    /// Write a reconstruction grid of a few fixed images every N epochs (0: never).
+    #[arg(long, alias = "vis_every", default_value_t = 0)]
+    pub vis_every: u64,
+}
+
+/// Where a training command reads its images.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DataArgs {
+    /// ImageFolder root (`train/`, `val/`, optional `test/`), a MedMNIST `.npz` file, or (for
+    /// `pretrain`) a flat folder of images.
+    #[arg(long, alias = "data_path")]
+    pub data_path: PathBuf,
+    /// Decoding and augmentation threads.
+    #[arg(long, alias = "num_workers", default_value_t = 2)]
+    pub num_workers: usize,
+}
+
+/// The architecture a training command starts from (a resumed run keeps its own).
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct TrainArchArgs {
+    /// Model preset (see `mae-train models`).
+    #[arg(long)]
+    pub model: String,
+    /// Input image size, overriding the preset's.
+    #[arg(long, alias = "input_size")]
+    pub input_size: Option<usize>,
+    /// Number of transformer blocks, overriding the preset's.
+    #[arg(long)]
+    pub depth: Option<usize>,
+}
+
+/// Batching, epochs and the optimiser's schedule; each command sets its upstream defaults.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct OptimArgs {
+    /// Images per batch (per process).
+    #[arg(long, alias = "batch_size")]
+    pub batch_size: usize,
+    /// Epochs of the schedule.
+    #[arg(long)]
+    pub epochs: u64,
+    /// Accumulate gradients over this many batches before each optimizer step.
+    #[arg(long, alias = "accum_iter", default_value_t = 1)]
+    pub accum_iter: usize,
+    /// Absolute learning rate; default blr × effective batch / 256.
+    #[arg(long)]
+    pub lr: Option<f64>,
+    /// Base learning rate (per 256 images).
+    #[arg(long)]
+    pub blr: f64,
+    /// Lower bound of the cosine schedule.
+    #[arg(long, alias = "min_lr")]
+    pub min_lr: f64,
+    /// Epochs of linear warm-up.
+    #[arg(long, alias = "warmup_epochs")]
+    pub warmup_epochs: f64,
+    #[arg(long, alias = "weight_decay")]
+    pub weight_decay: f64,
+}
+
+/// The run folder, its resumption, the seed and the device.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct RunArgs {
+    /// Output folder: arguments, log.txt, checkpoints, metrics, plots.
+    #[arg(long, alias = "output_dir", default_value = "./output_dir")]
+    pub output_dir: PathBuf,
+    /// Continue a run from one of its checkpoints (epoch, optimizer state, schedule).
     #[arg(long)]
     pub resume: Option<PathBuf>,
     /// Epoch checkpoints to keep: the newest N (`checkpoint-{epoch}` with its optimizer
     /// state; `checkpoint-best` is always kept). 0 keeps every one.
     #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
     pub keep_checkpoints: usize,
-    #[command(flatten)]
-    pub amp: PrecisionArgs,
-    #[command(flatten)]
-    pub dist: DistArgs,
-    #[arg(long, alias = "batch_size", default_value_t = 64)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 400)]
-    pub epochs: u64,
-    #[arg(long, alias = "accum_iter", default_value_t = 1)]
-    pub accum_iter: usize,
-    #[arg(long)]
-    pub lr: Option<f64>,
-    #[arg(long, default_value_t = 1.5e-4)]
-    pub blr: f64,
-    #[arg(long, alias = "min_lr", default_value_t = 0.0)]
-    pub min_lr: f64,
-    #[arg(long, alias = "warmup_epochs", default_value_t = 40.0)]
-    pub warmup_epochs: f64,
-    #[arg(long, alias = "weight_decay", default_value_t = 0.05)]
-    pub weight_decay: f64,
+    /// Seed of the initial weights, the data order, augmentation and masking.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
-    #[arg(long, alias = "num_workers", default_value_t = 2)]
-    pub num_workers: usize,
     /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
-    #[arg(long)]
+    #[arg(long, alias = "stop_after")]
     pub stop_after: Option<u64>,
-    /// Write a reconstruction grid of a few fixed images every N epochs (0: never).
-    #[arg(long, default_value_t = 0)]
-    pub vis_every: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -151,7 +206,8 @@ pub struct VisualizeArgs {
 }
 
 /// Device selection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum DeviceArg {
     /// CUDA when available, else the CPU.
     Auto,
@@ -160,11 +216,11 @@ pub enum DeviceArg {
 }
 
 /// Mixed precision, shared by the commands that train (and `bench`).
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct PrecisionArgs {
     /// Autocast precision: bf16 by default on CUDA, fp32 on the CPU; fp16 adds a loss scaler.
     #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
+    pub precision: Option<Autocast>,
     /// fp16: the loss scaler's initial scale (PyTorch's `GradScaler(init_scale)`).
     #[arg(long, default_value_t = 65536.0, value_name = "SCALE")]
     pub loss_scale: f64,
@@ -174,8 +230,9 @@ pub struct PrecisionArgs {
 }
 
 /// Numeric precision of the forward and backward passes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Precision {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Autocast {
     Bf16,
     Fp16,
     Fp32,
@@ -183,61 +240,36 @@ pub enum Precision {
 
 /// Flags of `finetune`, spelled as upstream `main_finetune.py` in kebab-case; the upstream
 /// snake_case spellings are accepted too.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
+#[command(
+    mut_arg("model", |a| a.default_value("vit_base_patch16").required(false)),
+    mut_arg("batch_size", |a| a.default_value("64").required(false)),
+    mut_arg("epochs", |a| a.default_value("50").required(false)),
+    mut_arg("blr", |a| a.default_value("1e-3").required(false)),
+    mut_arg("min_lr", |a| a.default_value("1e-6").required(false)),
+    mut_arg("warmup_epochs", |a| a.default_value("5").required(false)),
+    mut_arg("weight_decay", |a| a.default_value("0.05").required(false))
+)]
 pub struct FinetuneArgs {
-    /// ImageFolder root (`train/`, `val/`, optional `test/`) or a MedMNIST `.npz` file.
-    #[arg(long, alias = "data_path")]
-    pub data_path: PathBuf,
-    /// Output folder: arguments, log.txt, checkpoints, metrics.
-    #[arg(long, alias = "output_dir", default_value = "./output_dir")]
-    pub output_dir: PathBuf,
-    /// Model preset (see `mae-train models`).
-    #[arg(long, default_value = "vit_base_patch16")]
-    pub model: String,
-    /// Input image size.
-    #[arg(long, alias = "input_size")]
-    pub input_size: Option<usize>,
-    /// Override the preset's depth (number of blocks).
-    #[arg(long)]
-    pub depth: Option<usize>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub arch: TrainArchArgs,
     /// Number of classes; inferred from the data when omitted.
     #[arg(long, alias = "nb_classes")]
     pub nb_classes: Option<usize>,
     /// Initialise from this checkpoint: an official MAE `.pth` or one of ours.
     #[arg(long)]
     pub finetune: Option<PathBuf>,
-    /// Continue a run from one of its checkpoints (epoch, optimizer state, schedule).
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    /// Epoch checkpoints to keep: the newest N (`checkpoint-{epoch}` with its optimizer
-    /// state; `checkpoint-best` is always kept). 0 keeps every one.
-    #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
-    pub keep_checkpoints: usize,
-    /// Images per batch (per process).
-    #[arg(long, alias = "batch_size", default_value_t = 64)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 50)]
-    pub epochs: u64,
-    /// Accumulate gradients over this many batches before each optimizer step.
-    #[arg(long, alias = "accum_iter", default_value_t = 1)]
-    pub accum_iter: usize,
-    /// Absolute learning rate; default blr × effective batch / 256.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Base learning rate (per 256 images).
-    #[arg(long, default_value_t = 1e-3)]
-    pub blr: f64,
-    /// Lower bound of the cosine schedule.
-    #[arg(long, alias = "min_lr", default_value_t = 1e-6)]
-    pub min_lr: f64,
-    #[arg(long, alias = "warmup_epochs", default_value_t = 5.0)]
-    pub warmup_epochs: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimArgs,
     /// Layer-wise learning-rate decay (BEiT): block i of L learns at lr × decay^(L − i). For
     /// fine-tuning pretrained weights; use 1.0 when training from scratch.
     #[arg(long, alias = "layer_decay", default_value_t = 0.75)]
     pub layer_decay: f64,
-    #[arg(long, alias = "weight_decay", default_value_t = 0.05)]
-    pub weight_decay: f64,
     /// Clip the global gradient norm to this value.
     #[arg(long, alias = "clip_grad")]
     pub clip_grad: Option<f64>,
@@ -283,24 +315,20 @@ pub struct FinetuneArgs {
     /// Train on a seeded, class-stratified subset of this many images.
     #[arg(long, alias = "train_samples")]
     pub train_samples: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
     #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
     pub amp: PrecisionArgs,
-    /// Decoding and augmentation threads.
-    #[arg(long, alias = "num_workers", default_value_t = 2)]
-    pub num_workers: usize,
     /// Only evaluate (with --resume or --finetune), as upstream's --eval.
     #[arg(long)]
     pub eval: bool,
-    /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
-    #[arg(long)]
-    pub stop_after: Option<u64>,
     #[arg(long, alias = "pin_mem", hide = true)]
+    #[serde(skip)]
     pub pin_mem: bool,
     #[command(flatten)]
+    #[serde(flatten)]
     pub dist: DistArgs,
 }
 
@@ -312,10 +340,10 @@ pub struct EvalArgs {
     pub resume: PathBuf,
     /// Architecture of a checkpoint that records none (a foreign `.pth`); ours carry it.
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: ArchArgs,
     /// Autocast precision of the forward passes: bf16 by default on CUDA, fp32 on the CPU.
     #[arg(long, value_enum)]
-    pub precision: Option<Precision>,
+    pub precision: Option<Autocast>,
     /// ImageFolder root or MedMNIST `.npz` file.
     #[arg(long, alias = "data_path")]
     pub data_path: PathBuf,
@@ -340,7 +368,7 @@ pub struct EvalArgs {
 
 /// Model selection shared by every command that builds a model.
 #[derive(Debug, Clone, Args)]
-pub struct ModelArgs {
+pub struct ArchArgs {
     /// Preset name, as upstream spells it (see `mae-train models`).
     #[arg(long)]
     pub model: Option<String>,
@@ -361,7 +389,7 @@ pub struct ModelArgs {
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: ArchArgs,
 }
 
 #[derive(Debug, Args)]
@@ -371,7 +399,7 @@ pub struct InspectArgs {
     /// Compare the tensors with this model's parameter table and print the load report
     /// (defaults to the architecture recorded in our checkpoints).
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub model: ArchArgs,
     /// List every tensor with its dtype and shape.
     #[arg(long)]
     pub tensors: bool,
@@ -393,6 +421,30 @@ pub struct SynthArgs {
     pub seed: u64,
 }
 
+/// The `mae-train` arguments (after the program name) that `args.json` records: its `command`,
+/// then each key as its flag (`batch_size` → `--batch-size VALUE`, a true switch as the bare
+/// flag; null and false are the defaults and are left out). Running them repeats the run.
+pub fn command_line(args: &serde_json::Value) -> anyhow::Result<Vec<String>> {
+    use anyhow::{bail, Context};
+    let map = args.as_object().context("args.json is not a JSON object")?;
+    let command = map
+        .get("command")
+        .and_then(|v| v.as_str())
+        .context("args.json names no command")?;
+    let mut argv = vec![command.to_string()];
+    for (key, value) in map.iter().filter(|(k, _)| *k != "command") {
+        let flag = format!("--{}", key.replace('_', "-"));
+        match value {
+            serde_json::Value::Null | serde_json::Value::Bool(false) => {}
+            serde_json::Value::Bool(true) => argv.push(flag),
+            serde_json::Value::Number(n) => argv.extend([flag, n.to_string()]),
+            serde_json::Value::String(s) => argv.extend([flag, s.clone()]),
+            other => bail!("args.json: {key} holds {other}, which is not a flag's value"),
+        }
+    }
+    Ok(argv)
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
@@ -403,6 +455,98 @@ mod tests {
     #[test]
     fn cli_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// Parses `mae-train ARGS` and returns what the command records in `args.json`.
+    fn recorded(argv: &[String]) -> serde_json::Value {
+        let cli = Cli::try_parse_from(
+            std::iter::once("mae-train".to_string()).chain(argv.iter().cloned()),
+        )
+        .unwrap();
+        let (name, mut v) = match cli.command {
+            Command::Finetune(a) => ("finetune", serde_json::to_value(&*a).unwrap()),
+            Command::Linprobe(a) => ("linprobe", serde_json::to_value(&*a).unwrap()),
+            Command::Pretrain(a) => ("pretrain", serde_json::to_value(&*a).unwrap()),
+            other => panic!("not a training command: {other:?}"),
+        };
+        v.as_object_mut()
+            .unwrap()
+            .insert("command".into(), name.into());
+        v
+    }
+
+    #[test]
+    fn every_args_json_key_round_trips_into_the_same_command() {
+        let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let shared = "--data-path d.npz --num-workers 3 --input-size 32 --depth 3 --batch-size 16 \
+             --epochs 7 --accum-iter 2 --lr 0.002 --blr 0.0005 --min-lr 1e-7 --warmup-epochs 1.5 \
+             --weight-decay 0.01 --output-dir runs/x --resume runs/x/checkpoint-3.safetensors \
+             --keep-checkpoints 0 --seed 9 --device cpu --stop-after 2 --precision fp16 \
+             --loss-scale 1024 --loss-scale-growth-interval 50 --dist-backend gloo \
+             --dist-timeout 30 --dist-eval --world-size 1 --local-rank 0 --dist-url env://";
+        let commands = [
+            format!(
+                "finetune {shared} --model vit_tiny_patch4_28 --nb-classes 2 --finetune pt.pth \
+                 --layer-decay 0.65 --clip-grad 3 --drop-path 0.2 --smoothing 0.05 --mixup 0.8 \
+                 --cutmix 1 --mixup-prob 0.9 --mixup-switch-prob 0.4 --reprob 0.1 --aa none \
+                 --min-crop-scale 0.5 --balance-classes --cls-token --train-samples 300 --eval"
+            ),
+            format!(
+                "linprobe {shared} --model vit_tiny_patch4_28 --finetune pt.pth --global-pool \
+                 --train-samples 100"
+            ),
+            format!(
+                "pretrain {shared} --model mae_vit_tiny_patch4_28 --mask-ratio 0.6 \
+                 --norm-pix-loss --vis-every 5"
+            ),
+        ];
+        for line in &commands {
+            let argv = words(line);
+            let first = recorded(&argv);
+            let again = super::command_line(&first).unwrap();
+            let second = recorded(&again);
+            assert_eq!(first, second, "{line}");
+            // Every flag given was recorded with its value: none is dropped from args.json.
+            let map = first.as_object().unwrap();
+            for flag in argv.iter().filter(|w| w.starts_with("--")) {
+                let key = flag.trim_start_matches("--").replace('-', "_");
+                let v = map
+                    .get(&key)
+                    .unwrap_or_else(|| panic!("{key} not recorded: {line}"));
+                assert!(
+                    !v.is_null() && *v != serde_json::Value::Bool(false),
+                    "{key} lost"
+                );
+            }
+        }
+        // The defaults round-trip too (nothing given but the data).
+        for cmd in ["finetune", "linprobe", "pretrain"] {
+            let first = recorded(&words(&format!("{cmd} --data-path d")));
+            assert_eq!(
+                first,
+                recorded(&super::command_line(&first).unwrap()),
+                "{cmd}"
+            );
+        }
+    }
+
+    #[test]
+    fn each_command_keeps_its_upstream_defaults() {
+        let words = |s: &str| s.split_whitespace().map(String::from).collect::<Vec<_>>();
+        let get =
+            |cmd: &str, key: &str| recorded(&words(&format!("{cmd} --data-path d")))[key].clone();
+        assert_eq!(get("pretrain", "blr"), serde_json::json!(1.5e-4));
+        assert_eq!(get("pretrain", "epochs"), serde_json::json!(400));
+        assert_eq!(
+            get("pretrain", "model"),
+            serde_json::json!("mae_vit_large_patch16")
+        );
+        assert_eq!(get("finetune", "blr"), serde_json::json!(1e-3));
+        assert_eq!(get("finetune", "min_lr"), serde_json::json!(1e-6));
+        assert_eq!(get("finetune", "warmup_epochs"), serde_json::json!(5.0));
+        assert_eq!(get("linprobe", "batch_size"), serde_json::json!(512));
+        assert_eq!(get("linprobe", "weight_decay"), serde_json::json!(0.0));
+        assert_eq!(get("linprobe", "epochs"), serde_json::json!(90));
     }
 
     #[test]
@@ -440,87 +584,61 @@ mod tests {
         let Command::Finetune(a) = cli.command else {
             panic!("not finetune")
         };
-        assert_eq!(a.batch_size, 32);
+        assert_eq!(a.optim.batch_size, 32);
         assert_eq!(a.layer_decay, 0.65);
         assert_eq!(a.drop_path, 0.1);
         assert!(a.dist.dist_eval);
-        assert_eq!(a.data_path, PathBuf::from("eval_data"));
+        assert_eq!(a.data.data_path, PathBuf::from("eval_data"));
     }
 }
 
 /// Flags of `linprobe`, spelled as upstream `main_linprobe.py` in kebab-case (snake_case
 /// accepted), with upstream's defaults.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
+#[command(
+    mut_arg("model", |a| a.default_value("vit_large_patch16").required(false)),
+    mut_arg("batch_size", |a| a.default_value("512").required(false)),
+    mut_arg("epochs", |a| a.default_value("90").required(false)),
+    mut_arg("blr", |a| a.default_value("0.1").required(false)),
+    mut_arg("min_lr", |a| a.default_value("0").required(false)),
+    mut_arg("warmup_epochs", |a| a.default_value("10").required(false)),
+    mut_arg("weight_decay", |a| a.default_value("0").required(false))
+)]
 pub struct LinprobeArgs {
-    /// ImageFolder root (`train/`, `val/`) or a MedMNIST `.npz` file.
-    #[arg(long, alias = "data_path")]
-    pub data_path: PathBuf,
-    /// Output folder: arguments, log.txt, checkpoints, metrics.
-    #[arg(long, alias = "output_dir", default_value = "./output_dir")]
-    pub output_dir: PathBuf,
-    /// Model preset of the encoder (see `mae-train models`).
-    #[arg(long, default_value = "vit_large_patch16")]
-    pub model: String,
     #[command(flatten)]
-    pub amp: PrecisionArgs,
-    #[arg(long, alias = "input_size")]
-    pub input_size: Option<usize>,
-    /// Override the preset's depth (number of blocks).
-    #[arg(long)]
-    pub depth: Option<usize>,
+    #[serde(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub arch: TrainArchArgs,
     /// The pretrained encoder: an official MAE `.pth` or one of our checkpoints.
     #[arg(long)]
     pub finetune: Option<PathBuf>,
-    /// Continue a linear-probe run from one of its checkpoints.
-    #[arg(long)]
-    pub resume: Option<PathBuf>,
-    /// Epoch checkpoints to keep: the newest N (`checkpoint-{epoch}` with its optimizer
-    /// state; `checkpoint-best` is always kept). 0 keeps every one.
-    #[arg(long, alias = "keep_checkpoints", default_value_t = 2)]
-    pub keep_checkpoints: usize,
-    #[command(flatten)]
-    pub dist: DistArgs,
-    #[arg(long, alias = "batch_size", default_value_t = 512)]
-    pub batch_size: usize,
-    #[arg(long, default_value_t = 90)]
-    pub epochs: u64,
-    #[arg(long, alias = "accum_iter", default_value_t = 1)]
-    pub accum_iter: usize,
-    /// Absolute learning rate; default blr × effective batch / 256.
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Base learning rate (per 256 images).
-    #[arg(long, default_value_t = 0.1)]
-    pub blr: f64,
-    #[arg(long, alias = "min_lr", default_value_t = 0.0)]
-    pub min_lr: f64,
-    #[arg(long, alias = "warmup_epochs", default_value_t = 10.0)]
-    pub warmup_epochs: f64,
-    #[arg(long, alias = "weight_decay", default_value_t = 0.0)]
-    pub weight_decay: f64,
     /// Probe the mean-pooled tokens (`fc_norm`) instead of the class token (`norm`, default).
     #[arg(long, alias = "global_pool")]
     pub global_pool: bool,
     /// Train on a seeded, class-stratified subset of this many images.
     #[arg(long, alias = "train_samples")]
     pub train_samples: Option<usize>,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
-    #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
-    pub device: DeviceArg,
-    /// Decoding and augmentation threads.
-    #[arg(long, alias = "num_workers", default_value_t = 2)]
-    pub num_workers: usize,
-    /// Stop after this many epochs of this invocation (the schedule still spans --epochs).
-    #[arg(long)]
-    pub stop_after: Option<u64>,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub optim: OptimArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub run: RunArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub amp: PrecisionArgs,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub dist: DistArgs,
 }
 
 /// Flags of distributed runs. Each process reads its place from torchrun's variables (`RANK`,
 /// `WORLD_SIZE`, `LOCAL_RANK`, `MASTER_ADDR`, `MASTER_PORT`) or SLURM's (`SLURM_PROCID`,
 /// `SLURM_NTASKS`, `SLURM_LOCALID`, `SLURM_JOB_NODELIST`), as set by `mae-train launch`,
 /// `mae-train slurm`, torchrun or srun.
-#[derive(Debug, Clone, Args)]
+#[derive(Debug, Clone, Args, Serialize)]
 pub struct DistArgs {
     /// Collective backend: nccl (CUDA) or gloo (CPU); by default nccl on CUDA, gloo otherwise.
     #[arg(long, alias = "dist_backend", value_parser = ["gloo", "nccl"])]

@@ -88,9 +88,17 @@ fn pretrain_resume_visualize_and_finetune_from_it() {
     let log = std::fs::read_to_string(d.join("part/log.txt")).unwrap();
     assert_eq!(log.lines().count(), 3);
 
-    // Progress grids, and a grid for one image on demand: 4 panels of 28·4 px plus 3 gaps.
-    let grid = image::open(d.join("part/vis/epoch-0002.png")).unwrap();
+    // Progress grids, and a grid for one image on demand: 4 panels of 28·4 px plus 3 gaps,
+    // under a caption row (24 px) with text in it.
+    let grid = image::open(d.join("part/vis/epoch-0002.png"))
+        .unwrap()
+        .to_rgb8();
     assert_eq!(grid.width(), 4 * 112 + 3 * 4);
+    let dark = (0..grid.width())
+        .flat_map(|x| (0..24).map(move |y| (x, y)))
+        .filter(|&(x, y)| grid.get_pixel(x, y).0.iter().all(|&c| c < 100))
+        .count();
+    assert!(dark > 50, "caption row: {dark} dark pixels");
     let out = mae_train(
         d,
         &[
@@ -105,7 +113,7 @@ fn pretrain_resume_visualize_and_finetune_from_it() {
     );
     assert!(out.contains("v.png"), "{out}");
     let v = image::open(d.join("v.png")).unwrap();
-    assert_eq!((v.width(), v.height()), (4 * 112 + 3 * 4, 112));
+    assert_eq!((v.width(), v.height()), (4 * 112 + 3 * 4, 24 + 112));
 
     // Fine-tuning from our pretrain checkpoint: decoder dropped, head and fc_norm missing.
     let out = mae_train(

@@ -10,14 +10,14 @@
 use crate::cli::LinprobeArgs;
 use crate::data::transform::TrainAug;
 use crate::data::{self};
-use crate::engine::dist::Dist;
-use crate::engine::{device, loss_fn, targets, to_input, ClassifierEpoch};
-use crate::engine::{epochs_to_run, train_epoch, RunDir, Schedule, TrainBatches};
+use crate::engine::setup::Setup;
+use crate::engine::{loss_fn, targets, to_input, ClassifierEpoch};
+use crate::engine::{train_epoch, TrainBatches};
 use crate::model::load::{adapt_for_classifier, load_into};
 use crate::model::probe::{probe_state_dict, LinearProbe};
-use crate::optim::{scaled_lr, Lars};
+use crate::optim::Lars;
 use anyhow::{bail, Context};
-use mae_models::checkpoint;
+use mae_models::checkpoint::{self, Task};
 use mae_models::{ModelConfig, Overrides};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -27,43 +27,35 @@ use tch::Tensor;
 
 /// `mae-train linprobe`.
 pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
-    let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
-    let single = Dist::single();
-    let precision = crate::engine::precision::configure(a.amp.precision, device)?;
-    let train = data::open(&a.data_path, "train")?;
-    let val = data::open(&a.data_path, "val")?;
-    if a.finetune.is_none() && a.resume.is_none() {
+    let setup = Setup::new(&a.run, &a.dist, &a.amp)?;
+    let device = setup.device;
+    let train = data::open(&a.data.data_path, "train")?;
+    let val = data::open(&a.data.data_path, "val")?;
+    if a.finetune.is_none() && setup.resume.is_none() {
         eprintln!(
             "note: no --finetune checkpoint: probing a randomly initialised encoder (a baseline)"
         );
     }
-    let resume = crate::engine::read_resume(a.resume.as_deref())?;
-    let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
-        Some(Some(meta)) => match &meta.config {
-            ModelConfig::Vit(c) => c.clone(),
-            ModelConfig::Mae(_) => bail!("--resume needs a linear-probe checkpoint of ours"),
-        },
-        Some(None) => bail!("--resume checkpoint has no mae metadata; use --finetune"),
-        None => {
-            let o = Overrides {
-                img_size: a.input_size,
-                num_classes: Some(train.num_outputs()),
-                depth: a.depth,
-                ..Default::default()
-            };
-            let ModelConfig::Vit(mut c) = ModelConfig::preset(&a.model)?.with_overrides(&o)? else {
-                bail!(
-                    "--model {} is an MAE model; probe its encoder with the vit_* model",
-                    a.model
-                )
-            };
-            c.global_pool = a.global_pool;
+    let classes = Overrides {
+        num_classes: Some(train.num_outputs()),
+        ..Default::default()
+    };
+    let cfg = match setup.config(&a.arch, classes)? {
+        ModelConfig::Vit(mut c) => {
+            if setup.resume.is_none() {
+                c.global_pool = a.global_pool;
+            }
             c
         }
+        ModelConfig::Mae(_) if setup.resume.is_some() => {
+            bail!("--resume needs a linear-probe checkpoint of ours")
+        }
+        ModelConfig::Mae(_) => bail!(
+            "--model {} is an MAE model; probe its encoder with the vit_* model",
+            a.arch.model
+        ),
     };
-    if train.task != mae_models::checkpoint::Task::MultiClass
-        && train.task != mae_models::checkpoint::Task::Binary
-    {
+    if train.task != Task::MultiClass && train.task != Task::Binary {
         bail!(
             "linear probing trains a softmax classifier; {} is {}",
             train.source,
@@ -71,20 +63,20 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         );
     }
     let spec = mae_models::preprocess::PreprocessSpec::imagenet(cfg.img_size);
-    let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
-    dist.check_same(
+    setup.dist.check_same(
         "model configuration and data",
         &format!("{cfg:?} {} {}", train.len(), val.len()),
     )?;
-
-    let order = crate::engine::training_order(&train, a.train_samples, a.seed, &run)?;
+    let (run, args_json) = setup.open_run("linprobe", a)?;
+    let order = crate::engine::training_order(&train, a.train_samples, a.run.seed, &run)?;
     let train = Arc::new(train);
     let val = Arc::new(val);
 
-    tch::manual_seed(a.seed as i64);
+    // The model head: BatchNorm (no affine) + linear on a frozen encoder.
+    tch::manual_seed(a.run.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = LinearProbe::new(&vs.root(), &cfg);
-    if let (Some(p), None) = (&a.finetune, &resume) {
+    if let (Some(p), None) = (&a.finetune, &setup.resume) {
         let ck = checkpoint::load(p)
             .with_context(|| format!("cannot read --finetune checkpoint {}", p.display()))?;
         let mut sd = ck.tensors;
@@ -101,68 +93,32 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
             bail!(
                 "{}: the checkpoint does not fit {} (see the report above)",
                 p.display(),
-                a.model
+                a.arch.model
             );
         }
     }
-    dist.broadcast_vars(&vs)?;
+    setup.dist.broadcast_vars(&vs)?;
     LinearProbe::freeze_encoder(&vs);
+
+    // The optimiser: LARS on the head only.
     let head_params: Vec<(String, Tensor)> = vs
         .variables()
         .into_iter()
         .filter(|(k, _)| k.starts_with("head.1."))
         .collect();
     let n_parameters: i64 = head_params.iter().map(|(_, t)| t.numel() as i64).sum();
-    let mut opt = Lars::new(head_params, a.weight_decay);
-    let eff_batch = a.batch_size * a.accum_iter * dist.world;
-    let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
-    let mut start_epoch = 0;
-    let mut best = f64::NEG_INFINITY;
-    if let (Some(ck), Some(path)) = (&resume, &a.resume) {
-        start_epoch = crate::engine::resume(&vs, &mut opt, ck, path, &run)?;
-        best = ck
-            .meta
-            .as_ref()
-            .and_then(|m| m.metrics.get("best").copied())
-            .unwrap_or(f64::NEG_INFINITY);
-    }
-    let args_json = serde_json::json!({
-        "command": "linprobe", "data_path": a.data_path, "model": a.model,
-        "input_size": a.input_size, "depth": a.depth, "finetune": a.finetune,
-        "batch_size": a.batch_size, "epochs": a.epochs, "accum_iter": a.accum_iter,
-        "lr": a.lr, "blr": a.blr, "min_lr": a.min_lr, "warmup_epochs": a.warmup_epochs,
-        "weight_decay": a.weight_decay, "global_pool": a.global_pool,
-        "train_samples": a.train_samples, "seed": a.seed,
-    });
-    run.write("args.json", &serde_json::to_string_pretty(&args_json)?)?;
+    let mut opt = Lars::new(head_params, a.optim.weight_decay);
+    let (start_epoch, mut best) = setup.restore(&vs, &mut opt, &run)?;
     println!(
         "linear probe of {} ({n_parameters} trainable parameters), {} classes, {} train / {} val images, device {device:?}",
-        a.model,
+        a.arch.model,
         train.num_outputs(),
         order.len(),
         val.len()
     );
-    println!(
-        "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}",
-        lr * 256.0 / eff_batch as f64
-    );
-    let epochs = epochs_to_run(
-        order.len(),
-        a.batch_size,
-        start_epoch,
-        a.epochs,
-        a.stop_after,
-    )?;
-    let sched = Schedule {
-        lr,
-        min_lr: a.min_lr,
-        warmup_epochs: a.warmup_epochs,
-        epochs: a.epochs,
-        accum_iter: a.accum_iter,
-        clip_grad: None,
-        scaler: crate::engine::precision::scaler_for(precision, &a.amp),
-    };
-    crate::engine::load_scaler(&sched, a.resume.as_deref())?;
+    let sched = setup.schedule(&a.optim, &a.amp, None)?;
+    let epochs = setup.epochs(order.len(), &a.optim, start_epoch)?;
+    // The augmentation: RandomResizedCrop and flip only.
     let batches = TrainBatches {
         spec: spec.clone(),
         aug: TrainAug {
@@ -171,13 +127,13 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
             randaug: None,
         },
         reprob: 0.0,
-        batch_size: a.batch_size,
-        workers: a.num_workers,
-        seed: a.seed,
+        batch_size: a.optim.batch_size,
+        workers: a.data.num_workers,
+        seed: a.run.seed,
     };
     let end = ClassifierEpoch {
         run: &run,
-        arch: &a.model,
+        arch: &a.arch.model,
         cfg: &cfg,
         train: &train,
         val: &val,
@@ -185,15 +141,16 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         args: &args_json,
         n_parameters,
         device,
-        batch_size: a.batch_size,
-        workers: a.num_workers,
-        eval_dist: if a.dist.dist_eval { &dist } else { &single },
+        batch_size: a.optim.batch_size,
+        workers: a.data.num_workers,
+        eval_dist: setup.eval_dist(a.dist.dist_eval),
         started: Instant::now(),
     };
+    // The loss: cross-entropy without smoothing.
     let c = train.num_outputs();
     for epoch in epochs {
-        let loader = batches.epoch(&train, &order, epoch, &dist);
-        let stats = train_epoch(loader, epoch, &sched, &mut opt, &dist, |b, _| {
+        let loader = batches.epoch(&train, &order, epoch, &setup.dist);
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, &setup.dist, |b, _| {
             let xs = to_input(b, spec.input_size, device);
             let t = targets(&b.labels, train.task, c, 0.0).to_device(device);
             loss_fn(&model.forward_t(&xs, true), &t, train.task)

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use mae_models::config::{count_params, mae_presets, vit_presets};
 use mae_models::{ModelConfig, Overrides};
 
-use crate::cli::{ModelArgs, ModelsArgs};
+use crate::cli::{ArchArgs, ModelsArgs};
 
 /// The preset named by `--model`, with the overrides applied and validated.
-pub fn model_config(a: &ModelArgs, default: &str) -> anyhow::Result<(String, ModelConfig)> {
+pub fn model_config(a: &ArchArgs, default: &str) -> anyhow::Result<(String, ModelConfig)> {
     let name = a.model.as_deref().unwrap_or(default).to_string();
     let overrides = Overrides {
         img_size: a.input_size,

@@ -13,15 +13,15 @@ use mae_models::{ModelConfig, Overrides};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::PretrainArgs;
-use crate::cmd::visualize::{render_grid, save_png};
+use crate::cmd::visualize::{render_grid, save_grid};
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset, Item, Pixels};
-use crate::engine::dist::Dist;
-use crate::engine::{device, to_input};
-use crate::engine::{epochs_to_run, train_epoch, RunDir, Schedule, TrainBatches};
+use crate::engine::setup::Setup;
+use crate::engine::to_input;
+use crate::engine::{train_epoch, TrainBatches};
 use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
-use crate::optim::{param_groups, scaled_lr, AdamW};
+use crate::optim::{param_groups, AdamW};
 use crate::rng::Rng;
 
 /// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
@@ -62,42 +62,38 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..1.0).contains(&a.mask_ratio) {
         bail!("--mask-ratio {} must be in [0, 1)", a.mask_ratio);
     }
-    let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
-    let run = RunDir::create(&a.output_dir, a.keep_checkpoints, dist.is_main())?;
-    let precision = crate::engine::precision::configure(a.amp.precision, device)?;
-    let train = Arc::new(open_unlabeled(&a.data_path)?);
-    let resume = crate::engine::read_resume(a.resume.as_deref())?;
-    let cfg = match resume.as_ref().map(|r| r.meta.as_ref()) {
-        Some(Some(meta)) => match &meta.config {
-            ModelConfig::Mae(c) => c.clone(),
-            ModelConfig::Vit(_) => bail!("--resume needs an MAE pretraining checkpoint"),
-        },
-        Some(None) => bail!("--resume checkpoint has no mae metadata"),
-        None => {
-            let o = Overrides {
-                img_size: a.input_size,
-                depth: a.depth,
-                ..Default::default()
-            };
-            let ModelConfig::Mae(mut c) = ModelConfig::preset(&a.model)?.with_overrides(&o)? else {
-                bail!(
-                    "--model {} is not an MAE model; pretraining needs mae_* presets",
-                    a.model
-                )
-            };
-            c.norm_pix_loss = a.norm_pix_loss;
+    let setup = Setup::new(&a.run, &a.dist, &a.amp)?;
+    let device = setup.device;
+    let train = Arc::new(open_unlabeled(&a.data.data_path)?);
+    let cfg = match setup.config(&a.arch, Overrides::default())? {
+        ModelConfig::Mae(mut c) => {
+            if setup.resume.is_none() {
+                c.norm_pix_loss = a.norm_pix_loss;
+            }
             c
         }
+        ModelConfig::Vit(_) if setup.resume.is_some() => {
+            bail!("--resume needs an MAE pretraining checkpoint")
+        }
+        ModelConfig::Vit(_) => bail!(
+            "--model {} is not an MAE model; pretraining needs mae_* presets",
+            a.arch.model
+        ),
     };
     let spec = PreprocessSpec::imagenet(cfg.img_size);
-    dist.check_same(
+    setup.dist.check_same(
         "model configuration and data",
         &format!("{cfg:?} {}", train.len()),
     )?;
-    tch::manual_seed(a.seed as i64);
+    let (run, args) = setup.open_run("pretrain", a)?;
+
+    // The model: encoder and decoder of MAE.
+    tch::manual_seed(a.run.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = MaskedAutoencoderViT::new(&vs.root(), &cfg);
-    dist.broadcast_vars(&vs)?;
+    setup.dist.broadcast_vars(&vs)?;
+
+    // The optimiser: AdamW (betas 0.9, 0.95), no layer decay.
     let mut names: Vec<(String, usize)> = vs
         .variables()
         .into_iter()
@@ -110,49 +106,18 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|t| t.numel() as i64)
         .sum();
-    let groups = param_groups(&names, cfg.depth, a.weight_decay, 1.0, &[]);
+    let groups = param_groups(&names, cfg.depth, a.optim.weight_decay, 1.0, &[]);
     let mut opt = AdamW::new(&vs, &groups, (0.9, 0.95));
-    let eff_batch = a.batch_size * a.accum_iter * dist.world;
-    let lr = a.lr.unwrap_or_else(|| scaled_lr(a.blr, eff_batch));
-    let mut start_epoch = 0;
-    if let (Some(ck), Some(path)) = (&resume, &a.resume) {
-        start_epoch = crate::engine::resume(&vs, &mut opt, ck, path, &run)?;
-    }
-    let args = serde_json::json!({
-        "data_path": a.data_path, "model": a.model, "input_size": cfg.img_size, "mask_ratio": a.mask_ratio,
-        "norm_pix_loss": cfg.norm_pix_loss, "batch_size": a.batch_size, "epochs": a.epochs,
-        "accum_iter": a.accum_iter, "lr": lr, "blr": a.blr, "min_lr": a.min_lr,
-        "warmup_epochs": a.warmup_epochs, "weight_decay": a.weight_decay, "seed": a.seed,
-    });
-    run.write("args.json", &serde_json::to_string_pretty(&args)?)?;
+    let (start_epoch, _) = setup.restore(&vs, &mut opt, &run)?;
     println!(
         "model {} ({n_parameters} trainable parameters), {} images, device {device:?}",
-        a.model,
+        a.arch.model,
         train.len()
     );
-    println!(
-        "base lr: {:.2e}, actual lr: {lr:.2e}, effective batch size: {eff_batch}",
-        lr * 256.0 / eff_batch as f64
-    );
-
-    let epochs = epochs_to_run(
-        train.len(),
-        a.batch_size,
-        start_epoch,
-        a.epochs,
-        a.stop_after,
-    )?;
-    let sched = Schedule {
-        lr,
-        min_lr: a.min_lr,
-        warmup_epochs: a.warmup_epochs,
-        epochs: a.epochs,
-        accum_iter: a.accum_iter,
-        clip_grad: None,
-        scaler: crate::engine::precision::scaler_for(precision, &a.amp),
-    };
-    crate::engine::load_scaler(&sched, a.resume.as_deref())?;
-    let vis = vis_batch(&train, &spec, &model, a.seed)?;
+    let sched = setup.schedule(&a.optim, &a.amp, None)?;
+    let epochs = setup.epochs(train.len(), &a.optim, start_epoch)?;
+    let vis = vis_batch(&train, &spec, &model, a.run.seed)?;
+    // The augmentation: RandomResizedCrop (scale 0.2–1) and flip.
     let batches = TrainBatches {
         spec: spec.clone(),
         aug: TrainAug {
@@ -161,17 +126,18 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
             randaug: None,
         },
         reprob: 0.0,
-        batch_size: a.batch_size,
-        workers: a.num_workers,
-        seed: a.seed,
+        batch_size: a.optim.batch_size,
+        workers: a.data.num_workers,
+        seed: a.run.seed,
     };
     let all: Vec<usize> = (0..train.len()).collect();
     let n_patches = model.pos_embed.size()[1] - 1;
     let started = Instant::now();
     for epoch in epochs {
-        let loader = batches.epoch(&train, &all, epoch, &dist);
-        let stats = train_epoch(loader, epoch, &sched, &mut opt, &dist, |b, _| {
-            let noise = mask_noise(&b.indices, n_patches, a.seed, epoch).to_device(device);
+        let loader = batches.epoch(&train, &all, epoch, &setup.dist);
+        // The loss: mean squared error on the masked patches.
+        let stats = train_epoch(loader, epoch, &sched, &mut opt, &setup.dist, |b, _| {
+            let noise = mask_noise(&b.indices, n_patches, a.run.seed, epoch).to_device(device);
             model
                 .forward_with_noise(&to_input(b, spec.input_size, device), &noise, a.mask_ratio)
                 .loss
@@ -190,7 +156,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         }
         let mut meta = CheckpointMeta::new(
             CheckpointKind::MaePretrain,
-            &a.model,
+            &a.arch.model,
             ModelConfig::Mae(cfg.clone()),
             concat!("mae-train ", env!("CARGO_PKG_VERSION")),
         );
@@ -200,7 +166,7 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         meta.metrics.insert("train_loss".into(), train_loss);
         let scaler = sched.scaler_state();
         run.save_epoch(epoch, &state_dict(&vs), &meta, &opt, scaler.as_ref())?;
-        if a.vis_every > 0 && ((epoch + 1) % a.vis_every == 0 || epoch + 1 == a.epochs) {
+        if a.vis_every > 0 && ((epoch + 1) % a.vis_every == 0 || epoch + 1 == a.optim.epochs) {
             let (imgs, noise) = &vis;
             let grid = render_grid(
                 &model,
@@ -210,7 +176,11 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
                 &spec,
             );
             std::fs::create_dir_all(run.file("vis")).context("cannot create vis folder")?;
-            save_png(&grid, &run.file(&format!("vis/epoch-{epoch:04}.png")))?;
+            save_grid(
+                &grid,
+                a.mask_ratio,
+                &run.file(&format!("vis/epoch-{epoch:04}.png")),
+            )?;
         }
     }
     println!(

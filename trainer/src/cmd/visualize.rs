@@ -147,21 +147,46 @@ pub fn visualize(a: &VisualizeArgs) -> anyhow::Result<ExitCode> {
             .unwrap_or_else(|| "image".into());
         PathBuf::from(format!("{stem}.mae.png"))
     });
-    save_png(&grid, &out)?;
+    save_grid(&grid, a.mask_ratio, &out)?;
     println!(
         "wrote {} ({}×{}): original | masked | reconstruction | reconstruction + visible",
         out.display(),
         grid.width(),
-        grid.height()
+        grid.height() + CAPTION_H
     );
     Ok(ExitCode::SUCCESS)
 }
 
-/// Writes a PNG atomically.
-pub fn save_png(img: &RgbImage, path: &Path) -> anyhow::Result<()> {
-    mae_models::io::atomic_write_with(path, |f| {
-        img.write_to(f, image::ImageFormat::Png)
-            .map_err(std::io::Error::other)
+/// Height of the caption row above a grid, in pixels.
+pub const CAPTION_H: u32 = 24;
+
+/// Writes `grid` as PNG, atomically, under a caption row naming its four columns.
+pub fn save_grid(grid: &RgbImage, mask_ratio: f64, path: &Path) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
+    let (w, h) = grid.dimensions();
+    let cell = (w - 3 * GAP) / 4;
+    let titles = [
+        "original".to_string(),
+        format!("masked {:.0}%", mask_ratio * 100.0),
+        "reconstruction".to_string(),
+        "recon. + visible".to_string(),
+    ];
+    let mut img = crate::chart::render((w, h + CAPTION_H), |root| {
+        let style = TextStyle::from((crate::chart::FAMILY, 13).into_font())
+            .pos(Pos::new(HPos::Center, VPos::Center))
+            .color(&BLACK);
+        for (col, t) in titles.iter().enumerate() {
+            let x = col as u32 * (cell + GAP) + cell / 2;
+            root.draw(&Text::new(
+                t.as_str(),
+                (x as i32, CAPTION_H as i32 / 2),
+                style.clone(),
+            ))
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        }
+        Ok(())
     })?;
-    Ok(())
+    image::imageops::replace(&mut img, grid, 0, i64::from(CAPTION_H));
+    crate::chart::save_png(&img, path)
 }

@@ -10,6 +10,7 @@ pub mod epoch;
 pub mod evaluate;
 pub mod precision;
 pub mod run_dir;
+pub mod setup;
 
 pub(crate) use classifier::ClassifierEpoch;
 pub use classifier::{probe, PROBE_BATCH, PROBE_SEED};

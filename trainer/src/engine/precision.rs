@@ -9,7 +9,7 @@ use anyhow::bail;
 use tch::Kind;
 use tch::{Device, Tensor};
 
-use crate::cli::Precision;
+use crate::cli::Autocast;
 
 /// The precision of this process: 0 fp32, 1 bf16, 2 fp16; bit 4 set when on CUDA.
 static MODE: AtomicU8 = AtomicU8::new(0);
@@ -31,39 +31,39 @@ mod ffi {
 
 /// Resolves `--precision` for `device` (bf16 on CUDA, fp32 on the CPU by default), makes it the
 /// process's mode and returns it.
-pub fn configure(arg: Option<Precision>, device: Device) -> anyhow::Result<Precision> {
+pub fn configure(arg: Option<Autocast>, device: Device) -> anyhow::Result<Autocast> {
     let p = arg.unwrap_or(if device.is_cuda() {
-        Precision::Bf16
+        Autocast::Bf16
     } else {
-        Precision::Fp32
+        Autocast::Fp32
     });
-    if p == Precision::Bf16 && device.is_cuda() && !tch::utils::has_cuda() {
+    if p == Autocast::Bf16 && device.is_cuda() && !tch::utils::has_cuda() {
         bail!("--precision bf16: libtorch has no CUDA");
     }
     let code = match p {
-        Precision::Fp32 => 0,
-        Precision::Bf16 => 1,
-        Precision::Fp16 => 2,
+        Autocast::Fp32 => 0,
+        Autocast::Bf16 => 1,
+        Autocast::Fp16 => 2,
     } | if device.is_cuda() { 16 } else { 0 };
     MODE.store(code, Ordering::Relaxed);
     Ok(p)
 }
 
 /// The name of `p` as `--precision` spells it.
-pub fn name(p: Precision) -> &'static str {
+pub fn name(p: Autocast) -> &'static str {
     match p {
-        Precision::Fp32 => "fp32",
-        Precision::Bf16 => "bf16",
-        Precision::Fp16 => "fp16",
+        Autocast::Fp32 => "fp32",
+        Autocast::Bf16 => "bf16",
+        Autocast::Fp16 => "fp16",
     }
 }
 
 /// The process's precision.
-pub fn current() -> Precision {
+pub fn current() -> Autocast {
     match MODE.load(Ordering::Relaxed) & 15 {
-        1 => Precision::Bf16,
-        2 => Precision::Fp16,
-        _ => Precision::Fp32,
+        1 => Autocast::Bf16,
+        2 => Autocast::Fp16,
+        _ => Autocast::Fp32,
     }
 }
 
@@ -82,10 +82,10 @@ pub fn autocast<T>(f: impl FnOnce() -> T) -> T {
 /// The loss scaler a run of precision `p` needs: one for fp16, set up by `--loss-scale` and
 /// `--loss-scale-growth-interval`.
 pub fn scaler_for(
-    p: Precision,
+    p: Autocast,
     args: &crate::cli::PrecisionArgs,
 ) -> Option<std::cell::RefCell<GradScaler>> {
-    (p == Precision::Fp16).then(|| {
+    (p == Autocast::Fp16).then(|| {
         std::cell::RefCell::new(GradScaler {
             scale: args.loss_scale,
             growth_interval: args.loss_scale_growth_interval.max(1),
@@ -241,14 +241,14 @@ mod tests {
 
     #[test]
     fn cpu_autocast_computes_linear_layers_in_bf16() {
-        configure(Some(Precision::Bf16), Device::Cpu).unwrap();
+        configure(Some(Autocast::Bf16), Device::Cpu).unwrap();
         let x = Tensor::ones([2, 4], (Kind::Float, Device::Cpu));
         let w = Tensor::ones([3, 4], (Kind::Float, Device::Cpu));
         let y = autocast(|| x.linear::<Tensor>(&w, None));
         let z = x.linear::<Tensor>(&w, None);
-        configure(Some(Precision::Fp32), Device::Cpu).unwrap();
+        configure(Some(Autocast::Fp32), Device::Cpu).unwrap();
         assert_eq!(y.kind(), Kind::BFloat16);
         assert_eq!(z.kind(), Kind::Float, "autocast is off again outside");
-        assert_eq!(current(), Precision::Fp32);
+        assert_eq!(current(), Autocast::Fp32);
     }
 }

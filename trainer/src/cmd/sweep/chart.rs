@@ -57,6 +57,7 @@ fn panel(
         .x_desc("training images (log scale)")
         .y_desc(label)
         .x_labels(0)
+        .x_label_formatter(&|_| String::new())
         .disable_x_mesh()
         .y_label_formatter(&|y| format!("{y:.3}"))
         .label_style((FAMILY, 14))

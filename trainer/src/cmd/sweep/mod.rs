@@ -224,7 +224,7 @@ fn parse_finetune(args: &[String]) -> anyhow::Result<FinetuneArgs> {
 
 /// The eval arguments of one cell (its best checkpoint on `split`).
 fn eval_args(cell: &Cell, ft: &FinetuneArgs, split: &str) -> Vec<String> {
-    let device = clap::ValueEnum::to_possible_value(&ft.device)
+    let device = clap::ValueEnum::to_possible_value(&ft.run.device)
         .map(|v| v.get_name().to_string())
         .unwrap_or_else(|| "auto".into());
     vec![
@@ -235,13 +235,13 @@ fn eval_args(cell: &Cell, ft: &FinetuneArgs, split: &str) -> Vec<String> {
             .display()
             .to_string(),
         "--data-path".into(),
-        ft.data_path.display().to_string(),
+        ft.data.data_path.display().to_string(),
         "--split".into(),
         split.into(),
         "--batch-size".into(),
-        ft.batch_size.to_string(),
+        ft.optim.batch_size.to_string(),
         "--num-workers".into(),
-        ft.num_workers.to_string(),
+        ft.data.num_workers.to_string(),
         "--device".into(),
         device,
         "--output".into(),
@@ -312,7 +312,7 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     }
     let train_len = {
         let ft = &parsed[0];
-        crate::data::open(&ft.data_path, "train")?.len()
+        crate::data::open(&ft.data.data_path, "train")?.len()
     };
     for &size in &sizes {
         if let Size::Count(n) = size {
