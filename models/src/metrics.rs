@@ -148,9 +148,7 @@ pub fn evaluate_with(
                 rows().map(argmax).collect()
             };
             Ok(single_label(
-                task,
-                probs,
-                c,
+                Outputs { task, probs, c },
                 k,
                 &targets,
                 &preds,
@@ -161,17 +159,22 @@ pub fn evaluate_with(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn single_label(
+/// A model's outputs over a set: its task and the probabilities, row-major `[n, c]`.
+struct Outputs<'a> {
     task: Task,
-    probs: &[f32],
+    probs: &'a [f32],
     c: usize,
+}
+
+fn single_label(
+    out: Outputs<'_>,
     k: usize,
     targets: &[usize],
     preds: &[usize],
     threshold: f64,
     names: Vec<String>,
 ) -> Metrics {
+    let Outputs { task, probs, c } = out;
     let n = targets.len();
     let mut confusion = vec![vec![0u64; k]; k];
     for (&t, &p) in targets.iter().zip(preds) {

@@ -115,16 +115,14 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
         ds.class_names = names;
     }
     let ds = Arc::new(ds);
-    let ev = evaluate(
-        &model,
-        &ds,
-        &spec,
+    let plan = EvalPlan {
+        spec: &spec,
         device,
-        a.batch_size,
-        a.num_workers,
-        &a.split,
-        if a.dist.dist_eval { &dist } else { &single },
-    )?;
+        batch_size: a.batch_size,
+        workers: a.num_workers,
+        dist: if a.dist.dist_eval { &dist } else { &single },
+    };
+    let ev = evaluate(&model, &ds, &plan, &a.split)?;
     if !dist.is_main() {
         return Ok(ExitCode::SUCCESS);
     }

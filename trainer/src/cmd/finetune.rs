@@ -168,16 +168,14 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let sched = setup.schedule(&a.optim, &a.amp, a.clip_grad)?;
 
     if a.eval {
-        let ev = evaluate(
-            &model,
-            &val,
-            &spec,
+        let plan = EvalPlan {
+            spec: &spec,
             device,
-            a.optim.batch_size,
-            a.data.num_workers,
-            "eval",
-            eval_dist,
-        )?;
+            batch_size: a.optim.batch_size,
+            workers: a.data.num_workers,
+            dist: eval_dist,
+        };
+        let ev = evaluate(&model, &val, &plan, "eval")?;
         println!("{}", ev.metrics);
         return Ok(ExitCode::SUCCESS);
     }

@@ -69,16 +69,14 @@ impl ClassifierEpoch<'_> {
     ) -> anyhow::Result<()> {
         let run = self.run;
         let (train_loss, lr) = (stats.loss, stats.lr);
-        let ev = evaluate(
-            model,
-            self.val,
-            self.spec,
-            self.device,
-            self.batch_size,
-            self.workers,
-            "val",
-            self.eval_dist,
-        )?;
+        let plan = EvalPlan {
+            spec: self.spec,
+            device: self.device,
+            batch_size: self.batch_size,
+            workers: self.workers,
+            dist: self.eval_dist,
+        };
+        let ev = evaluate(model, self.val, &plan, "val")?;
         let m = &ev.metrics;
         let score = m.auc.unwrap_or(m.acc1);
         let is_best = score > *best;

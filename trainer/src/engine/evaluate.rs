@@ -91,18 +91,32 @@ pub fn to_input(b: &Batch, size: usize, device: Device) -> Tensor {
         .to_device(device)
 }
 
-/// Runs the model over `ds` with the evaluation transform and computes the metrics.
-#[allow(clippy::too_many_arguments)] // the loader settings, the set and who evaluates it
+/// How an evaluation reads its set: the transform, the batches, the device and who evaluates
+/// (every rank the whole set, or with `--dist-eval` a shard each).
+#[derive(Debug, Clone, Copy)]
+pub struct EvalPlan<'a> {
+    pub spec: &'a mae_models::preprocess::PreprocessSpec,
+    pub device: Device,
+    pub batch_size: usize,
+    pub workers: usize,
+    pub dist: &'a crate::engine::dist::Dist,
+}
+
+/// Runs the model over `ds` with the evaluation transform and computes the metrics; `label`
+/// names the set on the progress bar.
 pub fn evaluate(
     model: &dyn ModuleT,
     ds: &Arc<Dataset>,
-    spec: &mae_models::preprocess::PreprocessSpec,
-    device: Device,
-    batch_size: usize,
-    workers: usize,
+    plan: &EvalPlan<'_>,
     label: &str,
-    dist: &crate::engine::dist::Dist,
 ) -> anyhow::Result<Evaluation> {
+    let EvalPlan {
+        spec,
+        device,
+        batch_size,
+        workers,
+        dist,
+    } = *plan;
     let start = Instant::now();
     let cfg = LoaderConfig {
         spec: spec.clone(),

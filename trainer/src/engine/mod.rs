@@ -16,7 +16,7 @@ pub(crate) use classifier::ClassifierEpoch;
 pub use classifier::{probe, PROBE_BATCH, PROBE_SEED};
 pub use device::{device, progress};
 pub use epoch::{epochs_to_run, train_epoch, training_order, EpochStats, Schedule, TrainBatches};
-pub use evaluate::{evaluate, predictions_csv, to_input, Evaluation};
+pub use evaluate::{evaluate, predictions_csv, to_input, EvalPlan, Evaluation};
 pub(crate) use evaluate::{loss_fn, per_sample_loss, targets};
 pub use run_dir::{
     load_optim, load_scaler, optim_path, read_resume, resume, save_checkpoint, RunDir,
