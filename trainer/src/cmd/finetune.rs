@@ -68,14 +68,12 @@ fn init_from(vs: &nn::VarStore, cfg: &VitConfig, path: &Path) -> anyhow::Result<
     Ok(())
 }
 
-/// `mae-train finetune`.
-pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
-    let setup = Setup::new(&a.run, &a.dist, &a.amp)?;
-    let device = setup.device;
-    let eval_dist = setup.eval_dist(a.dist.dist_eval);
-    let randaug = randaug::parse_aa(&a.aa).with_context(|| format!("--aa {}", a.aa))?;
-    let train = data::open(&a.data.data_path, "train")?;
-    let val = data::open(&a.data.data_path, "val")?;
+/// The classifier's architecture: the resumed run's, or the preset with the data's classes.
+fn classifier_config(
+    setup: &Setup,
+    a: &FinetuneArgs,
+    train: &Dataset,
+) -> anyhow::Result<VitConfig> {
     if let Some(n) = a.nb_classes {
         if n != train.num_outputs() {
             bail!(
@@ -89,7 +87,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         num_classes: Some(train.num_outputs()),
         ..Default::default()
     };
-    let cfg = match setup.config(&a.arch, classes)? {
+    Ok(match setup.config(&a.arch, classes)? {
         ModelConfig::Vit(mut c) => {
             if setup.resume.is_none() {
                 c.global_pool = !a.cls_token;
@@ -103,7 +101,66 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             "--model {} is an MAE model; fine-tune its encoder with a vit_* model",
             a.arch.model
         ),
+    })
+}
+
+/// AdamW (betas 0.9, 0.999) over layer-decayed parameter groups.
+fn optimizer(vs: &nn::VarStore, cfg: &VitConfig, a: &FinetuneArgs) -> AdamW {
+    let names_dims: Vec<(String, usize)> = {
+        let mut v: Vec<_> = vs
+            .variables()
+            .into_iter()
+            .map(|(k, t)| (k, t.dim()))
+            .collect();
+        v.sort();
+        v
     };
+    let groups = param_groups(
+        &names_dims,
+        cfg.depth,
+        a.optim.weight_decay,
+        a.layer_decay,
+        &["cls_token", "pos_embed"],
+    );
+    AdamW::new(vs, &groups, (0.9, 0.999))
+}
+
+/// RandomResizedCrop, flip, RandAugment and random erasing per image; Mixup/CutMix per batch.
+fn augmentation(
+    a: &FinetuneArgs,
+    spec: &mae_models::preprocess::PreprocessSpec,
+    randaug: Option<randaug::RandAugment>,
+) -> (TrainBatches, MixConfig) {
+    let mix_cfg = MixConfig {
+        mixup_alpha: a.mixup,
+        cutmix_alpha: a.cutmix,
+        prob: a.mixup_prob,
+        switch_prob: a.mixup_switch_prob,
+    };
+    let batches = TrainBatches {
+        spec: spec.clone(),
+        aug: TrainAug {
+            scale: (a.min_crop_scale, 1.0),
+            hflip: true,
+            randaug,
+        },
+        reprob: a.reprob,
+        batch_size: a.optim.batch_size,
+        workers: a.data.num_workers,
+        seed: a.run.seed,
+    };
+    (batches, mix_cfg)
+}
+
+/// `mae-train finetune`.
+pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
+    let setup = Setup::new(&a.run, &a.dist, &a.amp)?;
+    let device = setup.device;
+    let eval_dist = setup.eval_dist(a.dist.dist_eval);
+    let randaug = randaug::parse_aa(&a.aa).with_context(|| format!("--aa {}", a.aa))?;
+    let train = data::open(&a.data.data_path, "train")?;
+    let val = data::open(&a.data.data_path, "val")?;
+    let cfg = classifier_config(&setup, a, &train)?;
     let spec = mae_models::preprocess::PreprocessSpec::imagenet(cfg.img_size);
     setup.dist.check_same(
         "model configuration and data",
@@ -139,23 +196,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     setup.dist.broadcast_vars(&vs)?;
 
     // The optimiser: AdamW over layer-decayed groups.
-    let names_dims: Vec<(String, usize)> = {
-        let mut v: Vec<_> = vs
-            .variables()
-            .into_iter()
-            .map(|(k, t)| (k, t.dim()))
-            .collect();
-        v.sort();
-        v
-    };
-    let groups = param_groups(
-        &names_dims,
-        cfg.depth,
-        a.optim.weight_decay,
-        a.layer_decay,
-        &["cls_token", "pos_embed"],
-    );
-    let mut opt = AdamW::new(&vs, &groups, (0.9, 0.999));
+    let mut opt = optimizer(&vs, &cfg, a);
     let (start_epoch, mut best) = setup.restore(&vs, &mut opt, &run)?;
     println!(
         "model {} ({n_parameters} parameters), {} classes ({}), {} train / {} val images, device {device:?}",
@@ -182,24 +223,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
 
     let epochs = setup.epochs(order.len(), &a.optim, start_epoch)?;
     // The augmentation: RandomResizedCrop, flip, RandAugment, random erasing, Mixup/CutMix.
-    let mix_cfg = MixConfig {
-        mixup_alpha: a.mixup,
-        cutmix_alpha: a.cutmix,
-        prob: a.mixup_prob,
-        switch_prob: a.mixup_switch_prob,
-    };
-    let batches = TrainBatches {
-        spec: spec.clone(),
-        aug: TrainAug {
-            scale: (a.min_crop_scale, 1.0),
-            hflip: true,
-            randaug,
-        },
-        reprob: a.reprob,
-        batch_size: a.optim.batch_size,
-        workers: a.data.num_workers,
-        seed: a.run.seed,
-    };
+    let (batches, mix_cfg) = augmentation(a, &spec, randaug);
     let end = ClassifierEpoch {
         run: &run,
         arch: &a.arch.model,
