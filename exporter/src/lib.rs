@@ -76,6 +76,18 @@ pub struct Cli {
     /// Skip loading the written model with tract and running the probe batch.
     #[arg(long)]
     pub no_check: bool,
+    /// Also write a Markdown model card of the exported model to this file.
+    #[arg(long, value_name = "FILE")]
+    pub card: Option<PathBuf>,
+    /// What the model is for, for its card (`mae.intended_use`).
+    #[arg(long, value_name = "TEXT")]
+    pub intended_use: Option<String>,
+    /// The imaging modality of the training data (`chest X-ray`), for its card.
+    #[arg(long, value_name = "TEXT")]
+    pub modality: Option<String>,
+    /// Test-set metrics for the card: the JSON written by `mae-train eval --output FILE`.
+    #[arg(long, value_name = "FILE")]
+    pub test_metrics: Option<PathBuf>,
 }
 
 /// Runs one parsed command line.
@@ -174,6 +186,7 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
     } else {
         onnx::vit::PIXEL_VALUES
     };
+    let card = card_props(cli, &r)?;
     let props = metadata::props(&metadata::ModelInfo {
         task: r.task,
         class_names: &r.class_names,
@@ -186,7 +199,9 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         checkpoint_sha256: &sha256,
         metrics: &r.metrics,
         epoch: r.epoch,
+        card,
     });
+    let card_props = props.clone();
     let doc = format!(
         "{} exported by mae-export {} from {}",
         r.arch,
@@ -194,6 +209,10 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         source::file_name(&cli.checkpoint)
     );
     let mut model = onnx::model(graph, cli.opset, props, &doc);
+    let io = model.graph.as_ref().map_or_else(Default::default, |g| {
+        let d = |v: &[tract_onnx::pb::ValueInfoProto]| v.iter().map(onnx::describe_io).collect();
+        (d(&g.input), d(&g.output))
+    });
     drop(r.tensors);
 
     let name = staging::file_name(&cli.output)?;
@@ -241,7 +260,21 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         print_check(&report).context("self-check failed; nothing was written")?;
         Some(report)
     };
+    let card_text = match &cli.card {
+        Some(_) => Some(card_markdown(
+            &cli.output,
+            &staged.path(&name),
+            card_props,
+            io,
+        )?),
+        None => None,
+    };
     staged.commit()?;
+    if let (Some(path), Some(text)) = (&cli.card, card_text) {
+        mae_models::io::atomic_write(path, text.as_bytes())
+            .with_context(|| format!("cannot write the model card {}", path.display()))?;
+        println!("wrote the model card {}", path.display());
+    }
     let dir = cli.output.parent().unwrap_or(Path::new(""));
     let data_path = data_name.map(|d| dir.join(d));
     println!(
@@ -295,6 +328,70 @@ fn print_check(report: &CheckReport) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The card's optional metadata: trainer version and data summary from the checkpoint, and
+/// the intended use, modality and test metrics given on the command line.
+fn card_props(cli: &Cli, r: &source::Resolved) -> anyhow::Result<Vec<(&'static str, String)>> {
+    use mae_models::onnx_keys as keys;
+    let mut v = Vec::new();
+    if let Some(w) = &r.writer {
+        v.push((keys::TRAINER_VERSION, w.clone()));
+    }
+    if let Some(d) = &r.data {
+        v.push((keys::DATA, serde_json::to_string(d)?));
+    }
+    if let Some(u) = &cli.intended_use {
+        v.push((keys::INTENDED_USE, u.trim().to_string()));
+    }
+    if let Some(m) = &cli.modality {
+        v.push((keys::MODALITY, m.trim().to_string()));
+    }
+    if let Some(p) = &cli.test_metrics {
+        let text = std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read --test-metrics {}", p.display()))?;
+        let j: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!(
+                "--test-metrics {}: not JSON (expected `mae-train eval --output`)",
+                p.display()
+            )
+        })?;
+        let Some(acc1) = j.get("acc1").and_then(|v| v.as_f64()) else {
+            bail!(
+                "--test-metrics {}: no `acc1` field (expected the JSON of `mae-train eval --output`)",
+                p.display()
+            );
+        };
+        let mut t = serde_json::json!({ "acc1": acc1 });
+        for k in ["data", "split", "samples", "auc", "loss"] {
+            if let Some(x) = j.get(k).filter(|x| !x.is_null()) {
+                t[k] = x.clone();
+            }
+        }
+        v.push((keys::TEST_METRICS, t.to_string()));
+    }
+    Ok(v)
+}
+
+/// The model card of the staged model `staged` (to be published as `output`), whose graph
+/// has the inputs and outputs `io`.
+fn card_markdown(
+    output: &Path,
+    staged: &Path,
+    props: Vec<(String, String)>,
+    (inputs, outputs): (Vec<String>, Vec<String>),
+) -> anyhow::Result<String> {
+    let bytes = std::fs::metadata(staged)
+        .with_context(|| format!("cannot read {}", staged.display()))?
+        .len();
+    Ok(mae_models::card::model_card(&mae_models::card::CardFacts {
+        props: props.into_iter().collect(),
+        file_name: source::file_name(output),
+        sha256: sha256_file(staged)?,
+        bytes,
+        inputs,
+        outputs,
+    }))
 }
 
 fn summary(keys: &[String]) -> String {

@@ -23,6 +23,11 @@
 //! | `mae.exporter_version` | `mae-export X.Y.Z` |
 //! | `mae.metrics` | JSON object of the validation metrics stored in the checkpoint (`{}` if none) |
 //! | `mae.epoch` | training epoch of the checkpoint; present only when the checkpoint records it |
+//! | `mae.trainer_version` | the program that wrote the checkpoint (`mae-train X.Y.Z`), when recorded |
+//! | `mae.data` | JSON of the training/validation data summary, when the checkpoint records it |
+//! | `mae.intended_use` | `--intended-use TEXT`, when given |
+//! | `mae.modality` | `--modality TEXT`, when given |
+//! | `mae.test_metrics` | JSON of `--test-metrics FILE`'s data, split, samples, ACC, AUC and loss, when given |
 
 use std::collections::BTreeMap;
 
@@ -54,6 +59,8 @@ pub struct ModelInfo<'a> {
     pub checkpoint_sha256: &'a str,
     pub metrics: &'a BTreeMap<String, f64>,
     pub epoch: Option<u64>,
+    /// The optional keys for the model card, `(key, value)`, written after the others.
+    pub card: Vec<(&'static str, String)>,
 }
 
 /// `(key, value)` pairs in the order of [`KEYS`], then `mae.epoch` when known.
@@ -96,6 +103,7 @@ pub fn props(info: &ModelInfo<'_>) -> Vec<(String, String)> {
     if let Some(e) = info.epoch {
         v.push((keys::EPOCH, e.to_string()));
     }
+    v.extend(info.card.iter().cloned());
     v.into_iter().map(|(k, v)| (k.to_string(), v)).collect()
 }
 
@@ -138,6 +146,7 @@ mod tests {
             checkpoint_sha256: "00",
             metrics: &metrics,
             epoch: Some(3),
+            card: Vec::new(),
         };
         let p = props(&info);
         let keys: Vec<&str> = p.iter().map(|(k, _)| k.as_str()).collect();

@@ -31,6 +31,10 @@ pub struct Resolved {
     pub metrics: BTreeMap<String, f64>,
     pub epoch: Option<u64>,
     pub probe: Option<ProbeRecord>,
+    /// The training data summary the checkpoint records (ours, from `mae-train`).
+    pub data: Option<mae_models::checkpoint::DataSummary>,
+    /// The program that wrote the checkpoint (ours: `mae-train X.Y.Z`).
+    pub writer: Option<String>,
     pub report: LoadReport,
     /// Checkpoint keys the export does not use (an MAE decoder, ...).
     pub ignored: Vec<String>,
@@ -89,6 +93,8 @@ pub fn resolve(mut ck: Checkpoint, req: &Request) -> anyhow::Result<Resolved> {
     let probe = meta.and_then(|m| m.probe.clone());
     let metrics = meta.map(|m| m.metrics.clone()).unwrap_or_default();
     let epoch = meta.and_then(|m| m.epoch);
+    let data = meta.and_then(|m| m.data.clone());
+    let writer = meta.map(|m| m.writer.clone());
 
     let mut tensors = ck.tensors;
     let ignored: Vec<String> = report.unexpected.clone();
@@ -105,6 +111,8 @@ pub fn resolve(mut ck: Checkpoint, req: &Request) -> anyhow::Result<Resolved> {
         metrics,
         epoch,
         probe,
+        data,
+        writer,
         report,
         ignored,
     })

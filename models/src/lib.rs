@@ -2,6 +2,7 @@
 //! architecture configs and presets, the parameter-name and shape table, the preprocessing
 //! spec and the checkpoint formats (self-describing safetensors; PyTorch `.pth` reading).
 
+pub mod card;
 pub mod checkpoint;
 pub mod config;
 pub mod digest;

@@ -42,6 +42,18 @@ pub const TEMPERATURE: &str = "mae.temperature";
 /// Operating threshold chosen by `mae-run calibrate` (optional).
 pub const THRESHOLD: &str = "mae.threshold";
 
+/// What the model is for, as its exporter stated it (optional).
+pub const INTENDED_USE: &str = "mae.intended_use";
+/// The imaging modality the model was trained on (`chest X-ray`; optional).
+pub const MODALITY: &str = "mae.modality";
+/// The training and validation data summary, JSON of `checkpoint::DataSummary` (optional).
+pub const DATA: &str = "mae.data";
+/// Test-set metrics given to the exporter, JSON: `data`, `split`, `samples`, `acc1`, `auc`,
+/// `loss` (optional).
+pub const TEST_METRICS: &str = "mae.test_metrics";
+/// The program and version that wrote the source checkpoint (optional).
+pub const TRAINER_VERSION: &str = "mae.trainer_version";
+
 /// Every key that every export carries, in the order they are written.
 pub const REQUIRED: [&str; 17] = [
     FORMAT_VERSION,

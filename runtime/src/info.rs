@@ -17,6 +17,9 @@ pub struct InfoArgs {
     /// Refuse the model unless its SHA-256 is this (hex).
     #[arg(long, value_name = "HEX")]
     pub expect_sha256: Option<String>,
+    /// Write the model card (Markdown) instead: to FILE, or to standard output without one.
+    #[arg(long, value_name = "FILE", num_args = 0..=1, default_missing_value = "-")]
+    pub card: Option<PathBuf>,
 }
 
 /// `info --format` values.
@@ -41,6 +44,23 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
                 want.trim()
             );
         }
+    }
+    if let Some(card) = &args.card {
+        let facts = mae_models::card::CardFacts {
+            props: file.props.clone(),
+            file_name: file.path.file_name().map_or_else(
+                || file.path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            ),
+            sha256: file.sha256.clone(),
+            bytes: file.size,
+            inputs: file.inputs.iter().map(|i| i.describe()).collect(),
+            outputs: file.outputs.iter().map(|o| o.describe()).collect(),
+        };
+        let text = mae_models::card::model_card(&facts);
+        let to = (card.as_os_str() != "-").then_some(card.as_path());
+        crate::emit(to, &text)?;
+        return Ok(ExitCode::SUCCESS);
     }
     let meta = ModelMeta::from_file(&file, &MetaOverrides::default());
     let text = match args.format {

@@ -110,6 +110,7 @@ fn train_export_run_give_the_same_predictions() {
     let ck = dir.join("run/checkpoint-1.safetensors");
     assert!(ck.exists(), "no checkpoint at {}", ck.display());
     same_predictions(dir, &data, &ck, "finetune");
+    model_card(dir, &ck);
 
     // A linear probe (BatchNorm + linear head, folded on export and on evaluation).
     TestCommand::new("mae-train", dir)
@@ -138,6 +139,65 @@ fn train_export_run_give_the_same_predictions() {
         &data,
         &dir.join("lp/checkpoint-1.safetensors"),
         "linprobe",
+    );
+}
+
+/// The model card, from `mae-export --card` and from `mae-run info --card`: the same fields,
+/// filled from the checkpoint (data summary, validation metrics), the command line (intended
+/// use, modality) and `mae-train eval`'s test metrics (written by `same_predictions`).
+fn model_card(dir: &Path, ck: &Path) {
+    let out = TestCommand::new("mae-export", dir)
+        .args(["--onnx", "--output", "card.onnx", "--card", "card.md"])
+        .args([
+            "--intended-use",
+            "Sorting synthetic shapes; a test of the card.",
+        ])
+        .args(["--modality", "synthetic drawings"])
+        .args(["--test-metrics", "finetune-train.json", "--checkpoint"])
+        .args([ck])
+        .stdout();
+    assert!(out.contains("wrote the model card card.md"), "{out}");
+    let exported = std::fs::read_to_string(dir.join("card.md")).unwrap();
+    let printed = TestCommand::new("mae-run", dir)
+        .args(["info", "--model", "card.onnx", "--card"])
+        .stdout();
+    assert_eq!(exported, printed, "both tools write the same card");
+    let test: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("finetune-train.json")).unwrap())
+            .unwrap();
+    let sha = mae_models::digest::sha256_file(&dir.join("card.onnx")).unwrap();
+    for needle in [
+        "## Model details".to_string(),
+        "| architecture | vit_tiny_patch4_28 |".into(),
+        "| classes | circle, square, triangle |".into(),
+        "Sorting synthetic shapes; a test of the card.".into(),
+        "| source | `data` |".into(),
+        "| training images | 36 (the whole train split) |".into(),
+        "circle: 12 (33.3%), square: 12 (33.3%), triangle: 12 (33.3%)".into(),
+        "| validation images | 12 |".into(),
+        "| `data` val (model selection) | 12 |".into(),
+        format!(
+            "| `data` test | 12 | {:.4} |",
+            test["acc1"].as_f64().unwrap() / 100.0
+        ),
+        "Not calibrated".into(),
+        "`pixel_values: float [batch, 3, 28, 28]`".into(),
+        format!("| model SHA-256 | `{sha}` |"),
+        format!("| trained with | mae-train {} |", env!("CARGO_PKG_VERSION")),
+        "trained on synthetic drawings images only".into(),
+    ] {
+        assert!(
+            exported.contains(&needle),
+            "{needle} not in the card:\n{exported}"
+        );
+    }
+    // Writing to a file instead of standard output.
+    TestCommand::new("mae-run", dir)
+        .args(["info", "--model", "card.onnx", "--card", "again.md"])
+        .stdout();
+    assert_eq!(
+        std::fs::read_to_string(dir.join("again.md")).unwrap(),
+        exported
     );
 }
 

@@ -98,6 +98,30 @@ pub fn externalize(model: &mut ModelProto, location: &str) -> Vec<(usize, Vec<u8
     chunks
 }
 
+/// A graph input or output as `mae-run info` prints it: `pixel_values: float [batch, 3, 224, 224]`.
+pub fn describe_io(v: &tract_onnx::pb::ValueInfoProto) -> String {
+    use tract_onnx::pb::tensor_shape_proto::dimension::Value as D;
+    use tract_onnx::pb::type_proto::Value as T;
+    let Some(T::TensorType(t)) = v.r#type.as_ref().and_then(|t| t.value.as_ref()) else {
+        return format!("{}: not a tensor []", v.name);
+    };
+    let dtype = tract_onnx::pb::tensor_proto::DataType::try_from(t.elem_type).map_or_else(
+        |_| format!("type {}", t.elem_type),
+        |d| d.as_str_name().to_lowercase(),
+    );
+    let dims: Vec<String> = t.shape.as_ref().map_or_else(Vec::new, |s| {
+        s.dim
+            .iter()
+            .map(|d| match &d.value {
+                Some(D::DimValue(n)) => n.to_string(),
+                Some(D::DimParam(p)) => p.clone(),
+                None => String::new(),
+            })
+            .collect()
+    });
+    format!("{}: {dtype} [{}]", v.name, dims.join(", "))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

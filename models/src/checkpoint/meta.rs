@@ -78,8 +78,36 @@ pub struct CheckpointMeta {
     pub metrics: BTreeMap<String, f64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub probe: Option<ProbeRecord>,
+    /// What the model was trained and validated on (classifiers written by `mae-train`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<DataSummary>,
     /// Program and version that wrote the file.
     pub writer: String,
+}
+
+/// The data a classifier was trained and validated on, for its model card.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct DataSummary {
+    /// The data set's file or folder name (`pneumoniamnist.npz`).
+    pub source: String,
+    /// The class (or label) names, in output order.
+    #[serde(default)]
+    pub class_names: Vec<String>,
+    /// The training images used: all of the train split, or a `--train-samples` subset.
+    pub train: SplitSummary,
+    /// Images in the whole train split (before any subset).
+    pub train_split_images: usize,
+    /// `--train-samples`, when a subset was drawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub train_samples: Option<usize>,
+    pub val: SplitSummary,
+}
+
+/// The size of a split and its images per class (positives per label, multi-label).
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct SplitSummary {
+    pub images: usize,
+    pub per_class: Vec<usize>,
 }
 
 impl CheckpointMeta {
@@ -98,6 +126,7 @@ impl CheckpointMeta {
             args: serde_json::Value::Null,
             metrics: BTreeMap::new(),
             probe: None,
+            data: None,
             writer: writer.to_string(),
         }
     }

@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-pub use meta::{CheckpointKind, CheckpointMeta, ProbeRecord, Task, FORMAT_VERSION, METADATA_KEY};
+pub use meta::{
+    CheckpointKind, CheckpointMeta, DataSummary, ProbeRecord, SplitSummary, Task, FORMAT_VERSION,
+    METADATA_KEY,
+};
 pub use pth::{read_pth, read_pth_bytes, PthFile};
 
 use crate::error::{Error, Result};

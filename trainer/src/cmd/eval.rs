@@ -135,7 +135,18 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
     );
     println!("{}", ev.metrics);
     if let Some(out) = &a.output {
-        mae_models::io::atomic_write(out, serde_json::to_string_pretty(&ev.metrics)?.as_bytes())?;
+        // The metrics, with the data they were measured on (`mae-export --test-metrics` reads
+        // this file for the model card).
+        let mut json = serde_json::to_value(&ev.metrics)?;
+        if let Some(map) = json.as_object_mut() {
+            let data = a.data_path.file_name().map_or_else(
+                || a.data_path.display().to_string(),
+                |n| n.to_string_lossy().into_owned(),
+            );
+            map.insert("data".into(), data.into());
+            map.insert("split".into(), a.split.clone().into());
+        }
+        mae_models::io::atomic_write(out, serde_json::to_string_pretty(&json)?.as_bytes())?;
         println!("metrics written to {}", out.display());
     }
     if let Some(out) = &a.predictions {

@@ -6,6 +6,7 @@ use crate::data::mixup::{mix, MixConfig};
 use crate::data::randaug;
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset};
+use crate::engine::classifier::data_summary;
 use crate::engine::setup::Setup;
 use crate::engine::*;
 use crate::engine::{train_epoch, TrainBatches};
@@ -224,6 +225,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     let epochs = setup.epochs(order.len(), &a.optim, start_epoch)?;
     // The augmentation: RandomResizedCrop, flip, RandAugment, random erasing, Mixup/CutMix.
     let (batches, mix_cfg) = augmentation(a, &spec, randaug);
+    let data = data_summary(&a.data.data_path, &train, &order, &val, a.train_samples);
     let end = ClassifierEpoch {
         run: &run,
         arch: &a.arch.model,
@@ -238,6 +240,7 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
         workers: a.data.num_workers,
         eval_dist,
         started: Instant::now(),
+        data: &data,
     };
     // The loss: (class-weighted) soft-target cross-entropy, or BCE for multi-label.
     let c = train.num_outputs();

@@ -10,6 +10,7 @@
 use crate::cli::LinprobeArgs;
 use crate::data::transform::TrainAug;
 use crate::data::{self};
+use crate::engine::classifier::data_summary;
 use crate::engine::setup::Setup;
 use crate::engine::{loss_fn, targets, to_input, ClassifierEpoch};
 use crate::engine::{train_epoch, TrainBatches};
@@ -131,6 +132,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         workers: a.data.num_workers,
         seed: a.run.seed,
     };
+    let data = data_summary(&a.data.data_path, &train, &order, &val, a.train_samples);
     let end = ClassifierEpoch {
         run: &run,
         arch: &a.arch.model,
@@ -145,6 +147,7 @@ pub fn linprobe(a: &LinprobeArgs) -> anyhow::Result<ExitCode> {
         workers: a.data.num_workers,
         eval_dist: setup.eval_dist(a.dist.dist_eval),
         started: Instant::now(),
+        data: &data,
     };
     // The loss: cross-entropy without smoothing.
     let c = train.num_outputs();

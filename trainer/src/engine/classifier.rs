@@ -5,7 +5,9 @@ use crate::data::Dataset;
 use crate::engine::dist::Dist;
 use crate::engine::*;
 use crate::engine::{save_checkpoint, RunDir};
-use mae_models::checkpoint::{CheckpointKind, CheckpointMeta, ProbeRecord};
+use mae_models::checkpoint::{
+    CheckpointKind, CheckpointMeta, DataSummary, ProbeRecord, SplitSummary, Task,
+};
 use mae_models::{ModelConfig, VitConfig};
 use std::sync::Arc;
 use std::time::Instant;
@@ -48,6 +50,47 @@ pub(crate) struct ClassifierEpoch<'a> {
     pub eval_dist: &'a Dist,
     /// When training started, for the elapsed time on each epoch line.
     pub started: Instant,
+    /// The data summary every checkpoint records (for the model card).
+    pub data: &'a DataSummary,
+}
+
+/// The summary of a classifier's data: the training images used (`order`), the whole train
+/// split's size, `--train-samples`, and the validation set, each with its images per class.
+pub fn data_summary(
+    source: &std::path::Path,
+    train: &Dataset,
+    order: &[usize],
+    val: &Dataset,
+    train_samples: Option<usize>,
+) -> DataSummary {
+    let split = |ds: &Dataset, idx: &mut dyn Iterator<Item = usize>| {
+        let c = ds.num_outputs();
+        let mut per_class = vec![0usize; c];
+        let mut images = 0;
+        for i in idx {
+            images += 1;
+            let labels = &ds.items[i].labels;
+            if ds.task == Task::MultiLabel {
+                for (j, &l) in labels.iter().enumerate().take(c) {
+                    per_class[j] += usize::from(l != 0);
+                }
+            } else if let Some(n) = per_class.get_mut(ds.items[i].class()) {
+                *n += 1;
+            }
+        }
+        SplitSummary { images, per_class }
+    };
+    DataSummary {
+        source: source.file_name().map_or_else(
+            || source.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        ),
+        class_names: train.class_names.clone(),
+        train: split(train, &mut order.iter().copied()),
+        train_split_images: train.len(),
+        train_samples,
+        val: split(val, &mut (0..val.len())),
+    }
 }
 
 impl ClassifierEpoch<'_> {
@@ -119,6 +162,7 @@ impl ClassifierEpoch<'_> {
         meta.metrics = m.summary();
         meta.metrics.insert("best".into(), *best);
         meta.probe = Some(probe(model, self.cfg.img_size, self.device));
+        meta.data = Some(self.data.clone());
         run.save_epoch(epoch, &weights, &meta, opt, scaler)?;
         if is_best {
             save_checkpoint(
