@@ -1036,72 +1036,33 @@ fn predict(req: &Req, query: &str, shared: &Shared, slot: &Slot) -> Reply {
 
 /// The boundary of a `multipart/form-data` content type.
 fn multipart_boundary(content_type: &str) -> Option<String> {
-    let mut parts = content_type.split(';');
-    if !parts
-        .next()?
-        .trim()
-        .eq_ignore_ascii_case("multipart/form-data")
-    {
-        return None;
-    }
-    parts.find_map(|p| {
-        let (k, v) = p.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("boundary")
-            .then(|| v.trim_matches('"').to_string())
-    })
+    multer::parse_boundary(content_type).ok()
 }
 
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    if needle.is_empty() || from > hay.len() {
-        return None;
-    }
-    hay[from..]
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|i| i + from)
-}
-
-/// The parts of a `multipart/form-data` body: (file name or field name, bytes).
+/// The parts of a `multipart/form-data` body, read by `multer`: (file name, else field name,
+/// bytes).
 fn multipart(body: &[u8], boundary: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
-    let delim = format!("--{boundary}");
-    let mut pos = find(body, delim.as_bytes(), 0).ok_or("no boundary in the body")?;
-    let mut parts = Vec::new();
-    loop {
-        pos += delim.len();
-        if body[pos..].starts_with(b"--") {
-            return Ok(parts);
+    use futures_util::FutureExt;
+    let data = bytes::Bytes::copy_from_slice(body);
+    let stream =
+        futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(data) });
+    let mut form = multer::Multipart::new(stream, boundary);
+    let read = async {
+        let mut parts = Vec::new();
+        while let Some(field) = form.next_field().await.map_err(|e| e.to_string())? {
+            let name = field
+                .file_name()
+                .filter(|s| !s.is_empty())
+                .or(field.name())
+                .map_or_else(|| format!("part{}", parts.len()), str::to_string);
+            let bytes = field.bytes().await.map_err(|e| e.to_string())?;
+            parts.push((name, bytes.to_vec()));
         }
-        let head_start = pos + 2; // CRLF after the boundary
-        let head_end = find(body, b"\r\n\r\n", head_start).ok_or("part without headers")?;
-        let head = String::from_utf8_lossy(&body[head_start.min(head_end)..head_end]);
-        let data_start = head_end + 4;
-        let next =
-            find(body, format!("\r\n{delim}").as_bytes(), data_start).ok_or("unterminated part")?;
-        let (mut field, mut file) = (None, None);
-        for line in head.lines() {
-            if !line
-                .to_ascii_lowercase()
-                .starts_with("content-disposition:")
-            {
-                continue;
-            }
-            for attr in line.split(';').skip(1) {
-                if let Some((k, v)) = attr.trim().split_once('=') {
-                    let v = v.trim_matches('"').to_string();
-                    if k.eq_ignore_ascii_case("filename") && !v.is_empty() {
-                        file = Some(v);
-                    } else if k.eq_ignore_ascii_case("name") {
-                        field = Some(v);
-                    }
-                }
-            }
-        }
-        let name = file
-            .or(field)
-            .unwrap_or_else(|| format!("part{}", parts.len()));
-        parts.push((name, body[data_start..next].to_vec()));
-        pos = next + 2;
-    }
+        Ok(parts)
+    };
+    // The whole body is in memory, so reading it never waits.
+    read.now_or_never()
+        .unwrap_or_else(|| Err("the multipart body could not be read in one pass".into()))
 }
 
 #[cfg(test)]
