@@ -10,7 +10,8 @@
 #   --binary FILE   pack this mae-run instead of building a stripped release one (tests)
 #
 # The archive unpacks to mae-edge/: bin/mae-run, models/, lib/ (with --ort), mae-run.service,
-# mae-run.env, SHA256SUMS and INSTALL.md. It is written atomically (temp file, then rename).
+# mae-run.env, MODEL_CARD.md, SHA256SUMS and INSTALL.md. It is written atomically (temp
+# file, then rename).
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 say() { printf '\033[1m[package-edge]\033[0m %s\n' "$*" >&2; }
@@ -23,7 +24,7 @@ while [ $# -gt 0 ]; do
     --ort) ort=1; shift ;;
     --out) out=${2:?--out needs a file}; shift 2 ;;
     --binary) binary=${2:?--binary needs a file}; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
 done
@@ -68,6 +69,9 @@ cp "$model" "$b/models/$model_name"
 [ ! -e "$model.data" ] || cp "$model.data" "$b/models/$model_name.data"
 chmod 0644 "$b"/models/*
 sha=$(sha256sum "$model" | cut -d' ' -f1)
+# The model card, for the reviewers who approve the installation.
+"$b/bin/mae-run" info --model "$b/models/$model_name" --card "$b/MODEL_CARD.md" 2>/dev/null \
+  || die "cannot write the model card of $model (is it a model mae-run reads?)"
 
 backend_args=""
 if [ -n "$ort_lib" ]; then
@@ -141,7 +145,8 @@ cat > "$b/INSTALL.md" <<EOF
 
 This folder holds \`mae-run\` (a single static-ish Linux executable; no Python), the model
 \`models/$model_name\` (SHA-256 \`$sha\`)$( [ -n "$ort_lib" ] && printf ', ONNX Runtime (`lib/libonnxruntime.so`)' ),
-a systemd unit and its settings.
+a systemd unit and its settings. \`MODEL_CARD.md\` describes the model: what it is for, the data
+it was trained and validated on, its metrics, and its known limits. Read it before installing.
 
 ## Install (as root)
 

@@ -523,9 +523,12 @@ fn edge_bundle_runs_from_its_own_files() {
         "mae-run.env",
         "SHA256SUMS",
         "INSTALL.md",
+        "MODEL_CARD.md",
     ] {
         assert!(b.join(f).is_file(), "{f} missing from the bundle");
     }
+    let card = std::fs::read_to_string(b.join("MODEL_CARD.md")).unwrap();
+    assert!(card.starts_with("# Model card: multiclass.onnx"), "{card}");
     let o = Command::new("sha256sum")
         .args(["--quiet", "-c", "SHA256SUMS"])
         .current_dir(&b)
