@@ -65,6 +65,8 @@ pub struct LoadOptions {
     pub kind: BackendKind,
     pub device: Device,
     pub threads: usize,
+    /// How tract spreads a batch over its threads.
+    pub parallel: crate::Parallel,
     pub ort_lib: Option<PathBuf>,
 }
 
@@ -85,6 +87,7 @@ pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result
                 path,
                 meta,
                 opts.threads,
+                opts.parallel,
             )?))
         }
         BackendKind::Ort => Ok(Box::new(ort_backend::OrtBackend::load(path, meta, opts)?)),
@@ -112,10 +115,16 @@ mod tract_backend {
         size: usize,
         roles: (Option<usize>, Option<usize>),
         threads: usize,
+        parallel: crate::Parallel,
     }
 
     impl TractBackend {
-        pub fn load(path: &Path, meta: &ModelMeta, threads: usize) -> anyhow::Result<Self> {
+        pub fn load(
+            path: &Path,
+            meta: &ModelMeta,
+            threads: usize,
+            parallel: crate::Parallel,
+        ) -> anyhow::Result<Self> {
             if threads > 1 {
                 // tract's matrix products are single-threaded unless given a pool.
                 tract_linalg::multithread::set_default_executor(
@@ -141,23 +150,94 @@ mod tract_backend {
                 size: s,
                 roles: output_roles(&meta.output_names),
                 threads,
+                parallel,
             })
+        }
+
+        /// Runs `batch` images through the plan on this thread (its matrix products spread
+        /// over the default executor's threads, if any).
+        fn run_plan(&self, pixels: &[f32], batch: usize) -> anyhow::Result<TVec<TValue>> {
+            let s = self.size;
+            let input =
+                Tensor::from_shape(&[batch, 3, s, s], pixels).context("tract: bad input tensor")?;
+            self.plan
+                .run(tvec!(input.into()))
+                .context("tract: inference failed")
+        }
+
+        /// Runs the batch as `shares` parts at once, each on its own thread with a
+        /// single-threaded plan, and joins their outputs in order.
+        fn run_images(
+            &self,
+            pixels: &[f32],
+            batch: usize,
+            shares: usize,
+        ) -> anyhow::Result<TVec<TValue>> {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            let per_image = 3 * self.size * self.size;
+            let mut bounds = Vec::with_capacity(shares);
+            let mut start = 0;
+            for k in 0..shares {
+                let n = batch / shares + usize::from(k < batch % shares);
+                bounds.push((start, n));
+                start += n;
+            }
+            let parts: Vec<anyhow::Result<TVec<TValue>>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = bounds
+                    .iter()
+                    .map(|&(first, n)| {
+                        let px = &pixels[first * per_image..(first + n) * per_image];
+                        scope.spawn(move || {
+                            multithread_tract_scope(Executor::SingleThread, || self.run_plan(px, n))
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join()
+                            .unwrap_or_else(|_| Err(anyhow!("tract: a worker thread failed")))
+                    })
+                    .collect()
+            });
+            let parts = parts.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
+            let outputs = parts.first().map_or(0, |p| p.len());
+            let mut joined = TVec::new();
+            for o in 0..outputs {
+                let pieces: Vec<Tensor> =
+                    parts.iter().map(|p| p[o].clone().into_tensor()).collect();
+                let t = Tensor::stack_tensors(0, &pieces).context("tract: joining the outputs")?;
+                joined.push(t.into_tvalue());
+            }
+            Ok(joined)
         }
     }
 
     impl Backend for TractBackend {
         fn describe(&self) -> String {
-            format!("tract 0.23 (CPU, {} threads)", self.threads.max(1))
+            format!(
+                "tract 0.23 (CPU, {} threads, parallel over {})",
+                self.threads.max(1),
+                match self.parallel {
+                    crate::Parallel::Images => "images",
+                    crate::Parallel::Ops => "operators",
+                    crate::Parallel::Auto => "images in batches, operators for one image",
+                }
+            )
         }
 
         fn run(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs> {
-            let s = self.size;
-            let input =
-                Tensor::from_shape(&[batch, 3, s, s], pixels).context("tract: bad input tensor")?;
-            let outputs = self
-                .plan
-                .run(tvec!(input.into()))
-                .context("tract: inference failed")?;
+            let by_images = match self.parallel {
+                crate::Parallel::Images => true,
+                crate::Parallel::Ops => false,
+                crate::Parallel::Auto => batch >= 2,
+            };
+            let shares = self.threads.min(batch);
+            let outputs = if by_images && shares >= 2 {
+                self.run_images(pixels, batch, shares)?
+            } else {
+                self.run_plan(pixels, batch)?
+            };
             let take = |i: Option<usize>| -> anyhow::Result<Option<(Vec<f32>, usize)>> {
                 let Some(i) = i else { return Ok(None) };
                 let t = outputs

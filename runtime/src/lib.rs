@@ -62,6 +62,15 @@ pub enum Command {
     Bench(bench::BenchArgs),
 }
 
+/// `--parallel` values: how tract uses its threads on a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Parallel {
+    Auto,
+    Images,
+    Ops,
+}
+
 /// Options shared by every command that runs a model.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ModelArgs {
@@ -78,6 +87,12 @@ pub struct ModelArgs {
     /// Threads for inference (default: every core).
     #[arg(long, value_name = "N")]
     pub threads: Option<usize>,
+    /// How tract spreads a batch over its threads: `images` gives each thread a share of the
+    /// batch's images (a single-threaded plan each: throughput), `ops` splits every matrix
+    /// product across the threads (latency), `auto` takes images for batches of two or more
+    /// and ops for one image. ONNX Runtime uses its own intra-op threads.
+    #[arg(long, value_enum, default_value_t = Parallel::Auto)]
+    pub parallel: Parallel,
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, beside the executable, the project
     /// virtualenv, the system library folders).
     #[arg(long, value_name = "FILE")]
@@ -95,6 +110,7 @@ impl ModelArgs {
             kind: self.backend,
             device: self.device,
             threads: engine::threads(self.threads),
+            parallel: self.parallel,
             ort_lib: self.ort_lib.clone(),
         }
     }

@@ -1044,8 +1044,7 @@ fn multipart_boundary(content_type: &str) -> Option<String> {
 fn multipart(body: &[u8], boundary: &str) -> Result<Vec<(String, Vec<u8>)>, String> {
     use futures_util::FutureExt;
     let data = bytes::Bytes::copy_from_slice(body);
-    let stream =
-        futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(data) });
+    let stream = futures_util::stream::once(async move { Ok::<_, std::convert::Infallible>(data) });
     let mut form = multer::Multipart::new(stream, boundary);
     let read = async {
         let mut parts = Vec::new();

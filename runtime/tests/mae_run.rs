@@ -11,6 +11,7 @@ use common::*;
 use mae_runtime::backend::{BackendKind, Device, LoadOptions};
 use mae_runtime::engine::Engine;
 use mae_runtime::model::MetaOverrides;
+use mae_runtime::Parallel;
 
 const MODELS: [&str; 3] = ["multiclass", "binary", "multilabel"];
 const BACKENDS: [BackendKind; 2] = [BackendKind::Tract, BackendKind::Ort];
@@ -20,30 +21,56 @@ fn options(kind: BackendKind) -> LoadOptions {
         kind,
         device: Device::Cpu,
         threads: 2,
+        parallel: Parallel::Auto,
         ort_lib: Some(ort_lib()),
     }
 }
 
 fn engine(model: &str, kind: BackendKind) -> Engine {
+    engine_with(model, &options(kind))
+}
+
+fn engine_with(model: &str, opts: &LoadOptions) -> Engine {
     Engine::load(
         &fixtures().join(format!("{model}.onnx")),
         None,
         &MetaOverrides::default(),
-        &options(kind),
+        opts,
     )
-    .unwrap_or_else(|e| panic!("{model} on {kind:?}: {e:#}"))
+    .unwrap_or_else(|e| panic!("{model} on {:?}: {e:#}", opts.kind))
 }
 
 #[test]
 fn probabilities_match_pytorch_on_the_same_tensors() {
-    for kind in BACKENDS {
+    // tract with each matrix product over 2 threads, and with the batch of 4 split over 3
+    // single-threaded runs (2 + 1 + 1 images); ONNX Runtime.
+    let configs = [
+        (BackendKind::Tract, Parallel::Ops, 2),
+        (BackendKind::Tract, Parallel::Images, 3),
+        (BackendKind::Ort, Parallel::Auto, 2),
+    ];
+    for (kind, parallel, threads) in configs {
         for model in MODELS {
-            let mut e = engine(model, kind);
+            let opts = LoadOptions {
+                parallel,
+                threads,
+                ..options(kind)
+            };
+            let mut e = engine_with(model, &opts);
+            assert!(
+                kind != BackendKind::Tract
+                    || e.describe_backend().contains(match parallel {
+                        Parallel::Images => "parallel over images",
+                        _ => "parallel over operators",
+                    }),
+                "{}",
+                e.describe_backend()
+            );
             let r = &reference()["tensor"][model];
             let x = read_f32(&fixtures().join(format!("tensor_{model}.f32")));
             let batch = r["batch"].as_u64().unwrap() as usize;
             let raw = e.run_raw(&x, batch).unwrap();
-            let what = format!("{model} {kind:?}");
+            let what = format!("{model} {kind:?} {parallel:?} {threads} threads");
             let dp = assert_close(
                 &format!("{what} probabilities"),
                 raw.probabilities.as_ref().unwrap(),
@@ -661,6 +688,7 @@ fn cuda_matches_cpu() {
                 kind: BackendKind::Ort,
                 device: Device::Cuda,
                 threads: 2,
+                parallel: Parallel::Auto,
                 ort_lib: Some(lib.clone()),
             },
         )

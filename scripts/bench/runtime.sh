@@ -29,16 +29,19 @@ say "1. random $model weights, exported fp32 and int8"
 "$BIN/mae-export" --onnx --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.onnx"
 "$BIN/mae-export" --onnx --int8 --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8.onnx"
 
-bench() { # name model backend
-  "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$threads" --batch-size 1,8 \
-    --iterations "$iters" --format json --output "$out/$1.json"
+bench() { # name model backend threads batches [extra mae-run flags]
+  "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$4" --batch-size "$5" \
+    --iterations "$iters" --format json --output "$out/$1.json" "${@:6}"
   say "   $1: $("$py" "$root/scripts/bench/summary.py" "$out/$1.json")"
 }
-say "2. mae-run bench ($threads threads, $iters iterations)"
-bench tract-fp32 "$out/$model.onnx" tract
-bench ort-fp32 "$out/$model.onnx" ort
-bench ort-int8 "$out/$model.int8.onnx" ort
-if [ -n "${TRACT_INT8:-}" ]; then bench tract-int8 "$out/$model.int8.onnx" tract; fi
+say "2. mae-run bench ($threads threads, then 1; $iters iterations)"
+bench tract-fp32 "$out/$model.onnx" tract "$threads" 1,8 --parallel ops
+bench tract-fp32-images "$out/$model.onnx" tract "$threads" 8 --parallel images
+bench tract-fp32-1t "$out/$model.onnx" tract 1 1
+bench ort-fp32 "$out/$model.onnx" ort "$threads" 1,8
+bench ort-fp32-1t "$out/$model.onnx" ort 1 1
+bench ort-int8 "$out/$model.int8.onnx" ort "$threads" 1,8
+if [ -n "${TRACT_INT8:-}" ]; then bench tract-int8 "$out/$model.int8.onnx" tract "$threads" 1,8; fi
 say "3. ONNX Runtime's Python InferenceSession, same file and threads"
 "$py" "$root/scripts/bench/ort_python.py" "$out/$model.onnx" --threads "$threads" \
   --iterations "$iters" > "$out/ort-python-fp32.json"
@@ -48,7 +51,7 @@ for f in ort-python-fp32 ort-python-int8; do
   say "   $f: $("$py" "$root/scripts/bench/summary.py" "$out/$f.json")"
 done
 
-say "4. mae-run serve under $clients clients for ${seconds}s (tract backend)"
+say "4. mae-run serve (tract backend): $clients clients, then 1 client, ${seconds}s each"
 "$py" -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((224,224,3))*255).astype('uint8')).save('$out/probe.png')"
 port=$(( 20000 + RANDOM % 20000 ))
 "$BIN/mae-run" serve --model "$out/$model.onnx" --threads "$threads" --listen "127.0.0.1:$port" \
@@ -58,6 +61,12 @@ trap 'kill $pid 2>/dev/null || true' EXIT
 for _ in $(seq 120); do curl -sf "http://127.0.0.1:$port/healthz" >/dev/null 2>&1 && break; sleep 1; done
 "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
   --clients "$clients" --seconds "$seconds" > "$out/serve.json"
+say "   serve, $clients clients: $(cat "$out/serve.json")"
+"$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
+  --clients 1 --seconds "$seconds" > "$out/serve-1.json"
+say "   serve, 1 client: $(cat "$out/serve-1.json")"
 kill -TERM $pid; wait $pid || true
-say "   serve: $(cat "$out/serve.json")"
+
+say "5. the table (every ratio from this run)"
+"$py" "$root/scripts/bench/table.py" "$out" --model "$model" --threads "$threads" | tee "$out/table.md"
 say "figures in $out"

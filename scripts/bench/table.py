@@ -1,0 +1,100 @@
+"""The runtime benchmark's table: CPU model and features, then every ratio the edge-speed goals
+name, all from the JSON files of one `scripts/bench/runtime.sh` run.
+
+usage: table.py OUT_DIR [--model NAME] [--threads N]
+"""
+import argparse
+import json
+import os
+import platform
+
+ap = argparse.ArgumentParser()
+ap.add_argument("out")
+ap.add_argument("--model", default="vit_base_patch16")
+ap.add_argument("--threads", type=int, default=2)
+a = ap.parse_args()
+
+
+def load(name):
+    p = os.path.join(a.out, name + ".json")
+    return json.load(open(p)) if os.path.exists(p) else None
+
+
+def batch(r, b):
+    if r is None:
+        return None
+    return next((x for x in r["batches"] if x["batch_size"] == b), None)
+
+
+def cpu():
+    model, flags = platform.processor() or "?", set()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name") and model in ("?", "x86_64"):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    named = [("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512F", "avx512f"),
+             ("AVX512-VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("AVX512-BF16", "avx512_bf16"),
+             ("AVX512-FP16", "avx512_fp16"), ("AMX-BF16", "amx_bf16"), ("AMX-INT8", "amx_int8")]
+    return model, os.cpu_count(), [n for n, f in named if f in flags], [n for n, f in named if f not in flags]
+
+
+def f(v, unit="", digits=1):
+    return "–" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def ratio(x, y, digits=2):
+    return "–" if x is None or y is None or y == 0 else f"{x / y:.{digits}f}×"
+
+
+def ms(r, b=1):
+    x = batch(r, b)
+    return None if x is None else x["p50_ms"] / b
+
+
+def ips(r, b):
+    x = batch(r, b)
+    return None if x is None else x["images_per_s"]
+
+
+def p99(r, b=1):
+    x = batch(r, b)
+    return None if x is None else x["p99_ms"]
+
+
+def rss(r):
+    return None if r is None or r.get("peak_rss_bytes") is None else r["peak_rss_bytes"] / 1e6
+
+
+t, ti, t1 = load("tract-fp32"), load("tract-fp32-images"), load("tract-fp32-1t")
+o, o1, q = load("ort-fp32"), load("ort-fp32-1t"), load("ort-int8")
+tq = load("tract-int8")
+serve, serve1 = load("serve"), load("serve-1")
+model, cores, has, lacks = cpu()
+print(f"**CPU:** {model}, {cores} cores. Has: {', '.join(has) or 'none of the listed'}. "
+      f"Lacks: {', '.join(lacks) or 'none'}.\n")
+print(f"Model: {a.model}, fp32 and int8 (ONNX Runtime dynamic quantisation), {a.threads} threads "
+      "unless said; p50 latency per image.\n")
+print("| measure | tract | ONNX Runtime | tract / ORT | goal |")
+print("|---|---|---|---|---|")
+print(f"| batch 1 latency, {a.threads} threads | {f(ms(t), ' ms')} | {f(ms(o), ' ms')} | {ratio(ms(t), ms(o))} | ≤ 1.3× |")
+print(f"| batch 1 latency, 1 thread | {f(ms(t1), ' ms')} | {f(ms(o1), ' ms')} | {ratio(ms(t1), ms(o1))} | – |")
+speedup_t = None if ms(t1) is None or ms(t) is None else ms(t1) / ms(t)
+speedup_o = None if ms(o1) is None or ms(o) is None else ms(o1) / ms(o)
+print(f"| speed-up from the 2nd thread (batch 1) | {f(speedup_t, '×', 2)} | {f(speedup_o, '×', 2)} | – | – |")
+print(f"| batch 8 throughput, operators over threads | {f(ips(t, 8), ' img/s', 2)} | {f(ips(o, 8), ' img/s', 2)} | {ratio(ips(o, 8), ips(t, 8))} | – |")
+print(f"| batch 8 throughput, images over threads | {f(ips(ti, 8), ' img/s', 2)} | {f(ips(o, 8), ' img/s', 2)} | {ratio(ips(o, 8), ips(ti, 8))} | ≤ 1.1× |")
+print(f"| int8 batch 1 latency | {f(ms(tq), ' ms')} | {f(ms(q), ' ms')} | {ratio(ms(tq), ms(q))} | – |")
+print(f"| int8 speed-up over fp32, batch 1 | {ratio(ms(t), ms(tq))} | {ratio(ms(o), ms(q))} | – | ≥ 2× (VNNI) |")
+print(f"| int8 speed-up over fp32, batch 8 | {ratio(ips(tq, 8), ips(t, 8))} | {ratio(ips(q, 8), ips(o, 8))} | – | ≥ 2× (VNNI) |")
+print(f"| peak RSS fp32 / int8 | {f(rss(t), ' MB', 0)} / {f(rss(tq), ' MB', 0)} | {f(rss(o), ' MB', 0)} / {f(rss(q), ' MB', 0)} | – | – |")
+best = max([x for x in [ips(t, 8), ips(ti, 8)] if x is not None], default=None)
+if serve:
+    print(f"| serve, {serve['clients']} clients (tract) | {f(serve['images_per_s'], ' img/s', 2)} | – | "
+          f"{ratio(serve['images_per_s'], best)} of tract's best bench | ≥ 0.95× |")
+if serve1:
+    print(f"| serve, 1 client, p99 (tract) | {f(serve1['p99_ms'], ' ms')} | – | "
+          f"{ratio(serve1['p99_ms'], p99(t))} of bench p99 at batch 1 | ≤ 1.2× |")
