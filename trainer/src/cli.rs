@@ -185,6 +185,9 @@ pub struct BenchArgs {
     pub amp: PrecisionArgs,
     #[arg(long, value_enum, default_value_t = DeviceArg::Auto)]
     pub device: DeviceArg,
+    /// Print the figures as JSON (per-step times included) instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -411,3 +411,41 @@ fn fp16_resume_restores_the_loss_scaler_exactly() {
         "the scaler state made no difference: the test cannot tell"
     );
 }
+
+#[test]
+fn bench_reports_each_step_as_json() {
+    let d = tempfile::tempdir().unwrap();
+    let out = mae_train(
+        d.path(),
+        &[
+            "bench",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--depth",
+            "1",
+            "--batch-size",
+            "4",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let steps: Vec<f64> = v["step_ms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(steps.len(), 3);
+    assert!(steps.iter().all(|&t| t > 0.0));
+    let mean = steps.iter().sum::<f64>() / 3.0;
+    assert!((v["mean_ms"].as_f64().unwrap() - mean).abs() < 1e-6);
+    assert!(v["min_ms"].as_f64().unwrap() <= v["median_ms"].as_f64().unwrap());
+    assert_eq!(v["precision"], "fp32");
+    assert_eq!(v["batch_size"], 4);
+}

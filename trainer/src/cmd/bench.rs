@@ -74,9 +74,16 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
     );
     let params = vs.trainable_variables();
     let scaler = crate::engine::precision::scaler_for(precision, &a.amp);
-    let mut run = |n: usize| -> f64 {
-        let t = Instant::now();
+    let sync = || {
+        if let tch::Device::Cuda(i) = device {
+            tch::Cuda::synchronize(i as i64);
+        }
+    };
+    // Seconds of each step, the device synchronised after each.
+    let mut run = |n: usize| -> Vec<f64> {
+        let mut times = Vec::with_capacity(n);
         for _ in 0..n {
+            let t = Instant::now();
             opt.zero_grad();
             let loss = crate::engine::precision::autocast(&step);
             match &scaler {
@@ -91,15 +98,37 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
                     opt.step(1e-4);
                 }
             }
+            sync();
+            times.push(t.elapsed().as_secs_f64());
         }
-        if let tch::Device::Cuda(i) = device {
-            tch::Cuda::synchronize(i as i64);
-        }
-        t.elapsed().as_secs_f64()
+        times
     };
     run(a.warmup);
-    let secs = run(a.steps);
-    let per_step = secs / a.steps as f64;
+    let times = run(a.steps);
+    let per_step = times.iter().sum::<f64>() / a.steps as f64;
+    let mut sorted = times.clone();
+    sorted.sort_by(f64::total_cmp);
+    let median = sorted[sorted.len() / 2];
+    if a.json {
+        let v = serde_json::json!({
+            "model": a.model,
+            "input_size": s,
+            "batch_size": a.batch_size,
+            "device": format!("{device:?}"),
+            "precision": crate::engine::precision::name(precision),
+            "threads": tch::get_num_threads(),
+            "steps": a.steps,
+            "warmup": a.warmup,
+            "mean_ms": per_step * 1e3,
+            "median_ms": median * 1e3,
+            "min_ms": sorted[0] * 1e3,
+            "step_ms": times.iter().map(|t| t * 1e3).collect::<Vec<_>>(),
+            "images_per_s": a.batch_size as f64 / per_step,
+            "peak_rss_mib": peak_rss_mib(),
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
     println!(
         "{} at {s}×{s}, batch {b}, {device:?}, {}: {:.1} ms/step, {:.1} img/s (forward + backward + AdamW, {} steps after {} warm-up)",
         a.model,
@@ -108,6 +137,11 @@ pub fn bench(a: &BenchArgs) -> anyhow::Result<ExitCode> {
         a.batch_size as f64 / per_step,
         a.steps,
         a.warmup
+    );
+    println!(
+        "per step: median {:.1} ms, fastest {:.1} ms",
+        median * 1e3,
+        sorted[0] * 1e3
     );
     if let Some(m) = peak_rss_mib() {
         println!("peak host memory: {m:.0} MiB");
