@@ -51,9 +51,39 @@ pub fn splits(path: &Path) -> Result<Vec<String>> {
 
 /// Reads `{split}_images` and `{split}_labels` of a MedMNIST `.npz` file.
 pub fn read_split(path: &Path, split: &str) -> Result<NpzSplit> {
-    let mut zip = open(path)?;
-    let images = read_array(&mut zip, path, &format!("{split}_images"))?;
-    let labels = read_array(&mut zip, path, &format!("{split}_labels"))?;
+    read_split_of(&mut open(path)?, path, split)
+}
+
+/// Every split of a `.npz` file held in memory (`name` names it in errors).
+pub fn read_bytes(bytes: &[u8], name: &Path) -> Result<Vec<(String, NpzSplit)>> {
+    let mut zip = ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
+        Error::format(
+            name,
+            format!("not a .npz file (a zip archive of .npy arrays): {e}"),
+        )
+    })?;
+    let names: Vec<String> = zip
+        .file_names()
+        .filter_map(|n| n.ok().map(|n| n.into_owned()))
+        .collect();
+    let mut out = Vec::new();
+    for n in &names {
+        if let Some(split) = n.strip_suffix("_images.npy") {
+            if names.iter().any(|m| m == &format!("{split}_labels.npy")) {
+                out.push((split.to_string(), read_split_of(&mut zip, name, split)?));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn read_split_of<R: Read + Seek>(
+    zip: &mut ZipArchive<R>,
+    path: &Path,
+    split: &str,
+) -> Result<NpzSplit> {
+    let images = read_array(zip, path, &format!("{split}_images"))?;
+    let labels = read_array(zip, path, &format!("{split}_labels"))?;
     let images = images_of(&images, path)?;
     let labels = labels_of(&labels, path)?;
     if images.len() != labels.len() {

@@ -111,8 +111,13 @@ impl ModelFile {
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes)
             .with_context(|| format!("cannot read model {}", path.display()))?;
-        let sha256 = mae_models::digest::sha256_hex(&bytes);
-        let proto = pb::ModelProto::decode(&bytes[..]).map_err(|e| {
+        Self::from_bytes(path, &bytes)
+    }
+
+    /// Hashes `bytes` (the file `path`) and decodes its graph signature and metadata.
+    pub fn from_bytes(path: &Path, bytes: &[u8]) -> anyhow::Result<Self> {
+        let sha256 = mae_models::digest::sha256_hex(bytes);
+        let proto = pb::ModelProto::decode(bytes).map_err(|e| {
             anyhow::anyhow!(
                 "{} is not an ONNX model (it does not decode as an ONNX ModelProto: {e})",
                 path.display()

@@ -968,13 +968,9 @@ fn predict(req: &Req, query: &str, shared: &Shared, slot: &Slot) -> Reply {
         .header("X-Request-Id")
         .map(|s| s.chars().take(128).collect::<String>())
         .unwrap_or_else(|| format!("r{}", shared.next_id.fetch_add(1, Ordering::SeqCst)));
-    let parts = match req.header("Content-Type").and_then(multipart_boundary) {
-        Some(boundary) => match multipart(body, &boundary) {
-            Ok(p) if !p.is_empty() => p,
-            Ok(_) => return error_response(400, "the multipart body has no parts"),
-            Err(e) => return error_response(400, &format!("bad multipart body: {e}")),
-        },
-        None => vec![("image".to_string(), body.clone())],
+    let parts = match uploads(req.header("Content-Type"), body) {
+        Ok(p) => p,
+        Err(e) => return error_response(400, &e),
     };
     // Decode and preprocess here, on the worker thread.
     let mut pixels = Vec::new();
@@ -1032,6 +1028,19 @@ fn predict(req: &Req, query: &str, shared: &Shared, slot: &Slot) -> Reply {
             "predictions": predictions,
         }),
     )
+}
+
+/// The images of a `/v1/predict` body: the parts of a `multipart/form-data` body (named by
+/// file, else field), or the whole body as one image.
+pub fn uploads(content_type: Option<&str>, body: &[u8]) -> Result<Vec<(String, Vec<u8>)>, String> {
+    match content_type.and_then(multipart_boundary) {
+        Some(boundary) => match multipart(body, &boundary) {
+            Ok(p) if !p.is_empty() => Ok(p),
+            Ok(_) => Err("the multipart body has no parts".into()),
+            Err(e) => Err(format!("bad multipart body: {e}")),
+        },
+        None => Ok(vec![("image".to_string(), body.to_vec())]),
+    }
 }
 
 /// The boundary of a `multipart/form-data` content type.

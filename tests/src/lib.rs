@@ -1,4 +1,7 @@
-//! Helpers for running the built binaries end to end in temporary folders.
+//! Helpers for running the built binaries end to end in temporary folders, and the entry
+//! points of the fuzz targets.
+
+pub mod fuzz;
 
 use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
