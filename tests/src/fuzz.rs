@@ -7,8 +7,11 @@
 
 use std::path::Path;
 
+/// A target: reads its input and says whether it was accepted.
+pub type Target = fn(&[u8]) -> bool;
+
 /// The targets, by name (the folder names under `fuzz/corpus/`).
-pub const TARGETS: [(&str, fn(&[u8]) -> bool); 7] = [
+pub const TARGETS: [(&str, Target); 7] = [
     ("pth", pth),
     ("safetensors", safetensors),
     ("npz", npz),
