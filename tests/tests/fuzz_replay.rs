@@ -3,6 +3,8 @@
 //! corpus the campaigns kept (`fuzz/corpus/`) and every finding (`fuzz/regressions/`), which
 //! must end in an answer, not a panic. `scripts/fuzz.sh` runs the campaigns themselves.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 
 use mae_tests::{fuzz::TARGETS, workspace_root};
