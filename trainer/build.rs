@@ -34,7 +34,7 @@ fn main() {
         );
     }
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-    build_dist_shim(&root);
+    build_shims(&root);
 }
 
 /// Fails the build early with a clear message when the libtorch found is not the one tch expects.
@@ -58,15 +58,17 @@ fn check_version(root: &std::path::Path) {
     }
 }
 
-/// Compiles the c10d shim (`csrc/dist.cpp`) against the wheel's headers: Gloo always (its own
-/// headers come from Debian's libgloo-dev), NCCL when libtorch_cuda and the CUDA/NCCL headers
-/// of the wheel's dependencies are present.
-fn build_dist_shim(root: &Path) {
+/// Compiles the C++ shims against the wheel's headers: autocast (`csrc/autocast.cpp`) and c10d
+/// (`csrc/dist.cpp`) with Gloo always (its own headers come from Debian's libgloo-dev), NCCL when
+/// libtorch_cuda and the CUDA/NCCL headers of the wheel's dependencies are present.
+fn build_shims(root: &Path) {
     println!("cargo:rerun-if-changed=csrc/dist.cpp");
+    println!("cargo:rerun-if-changed=csrc/autocast.cpp");
     let inc = root.join("include");
     let mut b = cc::Build::new();
     b.cpp(true)
         .file("csrc/dist.cpp")
+        .file("csrc/autocast.cpp")
         .include(&inc)
         .include(inc.join("torch/csrc/api/include"))
         .flag("-std=c++17")
