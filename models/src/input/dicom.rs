@@ -6,7 +6,8 @@
 //! replicated to three channels. Colour (`RGB`, `YBR_FULL`, 8-bit, either planar
 //! configuration) is taken as is, converted from YCbCr when needed. The first frame of a
 //! multi-frame file is used. Compressed transfer syntaxes are decoded by dicom-rs' pure-Rust
-//! codecs (JPEG baseline/lossless, RLE, deflate).
+//! codecs (JPEG baseline/extended/lossless, RLE, deflate, and JPEG 2000 through OpenJPEG's Rust
+//! port, whose decoder undoes the YBR_RCT/YBR_ICT colour transforms).
 
 use std::io::Cursor;
 use std::path::Path;
@@ -14,7 +15,9 @@ use std::path::Path;
 use dicom_dictionary_std::tags;
 use dicom_object::file::ReadPreamble;
 use dicom_object::OpenFileOptions;
-use dicom_pixeldata::{ConvertOptions, PixelDecoder, PlanarConfiguration};
+use dicom_pixeldata::{
+    ConvertOptions, ModalityLutOption, PixelDecoder, PlanarConfiguration, VoiLutFunction,
+};
 use image::RgbImage;
 
 use crate::error::{Error, Result};
@@ -71,7 +74,62 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let n = w as usize * h as usize;
     let spp = pixels.samples_per_pixel();
     let photometric = pixels.photometric_interpretation().as_str().to_string();
+    // 8-bit JPEG (baseline, extended) through the same decoder as JPEG files, which follows
+    // libjpeg's, as the readers clinics compare against do.
+    if let Some(img) = jpeg_frame(&obj, w, h, spp) {
+        if spp == 3 {
+            return Ok(img.to_rgb8());
+        }
+        let rescale = pixels
+            .rescale()
+            .ok()
+            .and_then(|r| r.first().copied())
+            .unwrap_or(dicom_pixeldata::Rescale {
+                slope: 1.0,
+                intercept: 0.0,
+            });
+        let values: Vec<f64> = img
+            .to_luma8()
+            .as_raw()
+            .iter()
+            .map(|&v| f64::from(v) * rescale.slope + rescale.intercept)
+            .collect();
+        return grey_to_rgb(&pixels, &values, w, h, &photometric);
+    }
     match spp {
+        1 if photometric == "PALETTE COLOR" => {
+            let index: Vec<f64> = pixels
+                .to_vec_frame_with_options(
+                    0,
+                    &ConvertOptions::new().with_modality_lut(ModalityLutOption::None),
+                )
+                .map_err(|e| format!("cannot convert the pixel values: {e}"))?;
+            if index.len() < n {
+                return Err(format!("{} pixel values for a {w}×{h} image", index.len()));
+            }
+            let luts = [
+                (
+                    tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                    tags::RED_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                ),
+                (
+                    tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                    tags::GREEN_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                ),
+                (
+                    tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DESCRIPTOR,
+                    tags::BLUE_PALETTE_COLOR_LOOKUP_TABLE_DATA,
+                ),
+            ]
+            .map(|(d, v)| palette_lut(&obj, d, v));
+            let [r, g, b] = luts;
+            let (r, g, b) = (r?, g?, b?);
+            let rgb: Vec<u8> = index[..n]
+                .iter()
+                .flat_map(|&i| [r.get(i), g.get(i), b.get(i)])
+                .collect();
+            RgbImage::from_raw(w, h, rgb).ok_or_else(|| "bad image size".into())
+        }
         1 => {
             // Modality LUT only: VOI is applied below, the same way for every file.
             let values: Vec<f64> = pixels
@@ -80,27 +138,7 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             if values.len() < n {
                 return Err(format!("{} pixel values for a {w}×{h} image", values.len()));
             }
-            let window = pixels
-                .window()
-                .ok()
-                .flatten()
-                .and_then(|w| w.first().copied())
-                .filter(|w| w.width >= 1.0 && w.center.is_finite() && w.width.is_finite());
-            let mut gray = match window {
-                Some(win) => apply_window(&values[..n], win.center, win.width),
-                None => min_max(&values[..n]),
-            };
-            match photometric.as_str() {
-                "MONOCHROME1" => gray.iter_mut().for_each(|v| *v = 255 - *v),
-                "MONOCHROME2" => {}
-                other => {
-                    return Err(format!(
-                        "photometric interpretation {other} with 1 sample per pixel"
-                    ))
-                }
-            }
-            let rgb: Vec<u8> = gray.iter().flat_map(|&v| [v, v, v]).collect();
-            RgbImage::from_raw(w, h, rgb).ok_or_else(|| "bad image size".into())
+            grey_to_rgb(&pixels, &values[..n], w, h, &photometric)
         }
         3 => {
             if pixels.bits_allocated() != 8 {
@@ -124,7 +162,8 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
                     .collect(),
             };
             match photometric.as_str() {
-                "RGB" => {}
+                // JPEG 2000's decoder undoes its reversible and irreversible colour transforms.
+                "RGB" | "YBR_RCT" | "YBR_ICT" => {}
                 "YBR_FULL" | "YBR_FULL_422" => ybr_to_rgb(&mut rgb),
                 other => {
                     return Err(format!(
@@ -135,6 +174,165 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             RgbImage::from_raw(w, h, rgb).ok_or_else(|| "bad image size".into())
         }
         other => Err(format!("{other} samples per pixel are not supported")),
+    }
+}
+
+/// Grey values after the modality LUT → the first VOI window (as pydicom's `apply_voi_lut`),
+/// with its VOI LUT function, or a min-max stretch without one → RGB.
+fn grey_to_rgb(
+    pixels: &dicom_pixeldata::DecodedPixelData<'_>,
+    values: &[f64],
+    w: u32,
+    h: u32,
+    photometric: &str,
+) -> std::result::Result<RgbImage, String> {
+    let window = pixels
+        .window()
+        .ok()
+        .flatten()
+        .and_then(|w| w.first().copied())
+        .filter(|w| w.width > 0.0 && w.center.is_finite() && w.width.is_finite());
+    let function = pixels
+        .voi_lut_function()
+        .ok()
+        .flatten()
+        .and_then(|f| f.first().copied())
+        .unwrap_or_default();
+    let mut gray = match window {
+        Some(win) => voi(values, win.center, win.width, function),
+        None => min_max(values),
+    };
+    match photometric {
+        "MONOCHROME1" => gray.iter_mut().for_each(|v| *v = 255 - *v),
+        "MONOCHROME2" => {}
+        other => {
+            return Err(format!(
+                "photometric interpretation {other} with 1 sample per pixel"
+            ))
+        }
+    }
+    let rgb: Vec<u8> = gray.iter().flat_map(|&v| [v, v, v]).collect();
+    RgbImage::from_raw(w, h, rgb).ok_or_else(|| "bad image size".into())
+}
+
+/// The first frame of an 8-bit JPEG baseline or extended file, decoded by the `image` crate;
+/// `None` for other syntaxes and for what that decoder does not take (12-bit, a frame split
+/// over fragments of a multi-frame file), which dicom-rs' own codec then reads.
+fn jpeg_frame(
+    obj: &dicom_object::DefaultDicomObject,
+    w: u32,
+    h: u32,
+    spp: u16,
+) -> Option<image::DynamicImage> {
+    let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
+    if syntax != "1.2.840.10008.1.2.4.50" && syntax != "1.2.840.10008.1.2.4.51" {
+        return None;
+    }
+    let pixel_data = obj.element(tags::PIXEL_DATA).ok()?;
+    let fragments = pixel_data.value().fragments()?;
+    let frames = obj
+        .element(tags::NUMBER_OF_FRAMES)
+        .ok()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1);
+    let bytes: Vec<u8> = if frames <= 1 {
+        fragments.iter().flatten().copied().collect()
+    } else if fragments.len() == frames as usize {
+        fragments.first()?.clone()
+    } else {
+        return None;
+    };
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).ok()?;
+    let channels = img.color().channel_count();
+    (img.width() == w && img.height() == h && u16::from(channels) == spp).then_some(img)
+}
+
+/// One channel of a PALETTE COLOR lookup table (PS3.3 C.7.6.3.1.5-6), as 8-bit values.
+struct PaletteLut {
+    first: f64,
+    entries: Vec<u8>,
+}
+
+impl PaletteLut {
+    /// The entry of stored value `v`: values below the first mapped one take the first entry,
+    /// values past the end the last (as pydicom's `apply_color_lut`).
+    fn get(&self, v: f64) -> u8 {
+        let i = (v - self.first).max(0.0) as usize;
+        self.entries
+            .get(i.min(self.entries.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+fn palette_lut(
+    obj: &dicom_object::DefaultDicomObject,
+    descriptor: dicom_object::Tag,
+    data: dicom_object::Tag,
+) -> std::result::Result<PaletteLut, String> {
+    let desc: Vec<i64> = obj
+        .element(descriptor)
+        .map_err(|_| format!("PALETTE COLOR without the lookup table descriptor {descriptor}"))?
+        .to_multi_int()
+        .map_err(|e| format!("lookup table descriptor {descriptor}: {e}"))?;
+    let [count, first, bits] = desc[..] else {
+        return Err(format!(
+            "lookup table descriptor {descriptor} has {} values, not 3",
+            desc.len()
+        ));
+    };
+    // A count of 0 means 65536 entries; the first mapped value may be written as unsigned.
+    let count = if count == 0 { 65536 } else { count as usize };
+    let words: Vec<u16> = obj
+        .element(data)
+        .map_err(|_| format!("PALETTE COLOR without the lookup table data {data}"))?
+        .to_multi_int()
+        .map_err(|e| format!("lookup table data {data}: {e}"))?;
+    let entries: Vec<u8> = match bits {
+        // 8-bit entries packed two to a word, or one per word.
+        8 if words.len() * 2 == count => words.iter().flat_map(|w| w.to_le_bytes()).collect(),
+        8 => words.iter().map(|&w| (w & 0xff) as u8).collect(),
+        16 => words.iter().map(|&w| (w >> 8) as u8).collect(),
+        other => return Err(format!("lookup table of {other}-bit entries")),
+    };
+    if entries.len() < count {
+        return Err(format!(
+            "lookup table data {data} holds {} entries, the descriptor says {count}",
+            entries.len()
+        ));
+    }
+    Ok(PaletteLut {
+        first: first as f64,
+        entries: entries[..count].to_vec(),
+    })
+}
+
+/// A VOI LUT function (PS3.3 C.11.2.1.2 and C.11.2.1.3) of window `center`/`width` to 0..255.
+fn voi(values: &[f64], center: f64, width: f64, function: VoiLutFunction) -> Vec<u8> {
+    match function {
+        VoiLutFunction::Linear if width >= 1.0 => apply_window(values, center, width),
+        // LINEAR needs a width of at least 1; a narrower one is read as LINEAR_EXACT.
+        VoiLutFunction::Linear | VoiLutFunction::LinearExact => values
+            .iter()
+            .map(|&x| {
+                if x <= center - width / 2.0 {
+                    0
+                } else if x > center + width / 2.0 {
+                    255
+                } else {
+                    (((x - center) / width + 0.5) * 255.0)
+                        .round()
+                        .clamp(0.0, 255.0) as u8
+                }
+            })
+            .collect(),
+        VoiLutFunction::Sigmoid => values
+            .iter()
+            .map(|&x| {
+                let y = 255.0 / (1.0 + (-4.0 * (x - center) / width).exp());
+                y.round().clamp(0.0, 255.0) as u8
+            })
+            .collect(),
     }
 }
 
@@ -199,6 +397,28 @@ mod tests {
         assert_eq!(v[4], 255);
         assert!((127..=128).contains(&v[2]), "{v:?}");
         assert!(v[1] <= 1 && v[3] >= 254, "{v:?}");
+    }
+
+    #[test]
+    fn voi_lut_functions_follow_the_standard() {
+        // LINEAR_EXACT: center 100, width 50 → 75 and below 0, above 125 255, 100 half-way.
+        let v = voi(
+            &[75.0, 100.0, 125.0, 126.0],
+            100.0,
+            50.0,
+            VoiLutFunction::LinearExact,
+        );
+        assert_eq!(v, vec![0, 128, 255, 255]);
+        // SIGMOID: 255 / (1 + exp(-4 (x - c) / w)): half at the center, symmetric around it.
+        let s = voi(&[100.0, 125.0, 75.0], 100.0, 50.0, VoiLutFunction::Sigmoid);
+        let y = |x: f64| (255.0 / (1.0 + (-4.0 * (x - 100.0) / 50.0f64).exp())).round() as u8;
+        assert_eq!(s, vec![y(100.0), y(125.0), y(75.0)]);
+        assert_eq!(u16::from(s[1]) + u16::from(s[2]), 255);
+        // LINEAR with a width under 1 is taken as LINEAR_EXACT rather than dividing by zero.
+        assert_eq!(
+            voi(&[0.0, 2.0], 1.0, 0.5, VoiLutFunction::Linear),
+            vec![0, 255]
+        );
     }
 
     #[test]
