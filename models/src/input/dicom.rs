@@ -64,9 +64,17 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err("the file has no pixel data".into());
     }
+    if let Some(img) = native_ybr_422(&obj)? {
+        return Ok(img);
+    }
+    if let Some(img) = rle_32(&obj)? {
+        return Ok(img);
+    }
     let pixels = obj
         .decode_pixel_data_frame(0)
         .map_err(|e| format!("cannot decode the pixel data: {e}"))?;
+    // Native big-endian 32-bit data reaches us in the file's word order.
+    let big_endian = obj.meta().transfer_syntax().trim_end_matches('\0') == "1.2.840.10008.1.2.2";
     let (w, h) = (pixels.columns(), pixels.rows());
     if w == 0 || h == 0 {
         return Err(format!("image size {w}×{h}"));
@@ -76,7 +84,21 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     let photometric = pixels.photometric_interpretation().as_str().to_string();
     // 8-bit JPEG (baseline, extended) through the same decoder as JPEG files, which follows
     // libjpeg's, as the readers clinics compare against do.
-    if let Some(img) = jpeg_frame(&obj, w, h, spp) {
+    // The photometric interpretation the file states (dicom-rs reports RGB for the YCbCr JPEG
+    // it converted).
+    let stated = obj
+        .element(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| photometric.clone());
+    if let Some(bytes) = jpeg_bytes(&obj).filter(|_| stated == "RGB" && spp == 3) {
+        // An RGB-labelled JPEG holds RGB components, whatever its markers leave open (as
+        // pydicom reads it): decoded without a colour transform.
+        if let Some(img) = jpeg_rgb_components(&bytes, w, h) {
+            return Ok(img);
+        }
+    }
+    if let Some(img) = jpeg_frame(&obj, w, h, spp).filter(|_| stated != "RGB") {
         if spp == 3 {
             return Ok(img.to_rgb8());
         }
@@ -94,7 +116,7 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
             .iter()
             .map(|&v| f64::from(v) * rescale.slope + rescale.intercept)
             .collect();
-        return grey_to_rgb(&pixels, &values, w, h, &photometric);
+        return grey_to_rgb(&obj, &values, w, h, &photometric);
     }
     match spp {
         1 if photometric == "PALETTE COLOR" => {
@@ -132,22 +154,37 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         }
         1 => {
             // Modality LUT only: VOI is applied below, the same way for every file.
-            let values: Vec<f64> = pixels
-                .to_vec_frame_with_options(0, &ConvertOptions::new())
-                .map_err(|e| format!("cannot convert the pixel values: {e}"))?;
+            let values: Vec<f64> = match pixels.bits_allocated() {
+                1 | 32 => unpacked_grey(&pixels, n, big_endian)?,
+                _ => pixels
+                    .to_vec_frame_with_options(0, &ConvertOptions::new())
+                    .map_err(|e| format!("cannot convert the pixel values: {e}"))?,
+            };
             if values.len() < n {
                 return Err(format!("{} pixel values for a {w}×{h} image", values.len()));
             }
-            grey_to_rgb(&pixels, &values[..n], w, h, &photometric)
+            grey_to_rgb(&obj, &values[..n], w, h, &photometric)
         }
         3 => {
-            if pixels.bits_allocated() != 8 {
-                return Err(format!(
-                    "{}-bit colour images are not supported (8-bit only)",
-                    pixels.bits_allocated()
-                ));
-            }
-            let data = pixels.data();
+            // Colour of more than 8 bits keeps the top 8 of its stored bits.
+            let wide: Vec<u8>;
+            let data = match pixels.bits_allocated() {
+                8 => pixels.data(),
+                16 => {
+                    let shift = pixels.bits_stored().saturating_sub(8).min(8);
+                    wide = pixels
+                        .data()
+                        .chunks_exact(2)
+                        .map(|b| (u16::from_ne_bytes([b[0], b[1]]) >> shift) as u8)
+                        .collect();
+                    &wide
+                }
+                other => {
+                    return Err(format!(
+                        "{other}-bit colour images are not supported (8 or 16 bits)"
+                    ))
+                }
+            };
             if data.len() < 3 * n {
                 return Err(format!(
                     "{} bytes of pixel data for a {w}×{h} RGB image",
@@ -177,29 +214,253 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     }
 }
 
+/// Stored values of 1-bit (packed, first pixel in the lowest bit) and 32-bit frames, through
+/// the Rescale Slope/Intercept, which dicom-rs does not convert itself.
+fn unpacked_grey(
+    pixels: &dicom_pixeldata::DecodedPixelData<'_>,
+    n: usize,
+    big_endian: bool,
+) -> std::result::Result<Vec<f64>, String> {
+    let data = pixels.data();
+    let raw: Vec<f64> = match pixels.bits_allocated() {
+        // dicom-rs hands a 1-bit frame over one value a byte, or still packed.
+        1 if data.len() >= n => data[..n].iter().map(|&v| f64::from(v & 1)).collect(),
+        1 => {
+            if data.len() * 8 < n {
+                return Err(format!(
+                    "{} bytes of 1-bit pixel data for {n} pixels",
+                    data.len()
+                ));
+            }
+            (0..n)
+                .map(|i| f64::from((data[i / 8] >> (i % 8)) & 1))
+                .collect()
+        }
+        _ => {
+            if data.len() < 4 * n {
+                return Err(format!(
+                    "{} bytes of 32-bit pixel data for {n} pixels",
+                    data.len()
+                ));
+            }
+            let signed = matches!(
+                pixels.pixel_representation(),
+                dicom_pixeldata::PixelRepresentation::Signed
+            );
+            data.chunks_exact(4)
+                .take(n)
+                .map(|b| {
+                    // Big-endian OW data arrives as 16-bit words already swapped to little
+                    // endian, the high word first.
+                    let b = if big_endian {
+                        [b[2], b[3], b[0], b[1]]
+                    } else {
+                        [b[0], b[1], b[2], b[3]]
+                    };
+                    if signed {
+                        f64::from(i32::from_le_bytes(b))
+                    } else {
+                        f64::from(u32::from_le_bytes(b))
+                    }
+                })
+                .collect()
+        }
+    };
+    let r = pixels
+        .rescale()
+        .ok()
+        .and_then(|r| r.first().copied())
+        .unwrap_or(dicom_pixeldata::Rescale {
+            slope: 1.0,
+            intercept: 0.0,
+        });
+    Ok(raw.iter().map(|&v| v * r.slope + r.intercept).collect())
+}
+
+/// The first frame of an RLE Lossless file of 32-bit samples (PS3.5 G), which dicom-rs does
+/// not decode: grey through the rescale and VOI, colour by the top 8 of the stored bits.
+/// `None` for any other file.
+fn rle_32(obj: &dicom_object::DefaultDicomObject) -> std::result::Result<Option<RgbImage>, String> {
+    let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<i64>().ok());
+    let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
+    if syntax != "1.2.840.10008.1.2.5" || int(tags::BITS_ALLOCATED) != Some(32) {
+        return Ok(None);
+    }
+    let (Some(w), Some(h)) = (int(tags::COLUMNS), int(tags::ROWS)) else {
+        return Err("no Rows or Columns".into());
+    };
+    let (w, h) = (
+        u32::try_from(w).map_err(|_| "bad Columns")?,
+        u32::try_from(h).map_err(|_| "bad Rows")?,
+    );
+    let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).clamp(1, 3) as usize;
+    let n = w as usize * h as usize;
+    let frame = obj
+        .element(tags::PIXEL_DATA)
+        .ok()
+        .and_then(|e| e.value().fragments().and_then(|f| f.first().cloned()))
+        .ok_or("RLE pixel data without fragments")?;
+    let header = |k: usize| -> Option<usize> {
+        let b = frame.get(4 * k..4 * k + 4)?;
+        Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
+    };
+    let segments = header(0).ok_or("RLE frame shorter than its header")?;
+    if segments != 4 * spp {
+        return Err(format!(
+            "RLE frame of {segments} segments for {spp} 32-bit samples"
+        ));
+    }
+    let mut values = vec![0u32; n * spp];
+    for seg in 0..segments {
+        let start = header(1 + seg).ok_or("RLE header")?;
+        let end = if seg + 1 < segments {
+            header(2 + seg).ok_or("RLE header")?
+        } else {
+            frame.len()
+        };
+        let data = frame
+            .get(start..end.min(frame.len()))
+            .ok_or("RLE segment out of the frame")?;
+        let bytes = unpack_bits(data, n)?;
+        let (sample, k) = (seg / 4, seg % 4);
+        for (i, b) in bytes.iter().enumerate() {
+            values[i * spp + sample] |= u32::from(*b) << (8 * (3 - k));
+        }
+    }
+    if spp == 3 {
+        let shift = int(tags::BITS_STORED).unwrap_or(32).clamp(8, 32) as u32 - 8;
+        let px: Vec<u8> = values.iter().map(|&v| (v >> shift) as u8).collect();
+        return Ok(RgbImage::from_raw(w, h, px));
+    }
+    let signed = int(tags::PIXEL_REPRESENTATION) == Some(1);
+    let slope = obj
+        .element(tags::RESCALE_SLOPE)
+        .ok()
+        .and_then(|e| e.to_float64().ok())
+        .unwrap_or(1.0);
+    let intercept = obj
+        .element(tags::RESCALE_INTERCEPT)
+        .ok()
+        .and_then(|e| e.to_float64().ok())
+        .unwrap_or(0.0);
+    let grey: Vec<f64> = values
+        .iter()
+        .map(|&v| if signed { f64::from(v as i32) } else { f64::from(v) } * slope + intercept)
+        .collect();
+    let photometric = obj
+        .element(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
+        .unwrap_or_default();
+    grey_to_rgb(obj, &grey, w, h, &photometric).map(Some)
+}
+
+/// One RLE segment (PackBits) into `n` bytes.
+fn unpack_bits(data: &[u8], n: usize) -> std::result::Result<Vec<u8>, String> {
+    let mut out = Vec::with_capacity(n);
+    let mut i = 0;
+    while out.len() < n && i < data.len() {
+        let c = data[i] as i8;
+        i += 1;
+        if c >= 0 {
+            let len = c as usize + 1;
+            let run = data
+                .get(i..i + len)
+                .ok_or("RLE literal run past the segment")?;
+            out.extend_from_slice(run);
+            i += len;
+        } else if c != -128 {
+            let b = *data.get(i).ok_or("RLE replicate run past the segment")?;
+            out.extend(std::iter::repeat_n(b, (1 - i32::from(c)) as usize));
+            i += 1;
+        }
+    }
+    if out.len() < n {
+        return Err(format!("RLE segment holds {} of {n} bytes", out.len()));
+    }
+    out.truncate(n);
+    Ok(out)
+}
+
+/// An uncompressed YBR_FULL_422 frame (each pair of pixels stored as Y₁ Y₂ Cb Cr), which
+/// dicom-rs sizes as three samples a pixel; `None` for any other file.
+fn native_ybr_422(
+    obj: &dicom_object::DefaultDicomObject,
+) -> std::result::Result<Option<RgbImage>, String> {
+    let text = |tag| {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
+    };
+    let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<u32>().ok());
+    if text(tags::PHOTOMETRIC_INTERPRETATION).as_deref() != Some("YBR_FULL_422") {
+        return Ok(None);
+    }
+    let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
+    let native = matches!(
+        syntax,
+        "1.2.840.10008.1.2"
+            | "1.2.840.10008.1.2.1"
+            | "1.2.840.10008.1.2.2"
+            | "1.2.840.10008.1.2.1.99"
+    );
+    if !native || int(tags::BITS_ALLOCATED) != Some(8) {
+        return Ok(None);
+    }
+    let (Some(w), Some(h)) = (int(tags::COLUMNS), int(tags::ROWS)) else {
+        return Err("no Rows or Columns".into());
+    };
+    let n = w as usize * h as usize;
+    let bytes = obj
+        .element(tags::PIXEL_DATA)
+        .map_err(|_| "the file has no pixel data".to_string())?
+        .to_bytes()
+        .map_err(|e| format!("pixel data: {e}"))?;
+    if w % 2 != 0 || bytes.len() < 2 * n {
+        return Err(format!(
+            "{} bytes of YBR_FULL_422 pixel data for a {w}×{h} image",
+            bytes.len()
+        ));
+    }
+    let mut px = Vec::with_capacity(3 * n);
+    for q in bytes[..2 * n].chunks_exact(4) {
+        px.extend_from_slice(&[q[0], q[2], q[3], q[1], q[2], q[3]]);
+    }
+    ybr_to_rgb(&mut px);
+    Ok(RgbImage::from_raw(w, h, px))
+}
+
 /// Grey values after the modality LUT → the first VOI window (as pydicom's `apply_voi_lut`),
 /// with its VOI LUT function, or a min-max stretch without one → RGB.
 fn grey_to_rgb(
-    pixels: &dicom_pixeldata::DecodedPixelData<'_>,
+    obj: &dicom_object::DefaultDicomObject,
     values: &[f64],
     w: u32,
     h: u32,
     photometric: &str,
 ) -> std::result::Result<RgbImage, String> {
-    let window = pixels
-        .window()
+    let numbers = |tag| -> Vec<f64> {
+        obj.element(tag)
+            .ok()
+            .and_then(|e| e.to_multi_float64().ok())
+            .unwrap_or_default()
+    };
+    let (centers, widths) = (numbers(tags::WINDOW_CENTER), numbers(tags::WINDOW_WIDTH));
+    let window = centers
+        .first()
+        .zip(widths.first())
+        .filter(|(c, w)| **w > 0.0 && c.is_finite() && w.is_finite());
+    let function = obj
+        .element(tags::VOILUT_FUNCTION)
         .ok()
-        .flatten()
-        .and_then(|w| w.first().copied())
-        .filter(|w| w.width > 0.0 && w.center.is_finite() && w.width.is_finite());
-    let function = pixels
-        .voi_lut_function()
-        .ok()
-        .flatten()
-        .and_then(|f| f.first().copied())
-        .unwrap_or_default();
+        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
+        .map_or(VoiLutFunction::Linear, |f| match f.split('\\').next() {
+            Some("LINEAR_EXACT") => VoiLutFunction::LinearExact,
+            Some("SIGMOID") => VoiLutFunction::Sigmoid,
+            _ => VoiLutFunction::Linear,
+        });
     let mut gray = match window {
-        Some(win) => voi(values, win.center, win.width, function),
+        Some((&c, &w)) => voi(values, c, w, function),
         None => min_max(values),
     };
     match photometric {
@@ -224,6 +485,71 @@ fn jpeg_frame(
     h: u32,
     spp: u16,
 ) -> Option<image::DynamicImage> {
+    let bytes = jpeg_bytes(obj)?;
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).ok()?;
+    let channels = img.color().channel_count();
+    (img.width() == w && img.height() == h && u16::from(channels) == spp).then_some(img)
+}
+
+/// A three-component JPEG's samples as they are stored (no YCbCr conversion): `None` unless
+/// it decodes to `w`×`h`×3.
+fn jpeg_rgb_components(bytes: &[u8], w: u32, h: u32) -> Option<RgbImage> {
+    use zune_core::bytestream::ZCursor;
+    use zune_core::colorspace::ColorSpace;
+    use zune_core::options::DecoderOptions;
+    use zune_jpeg::JpegDecoder;
+    // Markers that already say RGB (Adobe transform 0, components named R, G, B) decode as
+    // RGB; any other stream is asked for its stored components, which are the RGB ones.
+    let says_rgb =
+        adobe_transform(bytes) == Some(0) || component_ids(bytes) == Some([b'R', b'G', b'B']);
+    let out = if says_rgb {
+        ColorSpace::RGB
+    } else {
+        ColorSpace::YCbCr
+    };
+    let options = DecoderOptions::default().jpeg_set_out_colorspace(out);
+    let mut d = JpegDecoder::new_with_options(ZCursor::new(bytes), options);
+    let px = d.decode().ok()?;
+    let (dw, dh) = d.dimensions()?;
+    ((dw as u32, dh as u32) == (w, h) && px.len() == 3 * w as usize * h as usize)
+        .then(|| RgbImage::from_raw(w, h, px))
+        .flatten()
+}
+
+/// The segments of a JPEG stream before its first scan: (marker, payload).
+fn jpeg_segments(b: &[u8]) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut i = 2;
+    std::iter::from_fn(move || {
+        if i + 4 > b.len() || b[i] != 0xFF || b[i + 1] == 0xDA {
+            return None;
+        }
+        let marker = b[i + 1];
+        let len = usize::from(u16::from_be_bytes([b[i + 2], b[i + 3]]));
+        let payload = b.get(i + 4..(i + 2 + len).min(b.len()))?;
+        i += 2 + len.max(2);
+        Some((marker, payload))
+    })
+}
+
+/// The transform flag of an Adobe APP14 segment (0: none, 1: YCbCr), if the stream has one.
+fn adobe_transform(b: &[u8]) -> Option<u8> {
+    jpeg_segments(b)
+        .find(|(m, p)| *m == 0xEE && p.starts_with(b"Adobe"))
+        .and_then(|(_, p)| p.get(11).copied())
+}
+
+/// The identifiers of a three-component frame.
+fn component_ids(b: &[u8]) -> Option<[u8; 3]> {
+    let (_, p) = jpeg_segments(b)
+        .find(|(m, _)| matches!(m, 0xC0..=0xC3 | 0xC5..=0xC7 | 0xC9..=0xCB | 0xCD..=0xCF))?;
+    if p.get(5) != Some(&3) {
+        return None;
+    }
+    Some([*p.get(6)?, *p.get(9)?, *p.get(12)?])
+}
+
+/// The first frame's JPEG stream of a JPEG baseline or extended file.
+fn jpeg_bytes(obj: &dicom_object::DefaultDicomObject) -> Option<Vec<u8>> {
     let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
     if syntax != "1.2.840.10008.1.2.4.50" && syntax != "1.2.840.10008.1.2.4.51" {
         return None;
@@ -235,16 +561,13 @@ fn jpeg_frame(
         .ok()
         .and_then(|e| e.to_int::<u32>().ok())
         .unwrap_or(1);
-    let bytes: Vec<u8> = if frames <= 1 {
-        fragments.iter().flatten().copied().collect()
+    if frames <= 1 {
+        Some(fragments.iter().flatten().copied().collect())
     } else if fragments.len() == frames as usize {
-        fragments.first()?.clone()
+        fragments.first().cloned()
     } else {
-        return None;
-    };
-    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).ok()?;
-    let channels = img.color().channel_count();
-    (img.width() == w && img.height() == h && u16::from(channels) == spp).then_some(img)
+        None
+    }
 }
 
 /// One channel of a PALETTE COLOR lookup table (PS3.3 C.7.6.3.1.5-6), as 8-bit values.
