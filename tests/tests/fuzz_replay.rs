@@ -36,11 +36,11 @@ fn every_seed_is_accepted() {
 }
 
 #[test]
-fn corpora_and_regressions_replay_without_a_panic() {
+fn seeds_corpora_and_regressions_replay_without_a_panic() {
     let root = workspace_root().join("fuzz");
     let mut replayed = 0;
     for (name, target) in TARGETS {
-        for dir in ["corpus", "regressions"] {
+        for dir in ["seeds", "corpus", "regressions"] {
             for f in files(&root.join(dir).join(name)) {
                 let bytes = std::fs::read(&f).unwrap();
                 // The answer may be yes or no; reaching it at all is the test.
