@@ -162,14 +162,10 @@ pub fn model_card(f: &CardFacts) -> String {
         "| data | images | ACC | AUC | loss |\n|---|---|---|---|---|"
     );
     let metrics = json(keys::METRICS).unwrap_or_default();
-    let fmt = |v: Option<&serde_json::Value>, percent: bool| {
-        v.and_then(|v| v.as_f64()).map_or("–".to_string(), |x| {
-            if percent {
-                format!("{:.4}", x / 100.0)
-            } else {
-                format!("{x:.4}")
-            }
-        })
+    // Metrics as mae-train records them: ACC and AUC as fractions.
+    let fmt = |v: Option<&serde_json::Value>| {
+        v.and_then(|v| v.as_f64())
+            .map_or("–".to_string(), |x| format!("{x:.4}"))
     };
     if metrics.as_object().is_some_and(|m| !m.is_empty()) {
         let images = data
@@ -181,9 +177,9 @@ pub fn model_card(f: &CardFacts) -> String {
         let _ = writeln!(
             w,
             "| {source} (model selection) | {images} | {} | {} | {} |",
-            fmt(metrics.get("acc1"), true),
-            fmt(metrics.get("auc"), false),
-            fmt(metrics.get("loss"), false)
+            fmt(metrics.get("acc1")),
+            fmt(metrics.get("auc")),
+            fmt(metrics.get("loss"))
         );
     }
     let test = json(keys::TEST_METRICS);
@@ -194,9 +190,9 @@ pub fn model_card(f: &CardFacts) -> String {
             w,
             "| `{source}` {split} | {} | {} | {} | {} |",
             t.get("samples").map_or("–".to_string(), |v| v.to_string()),
-            fmt(t.get("acc1"), true),
-            fmt(t.get("auc"), false),
-            fmt(t.get("loss"), false)
+            fmt(t.get("acc1")),
+            fmt(t.get("auc")),
+            fmt(t.get("loss"))
         );
     }
     let _ = writeln!(
@@ -363,13 +359,13 @@ mod tests {
             (keys::ARCH, "vit_tiny_patch4_28".to_string()),
             (keys::INPUT_SIZE, "28".to_string()),
             (keys::PRECISION, "int8".to_string()),
-            (keys::METRICS, r#"{"acc1": 91.5, "auc": 0.97}"#.to_string()),
+            (keys::METRICS, r#"{"acc1": 0.915, "auc": 0.97}"#.to_string()),
             (keys::DATA, serde_json::to_string(&data).unwrap()),
             (keys::INTENDED_USE, "Triage | research".to_string()),
             (keys::THRESHOLD, "0.42".to_string()),
             (
                 keys::TEST_METRICS,
-                r#"{"data":"pneumoniamnist.npz","split":"test","samples":624,"acc1":86.7,"auc":0.95}"#
+                r#"{"data":"pneumoniamnist.npz","split":"test","samples":624,"acc1":0.867,"auc":0.95}"#
                     .to_string(),
             ),
         ];

@@ -176,9 +176,10 @@ fn model_card(dir: &Path, ck: &Path) {
         "circle: 12 (33.3%), square: 12 (33.3%), triangle: 12 (33.3%)".into(),
         "| validation images | 12 |".into(),
         "| `data` val (model selection) | 12 |".into(),
+        // ACC as recorded: a fraction (mae-train eval --output).
         format!(
             "| `data` test | 12 | {:.4} |",
-            test["acc1"].as_f64().unwrap() / 100.0
+            test["acc1"].as_f64().unwrap()
         ),
         "Not calibrated".into(),
         "`pixel_values: float [batch, 3, 28, 28]`".into(),
