@@ -220,9 +220,16 @@ fn metadata_contract_is_pinned() {
     let mut keys: Vec<&str> = meta.keys().map(String::as_str).collect();
     keys.sort();
     let mut want: Vec<&str> = mae_exporter::metadata::KEYS.to_vec();
-    want.push("mae.epoch");
+    // Optional keys this checkpoint has the facts for: its epoch and its writer.
+    want.extend(["mae.epoch", "mae.trainer_version"]);
     want.sort();
     assert_eq!(keys, want);
+    let writer = mae_models::checkpoint::load(&ck)
+        .unwrap()
+        .meta
+        .unwrap()
+        .writer;
+    assert_eq!(meta["mae.trainer_version"], writer.as_str());
     let sha = mae_exporter::sha256_file(&ck).unwrap();
     let cfg = serde_json::to_string(&r.case.cfg).unwrap();
     let expected = [

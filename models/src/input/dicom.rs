@@ -102,14 +102,7 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         if spp == 3 {
             return Ok(img.to_rgb8());
         }
-        let rescale = pixels
-            .rescale()
-            .ok()
-            .and_then(|r| r.first().copied())
-            .unwrap_or(dicom_pixeldata::Rescale {
-                slope: 1.0,
-                intercept: 0.0,
-            });
+        let rescale = first_rescale(&pixels);
         let values: Vec<f64> = img
             .to_luma8()
             .as_raw()
@@ -266,15 +259,20 @@ fn unpacked_grey(
                 .collect()
         }
     };
-    let r = pixels
+    let r = first_rescale(pixels);
+    Ok(raw.iter().map(|&v| v * r.slope + r.intercept).collect())
+}
+
+/// The frame's Rescale Slope and Intercept (identity when absent).
+fn first_rescale(pixels: &dicom_pixeldata::DecodedPixelData<'_>) -> dicom_pixeldata::Rescale {
+    pixels
         .rescale()
         .ok()
         .and_then(|r| r.first().copied())
         .unwrap_or(dicom_pixeldata::Rescale {
             slope: 1.0,
             intercept: 0.0,
-        });
-    Ok(raw.iter().map(|&v| v * r.slope + r.intercept).collect())
+        })
 }
 
 /// The first frame of an RLE Lossless file of 32-bit samples (PS3.5 G), which dicom-rs does
