@@ -623,7 +623,7 @@ fn trickle(addr: &str, head: &[u8], slow: &[u8]) -> Vec<u8> {
     let mut buf = [0u8; 4096];
     // Read before each write, so that an answer is seen before the next byte could make the
     // closed socket reset.
-    for b in slow.iter().cycle().take(100) {
+    for b in slow.iter().cycle().take(300) {
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
@@ -654,10 +654,12 @@ fn trickling_clients_do_not_block_others_and_are_cut_off() {
         p(&model),
         "--workers",
         "1",
+        // Long enough that the tricklers are still connected when the normal request and the
+        // connection cap are checked, on a loaded machine too.
         "--header-timeout-ms",
-        "2000",
+        "6000",
         "--body-timeout-ms",
-        "2000",
+        "6000",
         "--max-connections",
         "3",
     ]);
