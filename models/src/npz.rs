@@ -31,7 +31,10 @@ pub struct NpzSplit {
 /// The split names (`train`, `val`, `test`, ...) that have both `{split}_images` and
 /// `{split}_labels` arrays, in the order of the archive.
 pub fn splits(path: &Path) -> Result<Vec<String>> {
-    let zip = open(path)?;
+    Ok(split_names(&open(path)?))
+}
+
+fn split_names<R: Read + Seek>(zip: &ZipArchive<R>) -> Vec<String> {
     let names: Vec<String> = zip
         .file_names()
         .filter_map(|n| n.ok().map(|n| n.into_owned()))
@@ -46,7 +49,7 @@ pub fn splits(path: &Path) -> Result<Vec<String>> {
             out.push(split.to_string());
         }
     }
-    Ok(out)
+    out
 }
 
 /// Reads `{split}_images` and `{split}_labels` of a MedMNIST `.npz` file.
@@ -56,25 +59,14 @@ pub fn read_split(path: &Path, split: &str) -> Result<NpzSplit> {
 
 /// Every split of a `.npz` file held in memory (`name` names it in errors).
 pub fn read_bytes(bytes: &[u8], name: &Path) -> Result<Vec<(String, NpzSplit)>> {
-    let mut zip = ZipArchive::new(std::io::Cursor::new(bytes)).map_err(|e| {
-        Error::format(
-            name,
-            format!("not a .npz file (a zip archive of .npy arrays): {e}"),
-        )
-    })?;
-    let names: Vec<String> = zip
-        .file_names()
-        .filter_map(|n| n.ok().map(|n| n.into_owned()))
-        .collect();
-    let mut out = Vec::new();
-    for n in &names {
-        if let Some(split) = n.strip_suffix("_images.npy") {
-            if names.iter().any(|m| m == &format!("{split}_labels.npy")) {
-                out.push((split.to_string(), read_split_of(&mut zip, name, split)?));
-            }
-        }
-    }
-    Ok(out)
+    let mut zip = zip_of(std::io::Cursor::new(bytes), name)?;
+    split_names(&zip)
+        .into_iter()
+        .map(|split| {
+            let data = read_split_of(&mut zip, name, &split)?;
+            Ok((split, data))
+        })
+        .collect()
 }
 
 fn read_split_of<R: Read + Seek>(
@@ -101,7 +93,11 @@ fn read_split_of<R: Read + Seek>(
 
 fn open(path: &Path) -> Result<ZipArchive<BufReader<File>>> {
     let file = File::open(path).map_err(|e| Error::io(path, e))?;
-    ZipArchive::new(BufReader::new(file)).map_err(|e| {
+    zip_of(BufReader::new(file), path)
+}
+
+fn zip_of<R: Read + Seek>(reader: R, path: &Path) -> Result<ZipArchive<R>> {
+    ZipArchive::new(reader).map_err(|e| {
         Error::format(
             path,
             format!("not a .npz file (a zip archive of .npy arrays): {e}"),
