@@ -55,3 +55,27 @@ fn seeds_corpora_and_regressions_replay_without_a_panic() {
         "only {replayed} inputs under fuzz/corpus and fuzz/regressions"
     );
 }
+
+/// The campaign's DICOM findings: a declared element length far beyond the file (2.7 GB and
+/// 1.4 GB in a few hundred bytes) once made the parser reserve that much before refusing. They
+/// must now be refused by the length check, which names the element.
+#[test]
+fn declared_lengths_beyond_the_file_are_refused_before_parsing() {
+    let root = workspace_root().join("fuzz/regressions");
+    let mut seen = 0;
+    for dir in ["dicom", "image"] {
+        for f in files(&root.join(dir)) {
+            let bytes = std::fs::read(&f).unwrap();
+            let err = mae_models::input::dicom::decode(&bytes, &f)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("declares") && err.contains("bytes where the file has"),
+                "{}: {err}",
+                f.display()
+            );
+            seen += 1;
+        }
+    }
+    assert!(seen >= 2, "only {seen} DICOM regressions found");
+}

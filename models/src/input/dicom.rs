@@ -52,6 +52,7 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
     if body.get(..4) != Some(b"DICM") {
         return Err("not a DICOM file (no DICM magic)".into());
     }
+    super::dicom_lengths::check(body)?;
     let obj = OpenFileOptions::new()
         .read_preamble(ReadPreamble::Never)
         .from_reader(Cursor::new(&body[4..]))

@@ -4,6 +4,7 @@
 //! the same pixels, and a tree the same samples and labels, in every tool.
 
 pub mod dicom;
+mod dicom_lengths;
 pub mod folder;
 
 use std::path::Path;

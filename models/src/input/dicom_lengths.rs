@@ -1,0 +1,387 @@
+//! A walk over a DICOM file's elements that checks each declared value length against the bytes
+//! the file still has, before the file reaches the parser.
+//!
+//! dicom-rs reserves (and zero-fills) an element's declared length before it reads the value, so
+//! a few hundred bytes that declare a 2 GB element cost 2 GB of memory before they are refused.
+//! A length no file could hold is refused here, by name, at the cost of one pass over the
+//! headers. Whatever this walk does not understand is left to the parser and its own errors:
+//! the walk only ever refuses a declared length that runs past the end of the file.
+
+use std::io::Read;
+
+/// A deflated data set is inflated for the walk up to this size; one that inflates further is
+/// refused (deflated data sets hold reports and small images, not gigabytes).
+const INFLATE_LIMIT: usize = 1 << 30;
+const UNDEFINED: u32 = 0xFFFF_FFFF;
+const PIXEL_DATA: (u16, u16) = (0x7FE0, 0x0010);
+/// The VRs with a 32-bit length.
+const KNOWN_LONG: [&[u8; 2]; 13] = [
+    b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT", b"SV", b"UV",
+];
+
+/// `body` starts at the `DICM` magic (or at the first meta element when there is none).
+pub(super) fn check(body: &[u8]) -> Result<(), String> {
+    check_with(body, INFLATE_LIMIT)
+}
+
+fn check_with(body: &[u8], limit: usize) -> Result<(), String> {
+    let start = if body.starts_with(b"DICM") { 4 } else { 0 };
+    let mut walk = Walk {
+        bytes: body,
+        pos: start,
+        explicit: true,
+        big_endian: false,
+        what: "file meta information",
+    };
+    let ts = walk.meta()?;
+    let rest = &body[walk.pos..];
+    match ts.as_deref() {
+        Some("1.2.840.10008.1.2") => data_set(rest, false, false),
+        Some("1.2.840.10008.1.2.2") => data_set(rest, true, true),
+        Some("1.2.840.10008.1.2.1.99") | Some("1.2.840.10008.1.2.1.99.1") => {
+            let mut inflated = Vec::new();
+            let read = flate2::read::DeflateDecoder::new(rest)
+                .take(limit as u64 + 1)
+                .read_to_end(&mut inflated);
+            match read {
+                // A damaged stream is the parser's to report.
+                Err(_) => Ok(()),
+                Ok(n) if n > limit => Err(format!(
+                    "the deflated data set inflates to more than {limit} bytes from {} bytes",
+                    rest.len()
+                )),
+                Ok(_) => data_set(&inflated, true, false),
+            }
+        }
+        _ => data_set(rest, true, false),
+    }
+}
+
+fn data_set(bytes: &[u8], explicit: bool, big_endian: bool) -> Result<(), String> {
+    Walk {
+        bytes,
+        pos: 0,
+        explicit,
+        big_endian,
+        what: "data set",
+    }
+    .elements()
+}
+
+struct Walk<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+    explicit: bool,
+    big_endian: bool,
+    what: &'static str,
+}
+
+/// One element header: its tag, VR (when explicit), declared length, and where its value starts.
+struct Header {
+    tag: (u16, u16),
+    vr: Option<[u8; 2]>,
+    len: u32,
+}
+
+impl Walk<'_> {
+    fn left(&self) -> usize {
+        self.bytes.len() - self.pos
+    }
+
+    fn u16(&mut self) -> Option<u16> {
+        let b: [u8; 2] = self.bytes.get(self.pos..self.pos + 2)?.try_into().ok()?;
+        self.pos += 2;
+        Some(if self.big_endian {
+            u16::from_be_bytes(b)
+        } else {
+            u16::from_le_bytes(b)
+        })
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        let b: [u8; 4] = self.bytes.get(self.pos..self.pos + 4)?.try_into().ok()?;
+        self.pos += 4;
+        Some(if self.big_endian {
+            u32::from_be_bytes(b)
+        } else {
+            u32::from_le_bytes(b)
+        })
+    }
+
+    /// The next header, or `None` at the end of the bytes or where the walk loses its way.
+    fn header(&mut self) -> Option<Header> {
+        let tag = (self.u16()?, self.u16()?);
+        if tag.0 == 0xFFFE {
+            // Items and delimiters: a length and no VR, in every transfer syntax.
+            return Some(Header {
+                tag,
+                vr: None,
+                len: self.u32()?,
+            });
+        }
+        if !self.explicit {
+            return Some(Header {
+                tag,
+                vr: None,
+                len: self.u32()?,
+            });
+        }
+        let mut vr: [u8; 2] = self.bytes.get(self.pos..self.pos + 2)?.try_into().ok()?;
+        self.pos += 2;
+        // As the parser reads them (PS3.5 7.1.2): these VRs have a 16-bit length; every other,
+        // an unknown one too (taken as UN), has two reserved bytes and a 32-bit length.
+        let short = matches!(
+            &vr,
+            b"AE"
+                | b"AS"
+                | b"AT"
+                | b"CS"
+                | b"DA"
+                | b"DS"
+                | b"DT"
+                | b"FL"
+                | b"FD"
+                | b"IS"
+                | b"LO"
+                | b"LT"
+                | b"PN"
+                | b"SH"
+                | b"SL"
+                | b"SS"
+                | b"ST"
+                | b"TM"
+                | b"UI"
+                | b"UL"
+                | b"US"
+        );
+        let len = if short {
+            u32::from(self.u16()?)
+        } else {
+            if !KNOWN_LONG.contains(&&vr) {
+                vr = *b"UN";
+            }
+            self.pos += 2;
+            if self.pos > self.bytes.len() {
+                return None;
+            }
+            self.u32()?
+        };
+        Some(Header {
+            tag,
+            vr: Some(vr),
+            len,
+        })
+    }
+
+    fn fits(&self, h: &Header) -> Result<(), String> {
+        if h.len != UNDEFINED && h.len as usize > self.left() {
+            return Err(format!(
+                "element ({:04X},{:04X}) in the {} declares {} bytes where the file has {} left",
+                h.tag.0,
+                h.tag.1,
+                self.what,
+                h.len,
+                self.left()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Walks the meta group (always explicit little endian) and returns its transfer syntax.
+    fn meta(&mut self) -> Result<Option<String>, String> {
+        let mut ts = None;
+        loop {
+            let at = self.pos;
+            let group = self
+                .bytes
+                .get(at..at + 2)
+                .map(|b| u16::from_le_bytes([b[0], b[1]]));
+            if group != Some(0x0002) {
+                self.pos = at;
+                return Ok(ts);
+            }
+            let Some(h) = self.header() else {
+                return Ok(ts);
+            };
+            self.fits(&h)?;
+            if h.len == UNDEFINED {
+                return Ok(ts);
+            }
+            let value = &self.bytes[self.pos..self.pos + h.len as usize];
+            if h.tag == (0x0002, 0x0010) {
+                let text = String::from_utf8_lossy(value);
+                ts = Some(text.trim_end_matches(['\0', ' ']).trim().to_string());
+            }
+            self.pos += h.len as usize;
+        }
+    }
+
+    fn elements(&mut self) -> Result<(), String> {
+        // Inside encapsulated pixel data, items are fragments of bytes, not data sets.
+        let mut fragments = false;
+        while self.left() >= 8 {
+            let Some(h) = self.header() else {
+                return Ok(());
+            };
+            self.fits(&h)?;
+            if h.len == UNDEFINED {
+                // A sequence or an item of undefined length (its elements follow), or
+                // encapsulated pixel data (its fragments follow). An undefined-length UN holds
+                // implicit VR data, which this walk does not follow.
+                if h.vr == Some(*b"UN") {
+                    return Ok(());
+                }
+                fragments |= h.tag == PIXEL_DATA;
+                continue;
+            }
+            match h.tag {
+                (0xFFFE, 0xE0DD) => fragments = false,
+                // A fragment: bytes, whatever they look like.
+                (0xFFFE, 0xE000) if fragments => self.pos += h.len as usize,
+                // An item of a sequence: its elements follow.
+                (0xFFFE, 0xE000) => {}
+                // A defined-length sequence: its items follow.
+                _ if self.nested(&h) => {}
+                _ => self.pos += h.len as usize,
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a defined-length element holds items that the walk should enter: an explicit
+    /// `SQ`, or, in implicit VR, a value that starts with an item tag.
+    fn nested(&self, h: &Header) -> bool {
+        match h.vr {
+            Some(vr) => &vr == b"SQ",
+            None => {
+                let item = if self.big_endian {
+                    [0xFF, 0xFE, 0xE0, 0x00]
+                } else {
+                    [0xFE, 0xFF, 0x00, 0xE0]
+                };
+                h.len >= 8 && self.bytes.get(self.pos..self.pos + 4) == Some(&item[..])
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn el(tag: (u16, u16), vr: &[u8; 2], value: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend(tag.0.to_le_bytes());
+        out.extend(tag.1.to_le_bytes());
+        out.extend(vr);
+        if matches!(vr, b"OB" | b"OW" | b"SQ" | b"UN" | b"UT") {
+            out.extend([0, 0]);
+            out.extend((value.len() as u32).to_le_bytes());
+        } else {
+            out.extend((value.len() as u16).to_le_bytes());
+        }
+        out.extend(value);
+        out
+    }
+
+    fn file(ts: &str, data: &[u8]) -> Vec<u8> {
+        let mut out = b"DICM".to_vec();
+        let mut uid = ts.as_bytes().to_vec();
+        if uid.len() % 2 == 1 {
+            uid.push(0);
+        }
+        out.extend(el((0x0002, 0x0010), b"UI", &uid));
+        out.extend(data);
+        out
+    }
+
+    #[test]
+    fn a_length_past_the_end_is_refused_by_tag() {
+        let mut data = el((0x0028, 0x0010), b"US", &4u16.to_le_bytes());
+        data.extend(el((0x7FE0, 0x0010), b"OW", &[0; 8]));
+        let ok = file("1.2.840.10008.1.2.1", &data);
+        assert_eq!(check(&ok), Ok(()));
+        // Declare 2 GB for the pixel data.
+        let mut bad = ok.clone();
+        let n = bad.len();
+        bad[n - 12..n - 8].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+        let err = check(&bad).unwrap_err();
+        assert!(
+            err.contains("(7FE0,0010)") && err.contains("2147483648"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn lengths_inside_sequences_and_items_are_checked() {
+        let inner = el((0x0008, 0x0100), b"SH", b"AB");
+        let mut item = vec![0xFE, 0xFF, 0x00, 0xE0];
+        item.extend((inner.len() as u32).to_le_bytes());
+        item.extend(&inner);
+        let data = el((0x0008, 0x1032), b"SQ", &item);
+        let ok = file("1.2.840.10008.1.2.1", &data);
+        assert_eq!(check(&ok), Ok(()));
+        // The nested element claims more than is left, though its sequence fits.
+        let mut bad = ok.clone();
+        let n = bad.len();
+        bad[n - 4..n - 2].copy_from_slice(&0xFFF0u16.to_le_bytes());
+        assert!(check(&bad).unwrap_err().contains("(0008,0100)"));
+    }
+
+    #[test]
+    fn encapsulated_fragments_are_skipped_not_entered() {
+        let mut px = Vec::new();
+        for frag in [
+            &[][..],
+            &[0xFE, 0xFF, 0x00, 0xE0, 0xFF, 0xFF, 0xFF, 0x7F][..],
+        ] {
+            px.extend([0xFE, 0xFF, 0x00, 0xE0]);
+            px.extend((frag.len() as u32).to_le_bytes());
+            px.extend(frag);
+        }
+        px.extend([0xFE, 0xFF, 0xDD, 0xE0, 0, 0, 0, 0]);
+        let mut data = vec![0xE0, 0x7F, 0x10, 0x00, b'O', b'B', 0, 0];
+        data.extend(UNDEFINED.to_le_bytes());
+        data.extend(&px);
+        // A fragment whose bytes look like an item header with a huge length is only bytes.
+        assert_eq!(check(&file("1.2.840.10008.1.2.4.50", &data)), Ok(()));
+    }
+
+    #[test]
+    fn implicit_and_big_endian_lengths_are_read_in_their_syntax() {
+        let mut implicit = vec![0x10, 0x00, 0x10, 0x00];
+        implicit.extend(0x7000_0000u32.to_le_bytes());
+        implicit.extend(b"Doe^John");
+        assert!(check(&file("1.2.840.10008.1.2", &implicit)).is_err());
+        let mut fine = vec![0x10, 0x00, 0x10, 0x00];
+        fine.extend(8u32.to_le_bytes());
+        fine.extend(b"Doe^John");
+        assert_eq!(check(&file("1.2.840.10008.1.2", &fine)), Ok(()));
+        let mut big = vec![0x00, 0x10, 0x00, 0x10, b'P', b'N'];
+        big.extend(0xFFF0u16.to_be_bytes());
+        big.extend(b"Doe^John");
+        assert!(check(&file("1.2.840.10008.1.2.2", &big)).is_err());
+    }
+
+    #[test]
+    fn a_deflated_data_set_is_walked_and_capped() {
+        use std::io::Write;
+        let mut data = el((0x0010, 0x0010), b"PN", b"Doe^John");
+        data.extend(vec![0u8; 1 << 16]);
+        let deflate = |d: &[u8]| {
+            let mut enc = flate2::write::DeflateEncoder::new(Vec::new(), Default::default());
+            enc.write_all(d).unwrap();
+            enc.finish().unwrap()
+        };
+        let ts = "1.2.840.10008.1.2.1.99";
+        assert_eq!(check(&file(ts, &deflate(&data))), Ok(()));
+        let err = check_with(&file(ts, &deflate(&data)), 1 << 12).unwrap_err();
+        assert!(err.contains("inflates to more than 4096 bytes"), "{err}");
+        let mut bad = el((0x0010, 0x0010), b"PN", b"Doe^John");
+        bad[6..8].copy_from_slice(&0xFFF0u16.to_le_bytes());
+        assert!(check(&file(ts, &deflate(&bad)))
+            .unwrap_err()
+            .contains("(0010,0010)"));
+    }
+}
