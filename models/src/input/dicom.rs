@@ -1,13 +1,20 @@
 //! DICOM images to 8-bit RGB, before the shared preprocessing.
 //!
 //! Grayscale (`MONOCHROME2`, and `MONOCHROME1`, which is inverted): stored values go through the
-//! modality LUT (Rescale Slope/Intercept), then the first VOI window (Window Center/Width, the
-//! linear function of PS3.3 C.11.2.1.2) when the file has one, else a min-max stretch, to 0..255,
-//! replicated to three channels. Colour (`RGB`, `YBR_FULL`, 8-bit, either planar
-//! configuration) is taken as is, converted from YCbCr when needed. The first frame of a
-//! multi-frame file is used. Compressed transfer syntaxes are decoded by dicom-rs' pure-Rust
-//! codecs (JPEG baseline/extended/lossless, RLE, deflate, and JPEG 2000 through OpenJPEG's Rust
-//! port, whose decoder undoes the YBR_RCT/YBR_ICT colour transforms).
+//! modality LUT (Rescale Slope/Intercept), then the first VOI window (Window Center/Width, with
+//! the VOI LUT function of PS3.3 C.11.2.1.2-3) when the file has one, else a min-max stretch,
+//! to 0..255, replicated to three channels. Colour (`RGB`, `YBR_FULL`, `YBR_FULL_422`,
+//! `YBR_RCT`/`YBR_ICT`, `PALETTE COLOR`, either planar configuration) becomes RGB.
+//!
+//! Frames count from 0, as pydicom's `index`; a multi-frame file is read at its first frame
+//! unless a frame is asked for ([`decode_frame`]). Compressed transfer syntaxes are decoded by
+//! dicom-rs' codecs (JPEG baseline/lossless, RLE, deflate, JPEG 2000 through OpenJPEG's Rust
+//! port, whose decoder undoes the YBR_RCT/YBR_ICT colour transforms, and JPEG-LS through
+//! CharLS), 8-bit JPEG by the `image` crate, 32-bit RLE here. 12-bit JPEG (extended, process 4)
+//! is refused: no decoder for it is at hand.
+//!
+//! Before parsing, every declared element length is checked against the file's size
+//! (`dicom_lengths`), so a small file cannot make the parser reserve gigabytes.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -30,20 +37,45 @@ pub fn is_dicom(bytes: &[u8]) -> bool {
 /// Decodes a DICOM file's first frame as RGB; `name` names the source in errors, which read
 /// `NAME: cannot read DICOM image: REASON`.
 pub fn decode(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+    decode_frame(bytes, name, 0)
+}
+
+/// Decodes frame `frame` (counted from 0, as pydicom's `index`) of a DICOM file as RGB.
+pub fn decode_frame(bytes: &[u8], name: &Path, frame: u32) -> Result<RgbImage> {
     // dicom-rs decoders are not meant to panic on damaged files; should one, it is a damaged
     // file to the caller.
-    std::panic::catch_unwind(|| decode_inner(bytes))
+    std::panic::catch_unwind(|| decode_inner(bytes, frame))
         .unwrap_or_else(|_| Err("the DICOM decoder failed on this file".into()))
         .map_err(|reason| Error::format(name, format!("cannot read DICOM image: {reason}")))
+}
+
+/// The number of frames of a DICOM file (Number of Frames, 1 when absent), read from its
+/// header without decoding the pixel data.
+pub fn frame_count(bytes: &[u8], name: &Path) -> Result<u32> {
+    std::panic::catch_unwind(|| open(bytes, true).map(|obj| frames_of(&obj)))
+        .unwrap_or_else(|_| Err("the DICOM parser failed on this file".into()))
+        .map_err(|reason| Error::format(name, format!("cannot read DICOM file: {reason}")))
 }
 
 /// [`decode`] without its guard against a panicking decoder, so that fuzzing sees one.
 #[doc(hidden)]
 pub fn decode_unguarded(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    decode_inner(bytes)
+    decode_inner(bytes, 0)
 }
 
-fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
+fn frames_of(obj: &dicom_object::DefaultDicomObject) -> u32 {
+    obj.element(tags::NUMBER_OF_FRAMES)
+        .ok()
+        .and_then(|e| e.to_int::<u32>().ok())
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// The parsed file (up to its pixel data when `header_only`), after the length check.
+fn open(
+    bytes: &[u8],
+    header_only: bool,
+) -> std::result::Result<dicom_object::DefaultDicomObject, String> {
     let body = if is_dicom(bytes) {
         &bytes[128..]
     } else {
@@ -53,27 +85,45 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         return Err("not a DICOM file (no DICM magic)".into());
     }
     super::dicom_lengths::check(body)?;
-    let obj = OpenFileOptions::new()
-        .read_preamble(ReadPreamble::Never)
+    let options = || {
+        let o = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
+        if header_only {
+            o.read_until(tags::PIXEL_DATA)
+        } else {
+            o
+        }
+    };
+    options()
         .from_reader(Cursor::new(&body[4..]))
-        .or_else(|_| {
-            OpenFileOptions::new()
-                .read_preamble(ReadPreamble::Never)
-                .from_reader(Cursor::new(body))
-        })
-        .map_err(|e| e.to_string())?;
+        .or_else(|_| options().from_reader(Cursor::new(body)))
+        .map_err(|e| e.to_string())
+}
+
+fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, String> {
+    let obj = open(bytes, false)?;
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err("the file has no pixel data".into());
     }
-    if let Some(img) = native_ybr_422(&obj)? {
+    let frames = frames_of(&obj);
+    if frame >= frames {
+        return Err(format!(
+            "no frame {frame} in a file of {frames} frame{} (frames count from 0)",
+            if frames == 1 { "" } else { "s" }
+        ));
+    }
+    if let Some(img) = native_ybr_422(&obj, frame)? {
         return Ok(img);
     }
-    if let Some(img) = rle_32(&obj)? {
+    if let Some(img) = rle_32(&obj, frame)? {
         return Ok(img);
     }
-    let pixels = obj
-        .decode_pixel_data_frame(0)
-        .map_err(|e| format!("cannot decode the pixel data: {e}"))?;
+    let pixels = obj.decode_pixel_data_frame(frame).map_err(|e| {
+        if jpeg_precision(&obj, frame) == Some(12) {
+            "12-bit JPEG (extended, process 4) is not supported: no decoder for it".to_string()
+        } else {
+            format!("cannot decode the pixel data: {e}")
+        }
+    })?;
     // Native big-endian 32-bit data reaches us in the file's word order.
     let big_endian = obj.meta().transfer_syntax().trim_end_matches('\0') == "1.2.840.10008.1.2.2";
     let (w, h) = (pixels.columns(), pixels.rows());
@@ -92,14 +142,14 @@ fn decode_inner(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
         .ok()
         .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
         .unwrap_or_else(|| photometric.clone());
-    if let Some(bytes) = jpeg_bytes(&obj).filter(|_| stated == "RGB" && spp == 3) {
+    if let Some(bytes) = jpeg_bytes(&obj, frame).filter(|_| stated == "RGB" && spp == 3) {
         // An RGB-labelled JPEG holds RGB components, whatever its markers leave open (as
         // pydicom reads it): decoded without a colour transform.
         if let Some(img) = jpeg_rgb_components(&bytes, w, h) {
             return Ok(img);
         }
     }
-    if let Some(img) = jpeg_frame(&obj, w, h, spp).filter(|_| stated != "RGB") {
+    if let Some(img) = jpeg_frame(&obj, frame, w, h, spp).filter(|_| stated != "RGB") {
         if spp == 3 {
             return Ok(img.to_rgb8());
         }
@@ -276,10 +326,13 @@ fn first_rescale(pixels: &dicom_pixeldata::DecodedPixelData<'_>) -> dicom_pixeld
         })
 }
 
-/// The first frame of an RLE Lossless file of 32-bit samples (PS3.5 G), which dicom-rs does
-/// not decode: grey through the rescale and VOI, colour by the top 8 of the stored bits.
-/// `None` for any other file.
-fn rle_32(obj: &dicom_object::DefaultDicomObject) -> std::result::Result<Option<RgbImage>, String> {
+/// A frame of an RLE Lossless file of 32-bit samples (PS3.5 G), which dicom-rs does not
+/// decode: grey through the rescale and VOI, colour by the top 8 of the stored bits. `None`
+/// for any other file.
+fn rle_32(
+    obj: &dicom_object::DefaultDicomObject,
+    frame: u32,
+) -> std::result::Result<Option<RgbImage>, String> {
     let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<i64>().ok());
     let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
     if syntax != "1.2.840.10008.1.2.5" || int(tags::BITS_ALLOCATED) != Some(32) {
@@ -294,11 +347,18 @@ fn rle_32(obj: &dicom_object::DefaultDicomObject) -> std::result::Result<Option<
     );
     let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1).clamp(1, 3) as usize;
     let n = w as usize * h as usize;
+    // RLE Lossless encodes each frame in one fragment (PS3.5 G.1).
     let frame = obj
         .element(tags::PIXEL_DATA)
         .ok()
-        .and_then(|e| e.value().fragments().and_then(|f| f.first().cloned()))
-        .ok_or("RLE pixel data without fragments")?;
+        .and_then(|e| {
+            e.value()
+                .fragments()
+                .and_then(|f| f.get(frame as usize).cloned())
+        })
+        .ok_or(format!(
+            "RLE pixel data without a fragment for frame {frame}"
+        ))?;
     let header = |k: usize| -> Option<usize> {
         let b = frame.get(4 * k..4 * k + 4)?;
         Some(u32::from_le_bytes([b[0], b[1], b[2], b[3]]) as usize)
@@ -385,6 +445,7 @@ fn unpack_bits(data: &[u8], n: usize) -> std::result::Result<Vec<u8>, String> {
 /// dicom-rs sizes as three samples a pixel; `None` for any other file.
 fn native_ybr_422(
     obj: &dicom_object::DefaultDicomObject,
+    frame: u32,
 ) -> std::result::Result<Option<RgbImage>, String> {
     let text = |tag| {
         obj.element(tag)
@@ -415,14 +476,15 @@ fn native_ybr_422(
         .map_err(|_| "the file has no pixel data".to_string())?
         .to_bytes()
         .map_err(|e| format!("pixel data: {e}"))?;
-    if w % 2 != 0 || bytes.len() < 2 * n {
+    let start = 2 * n * frame as usize;
+    if w % 2 != 0 || bytes.len() < start + 2 * n {
         return Err(format!(
-            "{} bytes of YBR_FULL_422 pixel data for a {w}×{h} image",
+            "{} bytes of YBR_FULL_422 pixel data for frame {frame} of a {w}×{h} image",
             bytes.len()
         ));
     }
     let mut px = Vec::with_capacity(3 * n);
-    for q in bytes[..2 * n].chunks_exact(4) {
+    for q in bytes[start..start + 2 * n].chunks_exact(4) {
         px.extend_from_slice(&[q[0], q[2], q[3], q[1], q[2], q[3]]);
     }
     ybr_to_rgb(&mut px);
@@ -475,16 +537,17 @@ fn grey_to_rgb(
     RgbImage::from_raw(w, h, rgb).ok_or_else(|| "bad image size".into())
 }
 
-/// The first frame of an 8-bit JPEG baseline or extended file, decoded by the `image` crate;
-/// `None` for other syntaxes and for what that decoder does not take (12-bit, a frame split
-/// over fragments of a multi-frame file), which dicom-rs' own codec then reads.
+/// A frame of an 8-bit JPEG baseline or extended file, decoded by the `image` crate; `None`
+/// for other syntaxes and for what that decoder does not take (12-bit, a frame split over
+/// fragments of a multi-frame file), which dicom-rs' own codec then reads.
 fn jpeg_frame(
     obj: &dicom_object::DefaultDicomObject,
+    frame: u32,
     w: u32,
     h: u32,
     spp: u16,
 ) -> Option<image::DynamicImage> {
-    let bytes = jpeg_bytes(obj)?;
+    let bytes = jpeg_bytes(obj, frame)?;
     let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg).ok()?;
     let channels = img.color().channel_count();
     (img.width() == w && img.height() == h && u16::from(channels) == spp).then_some(img)
@@ -537,6 +600,13 @@ fn adobe_transform(b: &[u8]) -> Option<u8> {
         .and_then(|(_, p)| p.get(11).copied())
 }
 
+/// The sample precision of a JPEG baseline or extended frame, from its SOF segment.
+fn jpeg_precision(obj: &dicom_object::DefaultDicomObject, frame: u32) -> Option<u8> {
+    let bytes = jpeg_bytes(obj, frame)?;
+    let (_, p) = jpeg_segments(&bytes).find(|(m, _)| matches!(m, 0xC0..=0xC3))?;
+    p.first().copied()
+}
+
 /// The identifiers of a three-component frame.
 fn component_ids(b: &[u8]) -> Option<[u8; 3]> {
     let (_, p) = jpeg_segments(b)
@@ -547,23 +617,19 @@ fn component_ids(b: &[u8]) -> Option<[u8; 3]> {
     Some([*p.get(6)?, *p.get(9)?, *p.get(12)?])
 }
 
-/// The first frame's JPEG stream of a JPEG baseline or extended file.
-fn jpeg_bytes(obj: &dicom_object::DefaultDicomObject) -> Option<Vec<u8>> {
+/// A frame's JPEG stream of a JPEG baseline or extended file.
+fn jpeg_bytes(obj: &dicom_object::DefaultDicomObject, frame: u32) -> Option<Vec<u8>> {
     let syntax = obj.meta().transfer_syntax().trim_end_matches('\0');
     if syntax != "1.2.840.10008.1.2.4.50" && syntax != "1.2.840.10008.1.2.4.51" {
         return None;
     }
     let pixel_data = obj.element(tags::PIXEL_DATA).ok()?;
     let fragments = pixel_data.value().fragments()?;
-    let frames = obj
-        .element(tags::NUMBER_OF_FRAMES)
-        .ok()
-        .and_then(|e| e.to_int::<u32>().ok())
-        .unwrap_or(1);
+    let frames = frames_of(obj);
     if frames <= 1 {
         Some(fragments.iter().flatten().copied().collect())
     } else if fragments.len() == frames as usize {
-        fragments.first().cloned()
+        fragments.get(frame as usize).cloned()
     } else {
         None
     }

@@ -33,12 +33,14 @@ fn check_with(body: &[u8], limit: usize) -> Result<(), String> {
         big_endian: false,
         what: "file meta information",
     };
-    let ts = walk.meta()?;
+    let Some(ts) = walk.meta()? else {
+        return Err("the file meta information has no Transfer Syntax UID (0002,0010)".into());
+    };
     let rest = &body[walk.pos..];
-    match ts.as_deref() {
-        Some("1.2.840.10008.1.2") => data_set(rest, false, false),
-        Some("1.2.840.10008.1.2.2") => data_set(rest, true, true),
-        Some("1.2.840.10008.1.2.1.99") | Some("1.2.840.10008.1.2.1.99.1") => {
+    match ts.as_str() {
+        "1.2.840.10008.1.2" => data_set(rest, false, false),
+        "1.2.840.10008.1.2.2" => data_set(rest, true, true),
+        "1.2.840.10008.1.2.1.99" | "1.2.840.10008.1.2.1.99.1" => {
             let mut inflated = Vec::new();
             let read = flate2::read::DeflateDecoder::new(rest)
                 .take(limit as u64 + 1)
