@@ -27,6 +27,10 @@ pub struct EvalArgs {
     /// Split of a .npz file or an ImageFolder root.
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// Frame of multi-frame DICOM files: a number (from 0), or `all` for a sample per frame,
+    /// each with its folder's label. Without it, each file's first frame.
+    #[arg(long, value_name = "N|all")]
+    pub frame: Option<inputs::Frames>,
     /// Images per inference batch.
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
@@ -210,14 +214,16 @@ pub fn metrics(engine: &Engine, scored: &Scored) -> anyhow::Result<Metrics> {
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut engine = args.model.load()?;
     crate::note_calibration(&engine);
-    let mut items = labelled_items(&args.data_path, &args.split, &engine.meta.class_names)?;
+    let items = labelled_items(&args.data_path, &args.split, &engine.meta.class_names)?;
+    let (mut items, unreadable) = inputs::with_frames(items, args.frame);
     if let Some(n) = args.limit {
         items.truncate(n);
     }
     if items.is_empty() {
         bail!("{}: no samples", args.data_path.display());
     }
-    let scored = score(&mut engine, items, args.batch_size, args.decode_threads)?;
+    let mut scored = score(&mut engine, items, args.batch_size, args.decode_threads)?;
+    scored.failures.splice(0..0, unreadable);
     let m = metrics(&engine, &scored)?;
     let header = format!(
         "model {} · sha256 {} · {}\ndata {} ({})\n",

@@ -34,7 +34,95 @@ pub struct Item {
 #[derive(Debug, Clone)]
 pub enum Source {
     File(PathBuf),
+    /// One frame (from 0) of a DICOM file.
+    Frame(PathBuf, u32),
     Image(Arc<RgbImage>),
+}
+
+/// Which frames of multi-frame DICOM files are read (`--frame`). Without the option, the first
+/// frame, under the file's own name; with it, items are named `FILE#N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frames {
+    /// Frame N of every DICOM file.
+    One(u32),
+    /// Every frame, each its own item.
+    All,
+}
+
+impl std::str::FromStr for Frames {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        if s.eq_ignore_ascii_case("all") {
+            return Ok(Frames::All);
+        }
+        s.parse()
+            .map(Frames::One)
+            .map_err(|_| format!("`{s}` is neither a frame number (from 0) nor `all`"))
+    }
+}
+
+/// `FILE#N` as a DICOM file and a frame, when FILE exists and `FILE#N` does not.
+fn frame_suffix(input: &Path) -> Option<(PathBuf, u32)> {
+    let text = input.to_str()?;
+    let (file, n) = text.rsplit_once('#')?;
+    let n = n.parse().ok()?;
+    let file = PathBuf::from(file);
+    (!input.exists() && file.is_file()).then_some((file, n))
+}
+
+/// Whether the file is DICOM, by its `DICM` magic or its name.
+fn is_dicom_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 132];
+    let magic = std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && mae_models::input::dicom::is_dicom(&head);
+    magic || mae_models::input::is_dicom_name(path)
+}
+
+/// Applies `--frame` to listed items: DICOM files become the frame asked for, or one item per
+/// frame (their labels kept); other items are left as they are. A DICOM file whose frames
+/// cannot be counted is a failure.
+pub fn with_frames(items: Vec<Item>, frames: Option<Frames>) -> (Vec<Item>, Vec<Failure>) {
+    let Some(frames) = frames else {
+        return (items, Vec::new());
+    };
+    let mut out = Vec::with_capacity(items.len());
+    let mut failures = Vec::new();
+    for item in items {
+        let Source::File(path) = &item.source else {
+            out.push(item);
+            continue;
+        };
+        if !is_dicom_file(path) {
+            out.push(item);
+            continue;
+        }
+        let count = match frames {
+            Frames::One(n) => {
+                out.push(Item {
+                    name: format!("{}#{n}", item.name),
+                    source: Source::Frame(path.clone(), n),
+                    label: item.label.clone(),
+                });
+                continue;
+            }
+            Frames::All => std::fs::read(path)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(mae_models::input::dicom::frame_count(&b, path)?)),
+        };
+        match count {
+            Ok(count) => out.extend((0..count).map(|k| Item {
+                name: format!("{}#{k}", item.name),
+                source: Source::Frame(path.clone(), k),
+                label: item.label.clone(),
+            })),
+            Err(e) => failures.push(Failure::new(item.name.clone(), &e)),
+        }
+    }
+    (out, failures)
 }
 
 /// An input that could not be read, by name.
@@ -58,9 +146,14 @@ impl Failure {
     }
 }
 
-/// Expands `inputs` (files, folders walked recursively in name order, `.npz` files read at
-/// `split`) into items; what cannot be listed or read is returned as failures.
-pub fn collect(inputs: &[PathBuf], split: &str) -> (Vec<Item>, Vec<Failure>) {
+/// Expands `inputs` (files, `FILE.dcm#N` frames, folders walked recursively in name order,
+/// `.npz` files read at `split`) into items, DICOM files at `frames`; what cannot be listed or
+/// read is returned as failures.
+pub fn collect(
+    inputs: &[PathBuf],
+    split: &str,
+    frames: Option<Frames>,
+) -> (Vec<Item>, Vec<Failure>) {
     let mut items = Vec::new();
     let mut failures = Vec::new();
     for input in inputs {
@@ -68,6 +161,15 @@ pub fn collect(inputs: &[PathBuf], split: &str) -> (Vec<Item>, Vec<Failure>) {
             input: input.display().to_string(),
             error: e,
         };
+        if let Some((file, n)) = frame_suffix(input) {
+            items.push(Item {
+                name: input.display().to_string(),
+                source: Source::Frame(file, n),
+                label: None,
+            });
+            continue;
+        }
+        let mut listed = Vec::new();
         match std::fs::metadata(input) {
             Err(e) => failures.push(fail(format!("cannot read: {e}"))),
             Ok(m) if m.is_dir() => {
@@ -75,11 +177,14 @@ pub fn collect(inputs: &[PathBuf], split: &str) -> (Vec<Item>, Vec<Failure>) {
                 walk(input, &mut files, &mut failures);
                 files.sort();
                 for f in files {
-                    push_file(&f, split, &mut items, &mut failures);
+                    push_file(&f, split, &mut listed, &mut failures);
                 }
             }
-            Ok(_) => push_file(input, split, &mut items, &mut failures),
+            Ok(_) => push_file(input, split, &mut listed, &mut failures),
         }
+        let (listed, unreadable) = with_frames(listed, frames);
+        items.extend(listed);
+        failures.extend(unreadable);
     }
     (items, failures)
 }
@@ -147,8 +252,8 @@ pub fn decode_bytes(bytes: &[u8], name: &Path) -> anyhow::Result<RgbImage> {
     Ok(mae_models::input::decode_rgb(bytes, name)?)
 }
 
-/// Reads and decodes one item; also returns the SHA-256 of its bytes (of its raw RGB pixels
-/// for `.npz` items), for audit logs.
+/// Reads and decodes one item; also returns the SHA-256 of its bytes (of its file for a frame,
+/// of its raw RGB pixels for `.npz` items), for audit logs.
 pub fn load(item: &Item) -> anyhow::Result<(RgbImage, String)> {
     match &item.source {
         Source::Image(img) => Ok(((**img).clone(), sha256_hex(img.as_raw()))),
@@ -156,6 +261,12 @@ pub fn load(item: &Item) -> anyhow::Result<(RgbImage, String)> {
             let bytes =
                 std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
             Ok((decode_bytes(&bytes, p)?, sha256_hex(&bytes)))
+        }
+        Source::Frame(p, k) => {
+            let bytes =
+                std::fs::read(p).with_context(|| format!("{}: cannot read", p.display()))?;
+            let img = mae_models::input::dicom::decode_frame(&bytes, p, *k)?;
+            Ok((img, sha256_hex(&bytes)))
         }
     }
 }
@@ -247,7 +358,7 @@ mod tests {
             std::fs::write(dir.path().join(f), b"x").unwrap();
         }
         let missing = dir.path().join("missing.png");
-        let (items, failures) = collect(&[dir.path().to_path_buf(), missing], "test");
+        let (items, failures) = collect(&[dir.path().to_path_buf(), missing], "test", None);
         let names: Vec<String> = items
             .iter()
             .map(|i| {

@@ -18,13 +18,17 @@ use crate::ModelArgs;
 pub struct PredictArgs {
     #[command(flatten)]
     pub model: ModelArgs,
-    /// Image files (PNG, JPEG, BMP, TIFF), DICOM files, folders (walked recursively) and
-    /// MedMNIST .npz files.
+    /// Image files (PNG, JPEG, BMP, TIFF, PPM/PGM, WebP), DICOM files (`FILE.dcm#N` for frame
+    /// N, from 0), folders (walked recursively) and MedMNIST .npz files.
     #[arg(required = true, value_name = "INPUT")]
     pub inputs: Vec<PathBuf>,
     /// Split of .npz inputs.
     #[arg(long, default_value = "test")]
     pub split: String,
+    /// Frame of multi-frame DICOM files: a number (from 0), or `all` for a row per frame.
+    /// Rows are then named FILE#N. Without it, each file's first frame, under its name.
+    #[arg(long, value_name = "N|all")]
+    pub frame: Option<inputs::Frames>,
     /// Images per inference batch.
     #[arg(long, default_value_t = 8)]
     pub batch_size: usize,
@@ -69,6 +73,7 @@ pub fn predict_all(
     engine: &mut Engine,
     inputs: &[PathBuf],
     split: &str,
+    frames: Option<inputs::Frames>,
     batch_size: usize,
     top_k: usize,
     decode_threads: usize,
@@ -76,7 +81,7 @@ pub fn predict_all(
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let (items, mut failures) = inputs::collect(inputs, split);
+    let (items, mut failures) = inputs::collect(inputs, split, frames);
     let total = items.len() as u64;
     let bar = progress(total);
     let rx = inputs::pipeline(
@@ -136,6 +141,7 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
         &mut engine,
         &args.inputs,
         &args.split,
+        args.frame,
         args.batch_size,
         args.top_k,
         args.decode_threads,

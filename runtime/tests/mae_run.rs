@@ -108,7 +108,7 @@ fn file_predictions_match_pytorch() {
         for model in MODELS {
             let mut e = engine(model, kind);
             let (rows, failures) =
-                mae_runtime::predict::predict_all(&mut e, &inputs, "test", 3, 2, 2).unwrap();
+                mae_runtime::predict::predict_all(&mut e, &inputs, "test", None, 3, 2, 2).unwrap();
             assert!(failures.is_empty(), "{failures:?}");
             assert_eq!(rows.len(), files.len());
             for row in rows {

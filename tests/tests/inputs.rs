@@ -1,7 +1,8 @@
 //! The shared input layer end to end: an ImageFolder tree with every image format, DICOM, odd
 //! class names, mixed-case extensions and a stray file is read by `mae-train` and `mae-run` with
 //! exactly the samples and labels of `torchvision.datasets.ImageFolder`; a DICOM-only tree
-//! trains and evaluates; closed output pipes end the tools quietly.
+//! trains and evaluates, its multi-frame files row by row; closed output pipes end the tools
+//! quietly.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -257,6 +258,88 @@ fn a_dicom_imagefolder_trains_and_evaluates_in_both_tools() {
     let (train, run, _, _) = eval_both(dir, &data, &ck);
     assert_eq!(run.len(), want.len());
     same_rows(&train, &run);
+    multi_frame_rows(dir, &dir.join("model.onnx"));
+}
+
+/// `mae-run predict` rows of one JSON-lines output: (input, probabilities), and its failures.
+fn predict_jsonl(dir: &Path, args: &[&str]) -> (Vec<(String, Vec<f64>)>, Vec<String>) {
+    let mut cmd = TestCommand::new("mae-run", dir);
+    cmd.args(["predict", "--model", "model.onnx", "--format", "jsonl"])
+        .args(args)
+        .env_remove("ORT_DYLIB_PATH");
+    let o = cmd.command().output().unwrap();
+    let mut rows = Vec::new();
+    let mut errors = Vec::new();
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let input = v["input"].as_str().unwrap().to_string();
+        match v["error"].as_str() {
+            Some(e) => errors.push(format!("{input}: {e}")),
+            None => rows.push((
+                input,
+                v["probabilities"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|p| p.as_f64().unwrap())
+                    .collect(),
+            )),
+        }
+    }
+    assert_eq!(o.status.success(), errors.is_empty(), "{args:?}: {o:?}");
+    (rows, errors)
+}
+
+/// A three-frame DICOM file (written by pydicom, each frame different) through `mae-run predict`:
+/// the first frame by default, `--frame N`, `FILE#N` and a row per frame with `--frame all`,
+/// the same pixels each way; a frame past the end is a failure that says so.
+fn multi_frame_rows(dir: &Path, model: &Path) {
+    assert!(model.exists());
+    let script = r#"
+import sys, numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+ds = Dataset(); ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"; ds.SOPInstanceUID = generate_uid()
+ds.Rows = ds.Columns = 28; ds.SamplesPerPixel = 1; ds.PhotometricInterpretation = "MONOCHROME2"
+ds.BitsAllocated = ds.BitsStored = 8; ds.HighBit = 7; ds.PixelRepresentation = 0
+ds.NumberOfFrames = 3
+y, x = np.mgrid[0:28, 0:28]
+frames = np.stack([x * 9, y * 9, (x * y) % 251]).astype(np.uint8)
+frames[0, :4, :4] = 255; frames[0, -4:, -4:] = 0
+ds.PixelData = frames.tobytes()
+ds.file_meta = FileMetaDataset(); ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+ds.save_as(sys.argv[1], enforce_file_format=True)
+"#;
+    let o = std::process::Command::new(python())
+        .args(["-c", script])
+        .arg(dir.join("mf.dcm"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (first, _) = predict_jsonl(dir, &["mf.dcm"]);
+    assert_eq!(first.len(), 1);
+    assert_eq!(first[0].0, "mf.dcm");
+    let (all, _) = predict_jsonl(dir, &["mf.dcm", "--frame", "all"]);
+    let names: Vec<&str> = all.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(names, ["mf.dcm#0", "mf.dcm#1", "mf.dcm#2"]);
+    assert_eq!(all[0].1, first[0].1, "frame 0 is the default");
+    assert!(
+        all[1].1 != all[0].1 && all[2].1 != all[1].1,
+        "the frames differ, so must their rows: {all:?}"
+    );
+    let (named, _) = predict_jsonl(dir, &["mf.dcm#2"]);
+    assert_eq!(named, [all[2].clone()]);
+    let (one, _) = predict_jsonl(dir, &["mf.dcm", "--frame", "1"]);
+    assert_eq!(one, [all[1].clone()]);
+    let (none, errors) = predict_jsonl(dir, &["mf.dcm", "--frame", "7"]);
+    assert!(none.is_empty());
+    assert_eq!(errors.len(), 1);
+    assert!(
+        errors[0].contains("no frame 7 in a file of 3 frames"),
+        "{errors:?}"
+    );
 }
 
 /// `mae-train models | head -1`: a closed standard output ends the trainer quietly, status 0.

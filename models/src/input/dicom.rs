@@ -154,11 +154,15 @@ fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, Strin
             return Ok(img.to_rgb8());
         }
         let rescale = first_rescale(&pixels);
+        let modality_lut = sequence_lut(&obj, tags::MODALITY_LUT_SEQUENCE)?;
         let values: Vec<f64> = img
             .to_luma8()
             .as_raw()
             .iter()
-            .map(|&v| f64::from(v) * rescale.slope + rescale.intercept)
+            .map(|&v| match &modality_lut {
+                Some(lut) => lut.get(f64::from(v)),
+                None => f64::from(v) * rescale.slope + rescale.intercept,
+            })
             .collect();
         return grey_to_rgb(&obj, &values, w, h, &photometric);
     }
@@ -198,9 +202,19 @@ fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, Strin
         }
         1 => {
             // Modality LUT only: VOI is applied below, the same way for every file.
-            let values: Vec<f64> = match pixels.bits_allocated() {
-                1 | 32 => unpacked_grey(&pixels, n, big_endian)?,
-                _ => pixels
+            let modality_lut = sequence_lut(&obj, tags::MODALITY_LUT_SEQUENCE)?;
+            let values: Vec<f64> = match (pixels.bits_allocated(), &modality_lut) {
+                (1 | 32, _) => unpacked_grey(&pixels, n, big_endian)?,
+                (_, Some(lut)) => pixels
+                    .to_vec_frame_with_options::<f64>(
+                        0,
+                        &ConvertOptions::new().with_modality_lut(ModalityLutOption::None),
+                    )
+                    .map_err(|e| format!("cannot convert the pixel values: {e}"))?
+                    .into_iter()
+                    .map(|v| lut.get(v))
+                    .collect(),
+                (_, None) => pixels
                     .to_vec_frame_with_options(0, &ConvertOptions::new())
                     .map_err(|e| format!("cannot convert the pixel values: {e}"))?,
             };
@@ -520,9 +534,17 @@ fn grey_to_rgb(
             Some("SIGMOID") => VoiLutFunction::Sigmoid,
             _ => VoiLutFunction::Linear,
         });
-    let mut gray = match window {
-        Some((&c, &w)) => voi(values, c, w, function),
-        None => min_max(values),
+    // A VOI LUT Sequence comes before a window, as in pydicom's `apply_voi_lut`.
+    let mut gray = match (sequence_lut(obj, tags::VOILUT_SEQUENCE)?, window) {
+        (Some(lut), _) => {
+            let top = f64::from((1u32 << lut.bits.clamp(1, 16)) - 1);
+            values
+                .iter()
+                .map(|&v| (lut.get(v) / top * 255.0).round().clamp(0.0, 255.0) as u8)
+                .collect()
+        }
+        (None, Some((&c, &w))) => voi(values, c, w, function),
+        (None, None) => min_max(values),
     };
     match photometric {
         "MONOCHROME1" => gray.iter_mut().for_each(|v| *v = 255 - *v),
@@ -633,6 +655,80 @@ fn jpeg_bytes(obj: &dicom_object::DefaultDicomObject, frame: u32) -> Option<Vec<
     } else {
         None
     }
+}
+
+/// The LUT of the first item of a Modality LUT Sequence or VOI LUT Sequence (PS3.3 C.11.1,
+/// C.11.2): `None` when the file has no such sequence.
+struct SequenceLut {
+    first: f64,
+    entries: Vec<f64>,
+    bits: u32,
+}
+
+impl SequenceLut {
+    /// The entry of value `v`: values below the first mapped one take the first entry, values
+    /// past the end the last (as pydicom's `apply_modality_lut` and `apply_voi`).
+    fn get(&self, v: f64) -> f64 {
+        let i = if v < self.first {
+            0
+        } else {
+            (v - self.first) as usize
+        };
+        self.entries[i.min(self.entries.len() - 1)]
+    }
+}
+
+fn sequence_lut(
+    obj: &dicom_object::InMemDicomObject,
+    sequence: dicom_object::Tag,
+) -> std::result::Result<Option<SequenceLut>, String> {
+    let Some(item) = obj
+        .element_opt(sequence)
+        .ok()
+        .flatten()
+        .and_then(|e| e.items().and_then(|items| items.first()))
+    else {
+        return Ok(None);
+    };
+    let desc: Vec<i64> = item
+        .element(tags::LUT_DESCRIPTOR)
+        .map_err(|_| format!("LUT sequence {sequence} without a LUT Descriptor"))?
+        .to_multi_int()
+        .map_err(|e| format!("LUT Descriptor of {sequence}: {e}"))?;
+    let [count, first, bits] = desc[..] else {
+        return Err(format!(
+            "LUT Descriptor of {sequence} has {} values, not 3",
+            desc.len()
+        ));
+    };
+    // A count of 0 means 65536 entries.
+    let count = if count == 0 { 65536 } else { count as usize };
+    let words: Vec<i64> = item
+        .element(tags::LUT_DATA)
+        .map_err(|_| format!("LUT sequence {sequence} without LUT Data"))?
+        .to_multi_int()
+        .map_err(|e| format!("LUT Data of {sequence}: {e}"))?;
+    let entries: Vec<f64> = if bits == 8 && words.len() * 2 == count {
+        // 8-bit entries packed two to a word.
+        words
+            .iter()
+            .flat_map(|&w| (w as u16).to_le_bytes())
+            .map(f64::from)
+            .collect()
+    } else {
+        words.iter().map(|&w| w as f64).collect()
+    };
+    if entries.len() < count || count == 0 {
+        return Err(format!(
+            "LUT Data of {sequence} holds {} entries, its descriptor says {count}",
+            entries.len()
+        ));
+    }
+    Ok(Some(SequenceLut {
+        first: first as f64,
+        entries: entries[..count].to_vec(),
+        bits: bits.clamp(1, 16) as u32,
+    }))
 }
 
 /// One channel of a PALETTE COLOR lookup table (PS3.3 C.7.6.3.1.5-6), as 8-bit values.
