@@ -32,6 +32,9 @@ if ! command -v cargo-fuzz >/dev/null; then
 fi
 say "building the targets (nightly, release with debug assertions, AddressSanitizer)"
 cargo +nightly fuzz build -a
+# The binaries are run directly from here on, so that editing the sources while a campaign
+# runs cannot make a target rebuild (or wait for another's build) halfway through.
+bin_dir="target/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
 
 mkdir -p logs
 run_one() {
@@ -39,13 +42,17 @@ run_one() {
   mkdir -p "work/$t" "corpus/$t" "artifacts/$t"
   cp -n "seeds/$t"/* "work/$t"/ 2>/dev/null || true
   cp -n "corpus/$t"/* "work/$t"/ 2>/dev/null || true
-  cargo +nightly fuzz run -a "$t" "work/$t" -- -runs="$runs" -max_total_time="$seconds" \
+  "$bin_dir/$t" "work/$t" -runs="$runs" -max_total_time="$seconds" \
     -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" > "logs/$t.log" 2>&1 || true
   # Keep what adds coverage (the smallest such inputs).
-  cargo +nightly fuzz cmin -a "$t" "work/$t" > "logs/$t.cmin.log" 2>&1 || true
-  rm -f "corpus/$t"/*
-  cp "work/$t"/* "corpus/$t"/ 2>/dev/null || true
+  rm -rf "work/$t.min" && mkdir -p "work/$t.min"
+  "$bin_dir/$t" -merge=1 -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 \
+    "work/$t.min" "work/$t" > "logs/$t.cmin.log" 2>&1 || true
+  if [ -n "$(ls -A "work/$t.min")" ]; then
+    rm -f "corpus/$t"/*
+    cp "work/$t.min"/* "corpus/$t"/
+  fi
 }
 say "fuzzing ${targets[*]}: up to $runs executions or ${seconds}s each, $jobs at a time"
 running=0

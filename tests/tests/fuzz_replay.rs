@@ -56,26 +56,34 @@ fn seeds_corpora_and_regressions_replay_without_a_panic() {
     );
 }
 
-/// The campaign's DICOM findings: a declared element length far beyond the file (2.7 GB and
-/// 1.4 GB in a few hundred bytes) once made the parser reserve that much before refusing. They
-/// must now be refused by the length check, which names the element.
+/// The campaigns' DICOM findings, each refused for its reason, without a panic (the decoder is
+/// called without its guard):
+/// - a declared element length far beyond the file (2.7 GB and 1.4 GB in a few hundred bytes)
+///   once made the parser reserve that much before refusing; the length check names it now;
+/// - a Bits Stored of 0 (or above Bits Allocated) reached an assertion in dicom-rs' lookup
+///   tables; it is refused before them now.
 #[test]
-fn declared_lengths_beyond_the_file_are_refused_before_parsing() {
+fn dicom_findings_are_refused_for_their_reason() {
+    let expected = [
+        ("oom-d2765f08", "bytes where the file has"),
+        ("timeout-15ad30e1", "bytes where the file has"),
+        ("crash-395184df", "Bits Stored"),
+        ("crash-be6b682d", "Bits Stored"),
+    ];
     let root = workspace_root().join("fuzz/regressions");
     let mut seen = 0;
     for dir in ["dicom", "image"] {
         for f in files(&root.join(dir)) {
+            let name = f.file_name().unwrap().to_string_lossy().to_string();
+            let (_, reason) = expected
+                .iter()
+                .find(|(prefix, _)| name.starts_with(prefix))
+                .unwrap_or_else(|| panic!("{dir}/{name}: add its expected refusal here"));
             let bytes = std::fs::read(&f).unwrap();
-            let err = mae_models::input::dicom::decode(&bytes, &f)
-                .unwrap_err()
-                .to_string();
-            assert!(
-                err.contains("declares") && err.contains("bytes where the file has"),
-                "{}: {err}",
-                f.display()
-            );
+            let err = mae_models::input::dicom::decode_unguarded(&bytes).unwrap_err();
+            assert!(err.contains(reason), "{dir}/{name}: {err}");
             seen += 1;
         }
     }
-    assert!(seen >= 2, "only {seen} DICOM regressions found");
+    assert_eq!(seen, expected.len(), "regressions found");
 }

@@ -130,6 +130,14 @@ fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, Strin
     if w == 0 || h == 0 {
         return Err(format!("image size {w}×{h}"));
     }
+    // dicom-rs builds its lookup tables from Bits Stored, and asserts it is 1 to 32.
+    let (allocated, stored) = (pixels.bits_allocated(), pixels.bits_stored());
+    if stored == 0 || stored > allocated.max(1) || allocated > 32 {
+        return Err(format!(
+            "Bits Stored {stored} with Bits Allocated {allocated} (Bits Stored must be 1 to \
+             Bits Allocated, at most 32)"
+        ));
+    }
     let n = w as usize * h as usize;
     let spp = pixels.samples_per_pixel();
     let photometric = pixels.photometric_interpretation().as_str().to_string();
