@@ -40,12 +40,41 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
             "not an image in a supported format (PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, DICOM)",
         ));
     }
+    // A few hundred bytes can declare a gigapixel image: the size is checked before decoding.
+    let (w, h) = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| Error::io(name, e))?
+        .into_dimensions()
+        .map_err(|e| Error::format(name, format!("cannot decode image: {e}")))?;
+    check_size(w, h).map_err(|e| Error::format(name, e))?;
+    let mut reader = reader;
+    let mut limits = image::Limits::default();
+    limits.max_alloc = Some(MAX_DECODE_BYTES);
+    reader.limits(limits);
     // Decoders are meant not to panic on damaged input; should one do so anyway, it is a
     // damaged file to the caller, not a crash of the program.
     let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
         .map_err(|_| Error::format(name, "the image decoder failed on this file"))?
         .map_err(|e| Error::format(name, format!("cannot decode image: {e}")))?;
     Ok(to_rgb8(decoded))
+}
+
+/// The most pixels an input image may have: 2²⁶ (about 67 megapixels, 8192×8192), far above
+/// any radiograph, and small enough that decoding one cannot exhaust an edge machine.
+pub const MAX_PIXELS: u64 = 1 << 26;
+
+/// The most a decoder may allocate for one image (16-bit RGBA at [`MAX_PIXELS`]).
+const MAX_DECODE_BYTES: u64 = 8 * MAX_PIXELS;
+
+/// Refuses an image of more than [`MAX_PIXELS`] pixels, by its declared size.
+pub fn check_size(width: u32, height: u32) -> std::result::Result<(), String> {
+    let n = u64::from(width) * u64::from(height);
+    if n > MAX_PIXELS {
+        return Err(format!(
+            "an image of {width}×{height} pixels is over the limit of {MAX_PIXELS} pixels"
+        ));
+    }
+    Ok(())
 }
 
 fn to_rgb8(img: DynamicImage) -> RgbImage {
@@ -432,6 +461,22 @@ pub fn preprocess_eval(img: &RgbImage, spec: &PreprocessSpec) -> Vec<f32> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn images_over_the_pixel_limit_are_refused_by_their_declared_size() {
+        assert!(super::check_size(8192, 8192).is_ok());
+        let e = super::check_size(8193, 8192).unwrap_err();
+        assert!(e.contains("8193×8192") && e.contains("67108864"), "{e}");
+        // A PPM header declaring 10000×10000 pixels, and no data.
+        let ppm = b"P6\n10000 10000\n255\n".to_vec();
+        let e = super::decode_rgb(&ppm, std::path::Path::new("bomb.ppm"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("bomb.ppm: ") && e.contains("over the limit"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn output_sizes_follow_torchvision() {

@@ -2,7 +2,8 @@
 //! deciding what to optimise in an exported graph or a runtime build.
 //!
 //! usage: cargo run --release -p mae-runtime --example tract_profile -- MODEL.onnx
-//!        [BATCH (1)] [THREADS (2)] [SIZE (224)] ; env BY_NODE=1 lists single nodes instead
+//!        [BATCH (1)] [THREADS (2)] [SIZE (224)] ; env BY_NODE=1 lists single nodes instead,
+//!        CONCRETE=1 optimises the plan for BATCH itself instead of a symbolic batch
 use std::collections::HashMap;
 use std::time::Instant;
 use tract_onnx::prelude::*;
@@ -23,14 +24,20 @@ fn main() -> anyhow::Result<()> {
     })?;
     let (batch, threads, size) = (arg(2, 1)?, arg(3, 2)?, arg(4, 224)?);
     let by_node = std::env::var_os("BY_NODE").is_some();
+    let concrete = std::env::var_os("CONCRETE").is_some();
     if threads > 1 {
         tract_linalg::multithread::set_default_executor(
             tract_linalg::multithread::Executor::multithread(threads),
         );
     }
-    // As the runtime loads models: symbolic batch, concrete image size.
+    // As the runtime loads models: symbolic batch (or, with CONCRETE, this batch), concrete
+    // image size.
     let mut model = tract_onnx::onnx().model_for_path(&path)?;
-    let b: TDim = model.sym("batch").into();
+    let b: TDim = if concrete {
+        (batch as i64).into()
+    } else {
+        model.sym("batch").into()
+    };
     let shape = tvec![b, 3.into(), (size as i64).into(), (size as i64).into()];
     model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
     let t = Instant::now();
@@ -63,8 +70,13 @@ fn main() -> anyhow::Result<()> {
     let mut rows: Vec<_> = spent.into_iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     println!(
-        "{:.1} ms per pass (batch {batch}, {threads} threads)",
-        total * 1e3
+        "{:.1} ms per pass (batch {batch}{}, {threads} threads)",
+        total * 1e3,
+        if concrete {
+            ", planned for it"
+        } else {
+            ", symbolic"
+        }
     );
     for (name, (s, n)) in rows.iter().take(40) {
         let ms = s / iters as f64 * 1e3;

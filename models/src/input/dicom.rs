@@ -104,6 +104,10 @@ fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, Strin
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err("the file has no pixel data".into());
     }
+    let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<u32>().ok());
+    if let (Some(rows), Some(columns)) = (int(tags::ROWS), int(tags::COLUMNS)) {
+        crate::imaging::check_size(columns, rows)?;
+    }
     let frames = frames_of(&obj);
     if frame >= frames {
         return Err(format!(

@@ -5,9 +5,15 @@
 //! a few hundred bytes that declare a 2 GB element cost 2 GB of memory before they are refused.
 //! A length no file could hold is refused here, by name, at the cost of one pass over the
 //! headers. Whatever this walk does not understand is left to the parser and its own errors:
-//! the walk only ever refuses a declared length that runs past the end of the file.
+//! the walk only ever refuses a declared length that runs past the end of the file, or a length
+//! that is not a whole number of values of a numeric VR (the parser reads the whole values and
+//! then carries on from the wrong offset, where any bytes may read as a huge length).
 
 use std::io::Read;
+
+use dicom_core::dictionary::{DataDictionary, DataDictionaryEntry, VirtualVr};
+use dicom_core::{Tag, VR};
+use dicom_dictionary_std::StandardDataDictionary;
 
 /// A deflated data set is inflated for the walk up to this size; one that inflates further is
 /// refused (deflated data sets hold reports and small images, not gigabytes).
@@ -175,7 +181,37 @@ impl Walk<'_> {
         })
     }
 
+    /// The size of one value of the element's VR when it is a binary number (as written, or as
+    /// the dictionary has it in implicit VR).
+    fn value_size(&self, h: &Header) -> Option<u32> {
+        let size = |vr: &[u8]| match vr {
+            b"OW" | b"SS" | b"US" => Some(2),
+            b"AT" | b"FL" | b"OF" | b"OL" | b"SL" | b"UL" => Some(4),
+            b"FD" | b"OD" | b"OV" | b"SV" | b"UV" => Some(8),
+            _ => None,
+        };
+        match h.vr {
+            Some(vr) => size(&vr),
+            None if h.tag.0 == 0xFFFE => None,
+            None => match StandardDataDictionary.by_tag(Tag(h.tag.0, h.tag.1))?.vr() {
+                VirtualVr::Exact(vr) if vr != VR::OW => size(vr.to_string().as_bytes()),
+                VirtualVr::Xs => Some(2),
+                _ => None,
+            },
+        }
+    }
+
     fn fits(&self, h: &Header) -> Result<(), String> {
+        if let Some(size) = self
+            .value_size(h)
+            .filter(|s| h.len != UNDEFINED && h.len % s != 0)
+        {
+            return Err(format!(
+                "element ({:04X},{:04X}) in the {} has {} bytes, not a whole number of \
+                 {size}-byte values",
+                h.tag.0, h.tag.1, self.what, h.len
+            ));
+        }
         if h.len != UNDEFINED && h.len as usize > self.left() {
             return Err(format!(
                 "element ({:04X},{:04X}) in the {} declares {} bytes where the file has {} left",
@@ -313,6 +349,25 @@ mod tests {
             err.contains("(7FE0,0010)") && err.contains("2147483648"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_numeric_length_of_part_of_a_value_is_refused() {
+        // Samples per Pixel as SL with 2 bytes: the parser would read no value and go on two
+        // bytes early.
+        let data = el((0x0028, 0x0002), b"SL", &[1, 0]);
+        let err = check(&file("1.2.840.10008.1.2.1", &data)).unwrap_err();
+        assert!(
+            err.contains("(0028,0002)") && err.contains("4-byte values"),
+            "{err}"
+        );
+        let fine = el((0x0028, 0x0002), b"US", &[1, 0]);
+        assert_eq!(check(&file("1.2.840.10008.1.2.1", &fine)), Ok(()));
+        // In implicit VR the dictionary gives the VR: Rows is US.
+        let mut implicit = vec![0x28, 0x00, 0x10, 0x00];
+        implicit.extend(3u32.to_le_bytes());
+        implicit.extend([1, 0, 0]);
+        assert!(check(&file("1.2.840.10008.1.2", &implicit)).is_err());
     }
 
     #[test]
