@@ -6,12 +6,13 @@
 # usage: scripts/fuzz.sh [SECONDS] [TARGET ...]
 #   SECONDS   the most each target runs (default 600); it stops earlier at RUNS executions
 #   TARGET    some of: pth safetensors npz dicom image http onnx_meta (default: all)
-#   env RUNS (1000000), JOBS (1: targets fuzzed at once), MAX_LEN (65536)
+#   env RUNS (1000000), JOBS (1: targets fuzzed at once), MAX_LEN (65536), TIMEOUT (1: the
+#   seconds an input may take, under AddressSanitizer, before it counts as a hang)
 #
 # Each target starts from fuzz/seeds/<t> and fuzz/corpus/<t>; inputs that add coverage are
-# merged back into fuzz/corpus/<t> (commit them: CI replays them). A crash, a hang (over 1 s)
-# or an out-of-memory (over 2 GB) is kept in fuzz/artifacts/<t>/; make it a regression by
-# copying it to fuzz/regressions/<t>/ and fixing the cause. The executions and findings per
+# merged back into fuzz/corpus/<t> (commit them: CI replays them). A crash, a hang (over
+# TIMEOUT) or an out-of-memory (over 2 GB) is kept in fuzz/artifacts/<t>/; make it a regression
+# by copying it to fuzz/regressions/<t>/ and fixing the cause. The executions and findings per
 # target are printed as a table at the end and kept in fuzz/logs/.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -22,6 +23,7 @@ targets=("$@")
 runs=${RUNS:-1000000}
 jobs=${JOBS:-1}
 max_len=${MAX_LEN:-65536}
+timeout=${TIMEOUT:-1}
 say() { printf '\033[1m[fuzz]\033[0m %s\n' "$*" >&2; }
 cd "$root/fuzz"
 
@@ -43,11 +45,11 @@ run_one() {
   cp -n "seeds/$t"/* "work/$t"/ 2>/dev/null || true
   cp -n "corpus/$t"/* "work/$t"/ 2>/dev/null || true
   "$bin_dir/$t" "work/$t" -runs="$runs" -max_total_time="$seconds" \
-    -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 -malloc_limit_mb=2048 \
+    -max_len="$max_len" -timeout="$timeout" -rss_limit_mb=2048 -malloc_limit_mb=2048 \
     -print_final_stats=1 -artifact_prefix="artifacts/$t/" > "logs/$t.log" 2>&1 || true
   # Keep what adds coverage (the smallest such inputs).
   rm -rf "work/$t.min" && mkdir -p "work/$t.min"
-  "$bin_dir/$t" -merge=1 -max_len="$max_len" -timeout=1 -rss_limit_mb=2048 \
+  "$bin_dir/$t" -merge=1 -max_len="$max_len" -timeout="$timeout" -rss_limit_mb=2048 \
     "work/$t.min" "work/$t" > "logs/$t.cmin.log" 2>&1 || true
   if [ -n "$(ls -A "work/$t.min")" ]; then
     rm -f "corpus/$t"/*

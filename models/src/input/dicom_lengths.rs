@@ -42,7 +42,7 @@ fn check_with(body: &[u8], limit: usize) -> Result<(), String> {
     let Some(ts) = walk.meta()? else {
         return Err("the file meta information has no Transfer Syntax UID (0002,0010)".into());
     };
-    let rest = &body[walk.pos..];
+    let rest = body.get(walk.pos..).unwrap_or_default();
     match ts.as_str() {
         "1.2.840.10008.1.2" => data_set(rest, false, false),
         "1.2.840.10008.1.2.2" => data_set(rest, true, true),
@@ -168,10 +168,10 @@ impl Walk<'_> {
             if !KNOWN_LONG.contains(&&vr) {
                 vr = *b"UN";
             }
-            self.pos += 2;
-            if self.pos > self.bytes.len() {
+            if self.pos + 2 > self.bytes.len() {
                 return None;
             }
+            self.pos += 2;
             self.u32()?
         };
         Some(Header {
@@ -225,9 +225,34 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// Walks the meta group (always explicit little endian) and returns its transfer syntax.
+    /// Walks the meta group (always explicit little endian) and returns its transfer syntax. As
+    /// the parser does, a meta group that starts with its group length (0002,0000) is read for
+    /// that many bytes, whatever the groups of the elements in it.
     fn meta(&mut self) -> Result<Option<String>, String> {
         let mut ts = None;
+        let start = self.pos;
+        if self
+            .header()
+            .is_some_and(|h| h.tag == (0x0002, 0x0000) && h.len == 4)
+        {
+            let Some(group_length) = self.u32_le() else {
+                return Ok(None);
+            };
+            let end = self.pos.saturating_add(group_length as usize);
+            while self.pos < end {
+                let Some(h) = self.header() else {
+                    return Ok(ts);
+                };
+                self.fits(&h)?;
+                if h.len == UNDEFINED {
+                    return Ok(ts);
+                }
+                self.read_ts(&h, &mut ts);
+                self.pos += h.len as usize;
+            }
+            return Ok(ts);
+        }
+        self.pos = start;
         loop {
             let at = self.pos;
             let group = self
@@ -245,13 +270,24 @@ impl Walk<'_> {
             if h.len == UNDEFINED {
                 return Ok(ts);
             }
-            let value = &self.bytes[self.pos..self.pos + h.len as usize];
-            if h.tag == (0x0002, 0x0010) {
-                let text = String::from_utf8_lossy(value);
-                ts = Some(text.trim_end_matches(['\0', ' ']).trim().to_string());
-            }
+            self.read_ts(&h, &mut ts);
             self.pos += h.len as usize;
         }
+    }
+
+    /// Keeps the value of the Transfer Syntax UID, which `h` has checked to fit.
+    fn read_ts(&self, h: &Header, ts: &mut Option<String>) {
+        if h.tag == (0x0002, 0x0010) {
+            let value = &self.bytes[self.pos..self.pos + h.len as usize];
+            let text = String::from_utf8_lossy(value);
+            *ts = Some(text.trim_end_matches(['\0', ' ']).trim().to_string());
+        }
+    }
+
+    fn u32_le(&mut self) -> Option<u32> {
+        let b: [u8; 4] = self.bytes.get(self.pos..self.pos + 4)?.try_into().ok()?;
+        self.pos += 4;
+        Some(u32::from_le_bytes(b))
     }
 
     fn elements(&mut self) -> Result<(), String> {
@@ -347,6 +383,38 @@ mod tests {
         let err = check(&bad).unwrap_err();
         assert!(
             err.contains("(7FE0,0010)") && err.contains("2147483648"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_meta_group_is_read_for_its_group_length() {
+        let uid = b"1.2.840.10008.1.2\0".to_vec();
+        let ts = el((0x0002, 0x0010), b"UI", &uid);
+        let meta = |extra: &[u8]| {
+            let mut body = b"DICM".to_vec();
+            let length = (ts.len() + extra.len()) as u32;
+            body.extend(el((0x0002, 0x0000), b"UL", &length.to_le_bytes()));
+            body.extend(&ts);
+            body.extend(extra);
+            body
+        };
+        // A well-formed file: the group length covers the meta elements, an implicit VR data
+        // set follows.
+        let mut good = meta(&el((0x0002, 0x0013), b"SH", b"MAE "));
+        good.extend([0x10, 0x00, 0x10, 0x00, 8, 0, 0, 0]);
+        good.extend(b"Doe^John");
+        assert_eq!(check(&good), Ok(()));
+        // The group length also covers 12 bytes after the transfer syntax. The parser reads
+        // them as a meta element (explicit VR): OB of 0x7FFFFFF0 bytes. Read as the implicit
+        // data set instead, they would be an element of 0x4F4F bytes, which the padding holds.
+        let mut bad = meta(&[
+            0x09, 0x00, 0x10, 0x00, b'O', b'O', 0, 0, 0xF0, 0xFF, 0xFF, 0x7F,
+        ]);
+        bad.extend(vec![0u8; 30_000]);
+        let err = check(&bad).unwrap_err();
+        assert!(
+            err.contains("(0009,0010) in the file meta information"),
             "{err}"
         );
     }
