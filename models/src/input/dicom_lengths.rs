@@ -96,24 +96,30 @@ impl Walk<'_> {
         self.bytes.len() - self.pos
     }
 
-    fn u16(&mut self) -> Option<u16> {
-        let b: [u8; 2] = self.bytes.get(self.pos..self.pos + 2)?.try_into().ok()?;
-        self.pos += 2;
+    /// The next `N` bytes, or `None` (and no move) where the file ends first.
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let b: [u8; N] = self.bytes.get(self.pos..self.pos + N)?.try_into().ok()?;
+        self.pos += N;
+        Some(b)
+    }
+
+    /// The next `N`-byte unsigned number, in the walk's byte order.
+    fn uint<const N: usize>(&mut self) -> Option<u32> {
+        let b: [u8; N] = self.take()?;
+        let fold = |v: u32, x: &u8| (v << 8) | u32::from(*x);
         Some(if self.big_endian {
-            u16::from_be_bytes(b)
+            b.iter().fold(0, fold)
         } else {
-            u16::from_le_bytes(b)
+            b.iter().rev().fold(0, fold)
         })
     }
 
+    fn u16(&mut self) -> Option<u16> {
+        self.uint::<2>().map(|v| v as u16)
+    }
+
     fn u32(&mut self) -> Option<u32> {
-        let b: [u8; 4] = self.bytes.get(self.pos..self.pos + 4)?.try_into().ok()?;
-        self.pos += 4;
-        Some(if self.big_endian {
-            u32::from_be_bytes(b)
-        } else {
-            u32::from_le_bytes(b)
-        })
+        self.uint::<4>()
     }
 
     /// The next header, or `None` at the end of the bytes or where the walk loses its way.
@@ -134,8 +140,7 @@ impl Walk<'_> {
                 len: self.u32()?,
             });
         }
-        let mut vr: [u8; 2] = self.bytes.get(self.pos..self.pos + 2)?.try_into().ok()?;
-        self.pos += 2;
+        let mut vr: [u8; 2] = self.take()?;
         // As the parser reads them (PS3.5 7.1.2): these VRs have a 16-bit length; every other,
         // an unknown one too (taken as UN), has two reserved bytes and a 32-bit length.
         let short = matches!(
@@ -231,36 +236,23 @@ impl Walk<'_> {
     fn meta(&mut self) -> Result<Option<String>, String> {
         let mut ts = None;
         let start = self.pos;
-        if self
+        let has_length = self
             .header()
-            .is_some_and(|h| h.tag == (0x0002, 0x0000) && h.len == 4)
-        {
-            let Some(group_length) = self.u32_le() else {
-                return Ok(None);
-            };
-            let end = self.pos.saturating_add(group_length as usize);
-            while self.pos < end {
-                let Some(h) = self.header() else {
-                    return Ok(ts);
-                };
-                self.fits(&h)?;
-                if h.len == UNDEFINED {
-                    return Ok(ts);
-                }
-                self.read_ts(&h, &mut ts);
-                self.pos += h.len as usize;
+            .is_some_and(|h| h.tag == (0x0002, 0x0000) && h.len == 4);
+        let end = match has_length.then(|| self.take().map(u32::from_le_bytes)) {
+            Some(Some(length)) => Some(self.pos.saturating_add(length as usize)),
+            Some(None) => return Ok(None),
+            None => {
+                self.pos = start;
+                None
             }
-            return Ok(ts);
-        }
-        self.pos = start;
+        };
         loop {
-            let at = self.pos;
-            let group = self
-                .bytes
-                .get(at..at + 2)
-                .map(|b| u16::from_le_bytes([b[0], b[1]]));
-            if group != Some(0x0002) {
-                self.pos = at;
+            let more = match end {
+                Some(end) => self.pos < end,
+                None => self.bytes.get(self.pos..self.pos + 2) == Some(&[0x02, 0x00][..]),
+            };
+            if !more {
                 return Ok(ts);
             }
             let Some(h) = self.header() else {
@@ -282,12 +274,6 @@ impl Walk<'_> {
             let text = String::from_utf8_lossy(value);
             *ts = Some(text.trim_end_matches(['\0', ' ']).trim().to_string());
         }
-    }
-
-    fn u32_le(&mut self) -> Option<u32> {
-        let b: [u8; 4] = self.bytes.get(self.pos..self.pos + 4)?.try_into().ok()?;
-        self.pos += 4;
-        Some(u32::from_le_bytes(b))
     }
 
     fn elements(&mut self) -> Result<(), String> {
