@@ -6,7 +6,10 @@ usage: table.py OUT_DIR [--model NAME] [--threads N]
 import argparse
 import json
 import os
-import platform
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpuinfo import cpu  # noqa: E402
 
 ap = argparse.ArgumentParser()
 ap.add_argument("out")
@@ -24,22 +27,6 @@ def batch(r, b):
     if r is None:
         return None
     return next((x for x in r["batches"] if x["batch_size"] == b), None)
-
-
-def cpu():
-    model, flags = platform.processor() or "?", set()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name") and model in ("?", "x86_64"):
-                model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    named = [("AVX2", "avx2"), ("FMA", "fma"), ("AVX-512F", "avx512f"),
-             ("AVX512-VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"), ("AVX512-BF16", "avx512_bf16"),
-             ("AVX512-FP16", "avx512_fp16"), ("AMX-BF16", "amx_bf16"), ("AMX-INT8", "amx_int8")]
-    return model, os.cpu_count(), [n for n, f in named if f in flags], [n for n, f in named if f not in flags]
 
 
 def f(v, unit="", digits=1):

@@ -2,18 +2,21 @@
 //! `quantize_dynamic` writes and tract runs: the activations are quantised to uint8 per call
 //! (`DynamicQuantizeLinear`), the weights are stored as int8 with one symmetric scale per output
 //! channel, `MatMulInteger` accumulates in int32 and one multiply restores the float scale.
+//!
+//! The weights use 7 bits of the int8 range (±63, ONNX Runtime's `reduce_range`). uint8 × int8
+//! is the product VNNI and AMX compute (ONNX Runtime's u8s8 kernels: on a Sapphire Rapids CPU,
+//! ViT-B ran 4.9× faster than fp32 this way, against 1.15× with uint8 weights, which take the
+//! u8u8 kernels); CPUs without VNNI multiply uint8 × int8 pairs into saturating int16 sums,
+//! which 7-bit weights cannot overflow (255 · 63 · 2 < 2¹⁵).
 
 use tract_onnx::pb::tensor_proto::DataType;
 
 use super::builder::{attr, BuildError, GraphBuilder};
-use super::tensor::{f32_tensor, u8_tensor};
+use super::tensor::{f32_tensor, i8_tensor};
 
-/// Largest quantised weight magnitude.
-pub const QMAX: f32 = 127.0;
-/// Zero point of the uint8 weights. Weights are stored as uint8 around 128 rather than as int8:
-/// x86 CPUs without VNNI multiply uint8 × int8 pairs into saturating int16 sums, which 8-bit
-/// int8 weights overflow in ONNX Runtime, while its uint8 × uint8 kernel does not saturate.
-pub const WEIGHT_ZERO_POINT: u8 = 128;
+/// Largest quantised weight magnitude: 7 bits, so that no CPU's uint8 × int8 pair sums
+/// saturate.
+pub const QMAX: f32 = 63.0;
 
 /// Symmetric per-row int8 quantisation of a `[rows, cols]` matrix: `w ≈ q · scale[row]`.
 pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>) {
@@ -34,7 +37,7 @@ pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>)
 /// `xs · wᵀ` with `w` (`[d_out, d_in]`, upstream layout) quantised; float32 in and out.
 ///
 /// The quantised weight is stored transposed, `[d_in, d_out]`, as `{prefix}.weight_quantized`
-/// (uint8, zero point `{prefix}.weight_zero_point` = 128), with `{prefix}.weight_scale`
+/// (int8, zero point `{prefix}.weight_zero_point` = 0), with `{prefix}.weight_scale`
 /// (`[d_out]`).
 pub fn linear_int8(
     g: &mut GraphBuilder,
@@ -45,13 +48,13 @@ pub fn linear_int8(
     d_out: usize,
 ) -> Result<String, BuildError> {
     let (q, scales) = quantize_rows(w, d_out, d_in);
-    let mut qt = vec![0u8; q.len()];
+    let mut qt = vec![0i8; q.len()];
     for o in 0..d_out {
         for i in 0..d_in {
-            qt[i * d_out + o] = (q[o * d_in + i] as i16 + WEIGHT_ZERO_POINT as i16) as u8;
+            qt[i * d_out + o] = q[o * d_in + i];
         }
     }
-    let wq = g.initializer(u8_tensor(
+    let wq = g.initializer(i8_tensor(
         &format!("{prefix}.weight_quantized"),
         &[d_in, d_out],
         &qt,
@@ -62,11 +65,7 @@ pub fn linear_int8(
         &scales,
         DataType::Float,
     ))?;
-    let wz = g.initializer(u8_tensor(
-        &format!("{prefix}.weight_zero_point"),
-        &[],
-        &[WEIGHT_ZERO_POINT],
-    ))?;
+    let wz = g.initializer(i8_tensor(&format!("{prefix}.weight_zero_point"), &[], &[0]))?;
     let parts = g.node_multi(prefix, "DynamicQuantizeLinear", &[xs], vec![], 3)?;
     let (xq, x_scale, x_zero) = (&parts[0], &parts[1], &parts[2]);
     let acc = g.node(prefix, "MatMulInteger", &[xq, &wq, x_zero, &wz], vec![])?; // int32

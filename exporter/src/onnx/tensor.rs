@@ -45,6 +45,15 @@ pub fn u8_tensor(name: &str, dims: &[usize], values: &[u8]) -> TensorProto {
     proto(name, dims, DataType::Uint8, values.to_vec())
 }
 
+pub fn i8_tensor(name: &str, dims: &[usize], values: &[i8]) -> TensorProto {
+    proto(
+        name,
+        dims,
+        DataType::Int8,
+        values.iter().map(|&v| v as u8).collect(),
+    )
+}
+
 /// A checkpoint tensor in the graph's float type; float32 data is copied as it is.
 pub fn from_tensor_data(name: &str, t: &TensorData, float: DataType) -> TensorProto {
     if t.dtype == DType::F32 && float == DataType::Float {
