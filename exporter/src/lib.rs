@@ -116,7 +116,8 @@ fn inspect(cli: &Cli) -> anyhow::Result<ExitCode> {
 }
 
 fn load(path: &Path) -> anyhow::Result<checkpoint::Checkpoint> {
-    checkpoint::load(path).with_context(|| format!("cannot read checkpoint {}", path.display()))
+    // The error names the file.
+    checkpoint::load(path).context("cannot read checkpoint")
 }
 
 /// What an export wrote.

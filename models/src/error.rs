@@ -13,12 +13,12 @@ pub enum Error {
     #[error("unknown model '{name}'; known models: {known}")]
     UnknownModel { name: String, known: String },
 
-    /// Reading or writing a file failed.
-    #[error("{}: {source}", path.display())]
+    /// Reading or writing a file failed. The I/O error is part of the message, not a source
+    /// of its own, so that a chain printed in full (`{:#}`) names it once.
+    #[error("{}: {error}", path.display())]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// A file is not in the format expected, or is damaged.
@@ -43,10 +43,10 @@ impl Error {
     }
 
     /// Shorthand for an [`Error::Io`] error.
-    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+    pub fn io(path: impl Into<PathBuf>, error: std::io::Error) -> Self {
         Error::Io {
             path: path.into(),
-            source,
+            error,
         }
     }
 }
