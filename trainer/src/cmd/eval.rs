@@ -75,8 +75,7 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<ExitCode> {
     let (dist, device) = Dist::init(&a.dist, device(a.device)?)?;
     let single = Dist::single();
     crate::engine::precision::configure(a.precision, device)?;
-    let mut ck = checkpoint::load(&a.resume)
-        .with_context(|| format!("cannot read checkpoint {}", a.resume.display()))?;
+    let mut ck = checkpoint::load(&a.resume).context("cannot read checkpoint")?;
     // A linear-probe head is evaluated as the one linear layer it equals.
     checkpoint::fold_bn_head(&mut ck.tensors, checkpoint::LINPROBE_BN_EPS)
         .map_err(|e| anyhow::anyhow!("{}: linear-probe head: {e}", a.resume.display()))?;

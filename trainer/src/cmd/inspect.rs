@@ -10,8 +10,7 @@ use crate::cli::InspectArgs;
 use crate::cmd::models::model_config;
 
 pub fn inspect(a: &InspectArgs) -> anyhow::Result<ExitCode> {
-    let ck = checkpoint::load(&a.checkpoint)
-        .with_context(|| format!("cannot read checkpoint {}", a.checkpoint.display()))?;
+    let ck = checkpoint::load(&a.checkpoint).context("cannot read checkpoint")?;
     let kind = match ck.source {
         Source::Pth => "PyTorch .pth",
         Source::Safetensors => "safetensors",

@@ -99,8 +99,7 @@ pub fn load_mae(
     path: &Path,
     device: Device,
 ) -> anyhow::Result<(MaskedAutoencoderViT, PreprocessSpec, nn::VarStore)> {
-    let ck = checkpoint::load(path)
-        .with_context(|| format!("cannot read checkpoint {}", path.display()))?;
+    let ck = checkpoint::load(path).context("cannot read checkpoint")?;
     let meta = ck.meta.as_ref().with_context(|| {
         format!(
             "{} has no mae metadata; visualize needs a checkpoint of mae-train pretrain",
