@@ -702,19 +702,8 @@ fn sequence_lut(
     else {
         return Ok(None);
     };
-    let desc: Vec<i64> = item
-        .element(tags::LUT_DESCRIPTOR)
-        .map_err(|_| format!("LUT sequence {sequence} without a LUT Descriptor"))?
-        .to_multi_int()
-        .map_err(|e| format!("LUT Descriptor of {sequence}: {e}"))?;
-    let [count, first, bits] = desc[..] else {
-        return Err(format!(
-            "LUT Descriptor of {sequence} has {} values, not 3",
-            desc.len()
-        ));
-    };
-    // A count of 0 means 65536 entries.
-    let count = if count == 0 { 65536 } else { count as usize };
+    let what = format!("the LUT Descriptor of {sequence}");
+    let (count, first, bits) = lut_descriptor(item, tags::LUT_DESCRIPTOR, &what)?;
     let words: Vec<i64> = item
         .element(tags::LUT_DATA)
         .map_err(|_| format!("LUT sequence {sequence} without LUT Data"))?
@@ -743,6 +732,24 @@ fn sequence_lut(
     }))
 }
 
+/// A LUT descriptor (PS3.3 C.11.1.1.1): entries (0 means 65536), first mapped value, bits.
+fn lut_descriptor(
+    obj: &dicom_object::InMemDicomObject,
+    tag: dicom_object::Tag,
+    what: &str,
+) -> std::result::Result<(usize, i64, i64), String> {
+    let desc: Vec<i64> = obj
+        .element(tag)
+        .map_err(|_| format!("{what} is missing"))?
+        .to_multi_int()
+        .map_err(|e| format!("{what}: {e}"))?;
+    let [count, first, bits] = desc[..] else {
+        return Err(format!("{what} has {} values, not 3", desc.len()));
+    };
+    let count = if count == 0 { 65536 } else { count as usize };
+    Ok((count, first, bits))
+}
+
 /// One channel of a PALETTE COLOR lookup table (PS3.3 C.7.6.3.1.5-6), as 8-bit values.
 struct PaletteLut {
     first: f64,
@@ -766,19 +773,8 @@ fn palette_lut(
     descriptor: dicom_object::Tag,
     data: dicom_object::Tag,
 ) -> std::result::Result<PaletteLut, String> {
-    let desc: Vec<i64> = obj
-        .element(descriptor)
-        .map_err(|_| format!("PALETTE COLOR without the lookup table descriptor {descriptor}"))?
-        .to_multi_int()
-        .map_err(|e| format!("lookup table descriptor {descriptor}: {e}"))?;
-    let [count, first, bits] = desc[..] else {
-        return Err(format!(
-            "lookup table descriptor {descriptor} has {} values, not 3",
-            desc.len()
-        ));
-    };
-    // A count of 0 means 65536 entries; the first mapped value may be written as unsigned.
-    let count = if count == 0 { 65536 } else { count as usize };
+    let what = format!("the PALETTE COLOR lookup table descriptor {descriptor}");
+    let (count, first, bits) = lut_descriptor(obj, descriptor, &what)?;
     let words: Vec<u16> = obj
         .element(data)
         .map_err(|_| format!("PALETTE COLOR without the lookup table data {data}"))?
