@@ -15,7 +15,7 @@ use std::io::Cursor;
 use std::ops::Range;
 use std::path::Path;
 
-use image::{DynamicImage, ImageReader, Rgb, RgbImage};
+use image::{DynamicImage, ImageDecoder, ImageReader, Rgb, RgbImage};
 
 use crate::error::{Error, Result};
 use crate::preprocess::{Interpolation, PreprocessSpec};
@@ -40,22 +40,24 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
             "not an image in a supported format (PNG, JPEG, BMP, TIFF, PPM/PGM, WebP, DICOM)",
         ));
     }
-    // A few hundred bytes can declare a gigapixel image: the size is checked before decoding.
-    let (w, h) = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| Error::io(name, e))?
-        .into_dimensions()
-        .map_err(|e| Error::format(name, format!("cannot decode image: {e}")))?;
-    check_size(w, h).map_err(|e| Error::format(name, e))?;
     let mut reader = reader;
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(MAX_DECODE_BYTES);
-    reader.limits(limits);
+    reader.limits(limits.clone());
+    let decode = || -> Result<DynamicImage> {
+        let fail = |e: image::ImageError| Error::format(name, format!("cannot decode image: {e}"));
+        let decoder = reader.into_decoder().map_err(fail)?;
+        // A few hundred bytes can declare a gigapixel image: the size is checked from the
+        // header, before decoding.
+        let (w, h) = decoder.dimensions();
+        check_size(w, h).map_err(|e| Error::format(name, e))?;
+        limits.reserve(decoder.total_bytes()).map_err(fail)?;
+        DynamicImage::from_decoder(decoder).map_err(fail)
+    };
     // Decoders are meant not to panic on damaged input; should one do so anyway, it is a
     // damaged file to the caller, not a crash of the program.
-    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| reader.decode()))
-        .map_err(|_| Error::format(name, "the image decoder failed on this file"))?
-        .map_err(|e| Error::format(name, format!("cannot decode image: {e}")))?;
+    let decoded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode))
+        .map_err(|_| Error::format(name, "the image decoder failed on this file"))??;
     Ok(to_rgb8(decoded))
 }
 
