@@ -100,27 +100,24 @@ pub fn with_frames(items: Vec<Item>, frames: Option<Frames>) -> (Vec<Item>, Vec<
             out.push(item);
             continue;
         }
-        let count = match frames {
-            Frames::One(n) => {
-                out.push(Item {
-                    name: format!("{}#{n}", item.name),
-                    source: Source::Frame(path.clone(), n),
-                    label: item.label.clone(),
-                });
-                continue;
-            }
-            Frames::All => std::fs::read(path)
+        let numbers: Vec<u32> = match frames {
+            Frames::One(n) => vec![n],
+            Frames::All => match std::fs::read(path)
                 .map_err(anyhow::Error::from)
-                .and_then(|b| Ok(mae_models::input::dicom::frame_count(&b, path)?)),
+                .and_then(|b| Ok(mae_models::input::dicom::frame_count(&b, path)?))
+            {
+                Ok(count) => (0..count).collect(),
+                Err(e) => {
+                    failures.push(Failure::new(item.name.clone(), &e));
+                    continue;
+                }
+            },
         };
-        match count {
-            Ok(count) => out.extend((0..count).map(|k| Item {
-                name: format!("{}#{k}", item.name),
-                source: Source::Frame(path.clone(), k),
-                label: item.label.clone(),
-            })),
-            Err(e) => failures.push(Failure::new(item.name.clone(), &e)),
-        }
+        out.extend(numbers.into_iter().map(|k| Item {
+            name: format!("{}#{k}", item.name),
+            source: Source::Frame(path.clone(), k),
+            label: item.label.clone(),
+        }));
     }
     (out, failures)
 }
