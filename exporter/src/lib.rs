@@ -5,6 +5,7 @@
 //! with the metadata of [`metadata`], written atomically ([`staging`]) and, unless `--no-check`,
 //! loaded back with tract and run on the seeded probe batch ([`check`]) before it is published.
 
+pub mod calibrate;
 pub mod check;
 pub mod metadata;
 pub mod onnx;
@@ -62,9 +63,21 @@ pub struct Cli {
     /// float16 weights and compute (float32 inputs and outputs).
     #[arg(long, conflicts_with = "int8")]
     pub fp16: bool,
-    /// Dynamic int8 quantisation of the linear layers.
+    /// int8 quantisation of the linear layers: dynamic (activations quantised per call), or
+    /// static with --calibration-data.
     #[arg(long)]
     pub int8: bool,
+    /// Static int8: fix each linear layer's input range from these images (a MedMNIST .npz
+    /// file, an ImageFolder tree or a folder of images), run through the float32 model.
+    #[arg(long, value_name = "DIR|FILE.npz", requires = "int8")]
+    pub calibration_data: Option<PathBuf>,
+    /// Split of a .npz calibration file.
+    #[arg(long, default_value = "train", value_name = "SPLIT")]
+    pub calibration_split: String,
+    /// Calibration images, taken evenly spaced over the data.
+    #[arg(long, default_value_t = 128, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub calibration_images: u32,
     /// Take `image`, uint8 `[batch, H, W, 3]` RGB at the model's size, and normalise it inside
     /// the graph.
     #[arg(long)]
@@ -170,11 +183,37 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         );
     }
 
+    let output = r.task.map_or(Output::Features, Output::Logits);
+    let calibration = match &cli.calibration_data {
+        Some(path) => {
+            let src = calibrate::CalibrationSource {
+                path,
+                split: &cli.calibration_split,
+                images: cli.calibration_images as usize,
+            };
+            let c =
+                calibrate::calibrate(&r.cfg, &r.tensors, cli.opset, output, &r.preprocess, &src)?;
+            println!(
+                "calibrated {} linear inputs on {} of {} images from {} in {:.1} s",
+                c.ranges.len(),
+                c.images,
+                c.available,
+                path.display(),
+                c.seconds
+            );
+            Some(c)
+        }
+        None => None,
+    };
+    let quantization =
+        (precision == Precision::Int8).then(|| quantization_json(calibration.as_ref(), cli));
     let opts = GraphOptions {
         opset: cli.opset,
         precision,
-        output: r.task.map_or(Output::Features, Output::Logits),
+        output,
         preprocessing: cli.with_preprocessing.then(|| r.preprocess.clone()),
+        activation_ranges: calibration.map(|c| c.ranges),
+        tap_linear_inputs: false,
     };
     let graph = onnx::vit::build(&r.cfg, &r.tensors, &opts).with_context(|| {
         format!(
@@ -187,7 +226,10 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
     } else {
         onnx::vit::PIXEL_VALUES
     };
-    let card = card_props(cli, &r)?;
+    let mut card = card_props(cli, &r)?;
+    if let Some(q) = quantization {
+        card.push((mae_models::onnx_keys::QUANTIZATION, q));
+    }
     let props = metadata::props(&metadata::ModelInfo {
         task: r.task,
         class_names: &r.class_names,
@@ -299,6 +341,32 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         bytes: size,
         check,
     })
+}
+
+/// `mae.quantization` of an int8 export: how activations and weights were quantised.
+fn quantization_json(c: Option<&calibrate::Calibration>, cli: &Cli) -> String {
+    let weights = "int8, symmetric per output channel, 7 bits";
+    let v = match c {
+        None => serde_json::json!({
+            "method": "dynamic",
+            "activations": "uint8 per tensor, range measured on each call",
+            "weights": weights,
+        }),
+        Some(c) => {
+            let data = source::file_name(cli.calibration_data.as_deref().unwrap_or(Path::new("")));
+            let mut cal = serde_json::json!({ "data": data, "images": c.images });
+            if data.ends_with(".npz") {
+                cal["split"] = serde_json::json!(cli.calibration_split);
+            }
+            serde_json::json!({
+                "method": "static",
+                "activations": "uint8 per tensor, min-max range from calibration",
+                "weights": weights,
+                "calibration": cal,
+            })
+        }
+    };
+    v.to_string()
 }
 
 /// Prints the self-check's outcome; a probe mismatch is an error.

@@ -91,6 +91,24 @@ pub fn model_card(f: &CardFacts) -> String {
         row(w, "classes", &names.join(", "));
     }
     row(w, "precision", get(keys::PRECISION).unwrap_or("unknown"));
+    if let Some(q) = get(keys::QUANTIZATION) {
+        if let Ok(j) = serde_json::from_str::<serde_json::Value>(q) {
+            let method = j
+                .get("method")
+                .and_then(|m| m.as_str())
+                .unwrap_or("unknown");
+            let cal = j.get("calibration").map(|c| {
+                let data = c.get("data").and_then(|d| d.as_str()).unwrap_or("?");
+                let n = c.get("images").and_then(|n| n.as_u64()).unwrap_or(0);
+                format!(", calibrated on {n} images of `{data}`")
+            });
+            row(
+                w,
+                "quantisation",
+                &format!("{method}{}", cal.unwrap_or_default()),
+            );
+        }
+    }
     if let Some(e) = get(keys::EPOCH) {
         row(w, "checkpoint epoch", e);
     }

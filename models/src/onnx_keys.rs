@@ -53,6 +53,9 @@ pub const DATA: &str = "mae.data";
 pub const TEST_METRICS: &str = "mae.test_metrics";
 /// The program and version that wrote the source checkpoint (optional).
 pub const TRAINER_VERSION: &str = "mae.trainer_version";
+/// How an int8 model was quantised, JSON: `method` (`dynamic` or `static`), `activations`,
+/// `weights`, and for static models `calibration` (`data`, `images`, `split`) (optional).
+pub const QUANTIZATION: &str = "mae.quantization";
 
 /// Every key that every export carries, in the order they are written.
 pub const REQUIRED: [&str; 17] = [

@@ -1,6 +1,6 @@
 //! `mae-export --int8` on real images: a small ViT trained by `mae-train` on PneumoniaMNIST,
-//! exported in fp32 and int8, gives the same top-1 class on at least 99% of 256 test X-rays in
-//! ONNX Runtime and in tract. Needs `../shared/data/pneumoniamnist.npz` (ignored without it).
+//! exported in fp32, dynamic int8 and static int8 (calibrated on 64 training X-rays), gives the
+//! same top-1 class on at least 99% of 256 test X-rays in ONNX Runtime and in tract. Needs `../shared/data/pneumoniamnist.npz` (ignored without it).
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -56,7 +56,18 @@ fn int8_keeps_the_top1_class_on_real_xrays() {
         ])
         .args([&data])
         .stdout();
-    for (extra, out) in [(None, "f.onnx"), (Some("--int8"), "q.onnx")] {
+    let calibrated = [
+        "--int8",
+        "--calibration-images",
+        "64",
+        "--calibration-data",
+        data.to_str().unwrap(),
+    ];
+    for (extra, out) in [
+        (&[][..], "f.onnx"),
+        (&["--int8"][..], "q.onnx"),
+        (&calibrated[..], "s.onnx"),
+    ] {
         TestCommand::new("mae-export", dir)
             .args(["--onnx", "--checkpoint", "run/checkpoint-1.safetensors"])
             .args(extra)
@@ -77,18 +88,22 @@ fn int8_keeps_the_top1_class_on_real_xrays() {
         p
     };
     let fp32 = run("f.onnx", "ort");
-    for backend in ["ort", "tract"] {
-        let q = run("q.onnx", backend);
-        let same = fp32.iter().zip(&q).filter(|(a, b)| a == b).count();
-        println!("int8 {backend}: top-1 agreement with fp32 {same}/{n}");
-        assert!(
-            same * 100 >= 99 * n,
-            "int8 {backend}: top-1 agrees on only {same} of {n} X-rays"
-        );
+    for (model, what) in [("q.onnx", "dynamic"), ("s.onnx", "static")] {
+        for backend in ["ort", "tract"] {
+            let q = run(model, backend);
+            let same = fp32.iter().zip(&q).filter(|(a, b)| a == b).count();
+            println!("{what} int8 {backend}: top-1 agreement with fp32 {same}/{n}");
+            assert!(
+                same * 100 >= 99 * n,
+                "{what} int8 {backend}: top-1 agrees on only {same} of {n} X-rays"
+            );
+        }
     }
     let size = |f: &str| std::fs::metadata(dir.join(f)).unwrap().len();
-    assert!(
-        size("q.onnx") * 3 < size("f.onnx"),
-        "int8 file is not smaller"
-    );
+    for q in ["q.onnx", "s.onnx"] {
+        assert!(
+            size(q) * 3 < size("f.onnx"),
+            "{q}: int8 file is not smaller"
+        );
+    }
 }

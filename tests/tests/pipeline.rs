@@ -111,6 +111,7 @@ fn train_export_run_give_the_same_predictions() {
     assert!(ck.exists(), "no checkpoint at {}", ck.display());
     same_predictions(dir, &data, &ck, "finetune");
     model_card(dir, &ck);
+    static_int8(dir, &data, &ck);
 
     // A linear probe (BatchNorm + linear head, folded on export and on evaluation).
     TestCommand::new("mae-train", dir)
@@ -140,6 +141,174 @@ fn train_export_run_give_the_same_predictions() {
         &dir.join("lp/checkpoint-1.safetensors"),
         "linprobe",
     );
+}
+
+/// Static int8 (`--int8 --calibration-data`): a standard QDQ graph that onnx's checker, ONNX
+/// Runtime and tract accept, whose activation ranges come from the calibration images (more
+/// images can only widen each range) and whose predictions follow the float32 model's.
+fn static_int8(dir: &Path, data: &Path, ck: &Path) {
+    let export = |out: &str, images: &str, split: &str| -> String {
+        TestCommand::new("mae-export", dir)
+            .args(["--onnx", "--int8", "--output", out, "--checkpoint"])
+            .args([ck])
+            .args(["--calibration-images", images, "--calibration-data"])
+            .args([data.join(split)])
+            .stdout()
+    };
+    let out = export("static.onnx", "64", "test");
+    // 2 blocks × (qkv, proj, fc1, fc2) + head; the test split has 12 images.
+    assert!(
+        out.contains("calibrated 9 linear inputs on 12 of 12 images"),
+        "{out}"
+    );
+    // A plain folder of images, without class folders.
+    let out = export("static-plain.onnx", "64", "test/circle");
+    assert!(out.contains("on 4 of 4 images"), "{out}");
+    export("static-1.onnx", "1", "test");
+    export("static-train.onnx", "9", "train");
+    let refused = |extra: &[&str]| -> String {
+        TestCommand::new("mae-export", dir)
+            .args(["--onnx", "--output", "refused.onnx", "--checkpoint"])
+            .args([ck])
+            .args(extra)
+            .fails()
+    };
+    let err = refused(&["--int8", "--calibration-data", "nowhere"]);
+    assert!(err.contains("nowhere: no such file"), "{err}");
+    let err = refused(&["--calibration-data", "test"]);
+    assert!(err.contains("--int8"), "{err}");
+    let err = refused(&["--int8", "--calibration-data", "finetune.onnx"]);
+    assert!(
+        err.contains("expected a MedMNIST .npz file or a folder"),
+        "{err}"
+    );
+    assert!(!dir.join("refused.onnx").exists());
+
+    let script = r#"
+import json, sys
+import numpy as np, onnx
+from onnx import numpy_helper
+def params(path):
+    m = onnx.load(path)
+    onnx.checker.check_model(m, full_check=True)
+    ops = [n.op_type for n in m.graph.node]
+    init = {t.name: numpy_helper.to_array(t) for t in m.graph.initializer}
+    scales = {k[:-len('.input_scale')]: float(v) for k, v in init.items() if k.endswith('.input_scale')}
+    zeros = {k[:-len('.input_zero_point')]: int(v) for k, v in init.items() if k.endswith('.input_zero_point')}
+    meta = {p.key: p.value for p in m.metadata_props}
+    return dict(ops=ops, scales=scales, zeros=zeros,
+                zero_dtypes=sorted({str(init[k + '.input_zero_point'].dtype) for k in zeros}),
+                weight_dtypes=sorted({str(v.dtype) for k, v in init.items() if k.endswith('.weight_quantized')}),
+                q=json.loads(meta['mae.quantization']))
+print(json.dumps({p: params(p) for p in sys.argv[1:]}))
+"#;
+    let out = std::process::Command::new(mae_tests::python())
+        .current_dir(dir)
+        .args([
+            "-c",
+            script,
+            "static.onnx",
+            "static-1.onnx",
+            "static-train.onnx",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let all = &j["static.onnx"];
+    let ops: Vec<&str> = all["ops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o.as_str().unwrap())
+        .collect();
+    let count = |op: &str| ops.iter().filter(|o| **o == op).count();
+    assert_eq!(count("QuantizeLinear"), 9, "{ops:?}");
+    assert_eq!(
+        count("DequantizeLinear"),
+        18,
+        "activations and weights: {ops:?}"
+    );
+    assert_eq!(count("DynamicQuantizeLinear") + count("MatMulInteger"), 0);
+    assert_eq!(all["zero_dtypes"], serde_json::json!(["uint8"]));
+    assert_eq!(all["weight_dtypes"], serde_json::json!(["int8"]));
+    assert_eq!(all["q"]["method"], "static");
+    assert_eq!(all["q"]["calibration"]["images"], 12);
+    assert_eq!(all["q"]["calibration"]["data"], "test");
+    // Ranges are min-max over the images: the 12-image ranges hold the 1-image ranges, so no
+    // scale shrinks, and some grow; other images give other ranges.
+    let scales = |f: &str| -> Vec<(String, f64)> {
+        let mut v: Vec<(String, f64)> = j[f]["scales"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, s)| (k.clone(), s.as_f64().unwrap()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    };
+    let (s12, s1, strain) = (
+        scales("static.onnx"),
+        scales("static-1.onnx"),
+        scales("static-train.onnx"),
+    );
+    assert_eq!(s12.len(), 9);
+    let mut grew = 0;
+    for ((layer, a), (_, b)) in s12.iter().zip(&s1) {
+        assert!(*a > 0.0 && *b > 0.0, "{layer}: scales {a}, {b}");
+        assert!(a >= b, "{layer}: 12 images give scale {a} < 1 image's {b}");
+        grew += usize::from(a > b);
+    }
+    assert!(grew > 0, "one image and twelve gave the same ranges");
+    assert_ne!(
+        s12, strain,
+        "the training images gave the test images' ranges"
+    );
+    assert!(
+        j["static.onnx"]["zeros"]["blocks.0.mlp.fc2"]
+            .as_i64()
+            .unwrap()
+            < 128,
+        "fc2's input follows GELU (≥ −0.17): its zero point is near the bottom"
+    );
+
+    // Calibrated on the images it is then run on, nothing is clipped: the predictions follow
+    // the float32 model's in both engines.
+    let fp32 = read_predictions(&dir.join("finetune-run-ort.csv"));
+    for backend in ["ort", "tract"] {
+        let csv = format!("static-{backend}.csv");
+        TestCommand::new("mae-run", dir)
+            .args(["eval", "--model", "static.onnx", "--backend", backend])
+            .args(["--split", "test", "--predictions", &csv, "--data-path"])
+            .args([data])
+            .stdout();
+        let q = read_predictions(&dir.join(&csv));
+        assert_eq!(q.len(), fp32.len());
+        let same = q
+            .iter()
+            .zip(&fp32)
+            .filter(|(a, b)| a.prediction == b.prediction)
+            .count();
+        let worst = q
+            .iter()
+            .zip(&fp32)
+            .flat_map(|(a, b)| a.probs.iter().zip(&b.probs).map(|(x, y)| (x - y).abs()))
+            .fold(0f32, f32::max);
+        println!(
+            "static int8 {backend}: {same}/{} agree, max |Δp| {worst:.3}",
+            q.len()
+        );
+        assert!(
+            same + 1 >= q.len(),
+            "static int8 {backend}: {same}/{} agree",
+            q.len()
+        );
+        assert!(worst < 0.1, "static int8 {backend}: max |Δp| {worst}");
+    }
 }
 
 /// The model card, from `mae-export --card` and from `mae-run info --card`: the same fields,

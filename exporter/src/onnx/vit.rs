@@ -8,6 +8,8 @@
 //! `MatMul(xs, Transpose(weight)) + bias`, the transpose being folded by every runtime at load),
 //! so the graph reads like the PyTorch module tree.
 
+use std::collections::BTreeMap;
+
 use mae_models::checkpoint::{StateDict, Task};
 use mae_models::preprocess::PreprocessSpec;
 use mae_models::VitConfig;
@@ -46,6 +48,20 @@ pub struct GraphOptions {
     pub output: Output,
     /// Take `image` uint8 `[batch, H, W, 3]` and normalise inside the graph.
     pub preprocessing: Option<PreprocessSpec>,
+    /// With [`Precision::Int8`]: the calibrated `(min, max)` of each linear layer's input, by
+    /// layer (`blocks.0.attn.qkv`), for static quantisation; `None` quantises dynamically.
+    pub activation_ranges: Option<BTreeMap<String, (f32, f32)>>,
+    /// Also output each linear layer's input, under its own value name (for calibration).
+    pub tap_linear_inputs: bool,
+}
+
+/// A built graph, with the linear layers' inputs.
+#[derive(Debug)]
+pub struct Built {
+    pub graph: GraphProto,
+    /// `(layer, value)`: each linear layer's prefix and the name of its input value, in graph
+    /// order; graph outputs too when [`GraphOptions::tap_linear_inputs`].
+    pub linear_inputs: Vec<(String, String)>,
 }
 
 /// Name of the symbolic batch dimension.
@@ -64,6 +80,15 @@ pub fn build(
     tensors: &StateDict,
     opts: &GraphOptions,
 ) -> Result<GraphProto, BuildError> {
+    build_traced(cfg, tensors, opts).map(|b| b.graph)
+}
+
+/// [`build`], also naming each linear layer's input.
+pub fn build_traced(
+    cfg: &VitConfig,
+    tensors: &StateDict,
+    opts: &GraphOptions,
+) -> Result<Built, BuildError> {
     let float = match opts.precision {
         Precision::Fp16 => DataType::Float16,
         Precision::Fp32 | Precision::Int8 => DataType::Float,
@@ -73,6 +98,9 @@ pub fn build(
         w: tensors,
         precision: opts.precision,
         eps: cfg.layer_norm_eps as f32,
+        ranges: opts.activation_ranges.as_ref(),
+        tokens: cfg.num_tokens(),
+        linear_inputs: Vec::new(),
     };
     let xs = match &opts.preprocessing {
         Some(spec) => e.preprocess(cfg, spec)?,
@@ -114,7 +142,20 @@ pub fn build(
             e.g.output(PROBABILITIES, DataType::Float, &dims)?;
         }
     }
-    Ok(e.g.finish("vit"))
+    let linear_inputs: Vec<(String, String)> = e
+        .linear_inputs
+        .iter()
+        .map(|(p, v, _)| (p.clone(), v.clone()))
+        .collect();
+    if opts.tap_linear_inputs {
+        for (_, value, dims) in std::mem::take(&mut e.linear_inputs) {
+            e.g.output(&value, DataType::Float, &dims)?;
+        }
+    }
+    Ok(Built {
+        graph: e.g.finish("vit"),
+        linear_inputs,
+    })
 }
 
 fn image_dims(cfg: &VitConfig) -> [Dim; 4] {
@@ -133,6 +174,10 @@ struct Emitter<'a> {
     w: &'a StateDict,
     precision: Precision,
     eps: f32,
+    ranges: Option<&'a BTreeMap<String, (f32, f32)>>,
+    tokens: usize,
+    /// `(layer, input value, its dims)` of every linear layer so far.
+    linear_inputs: Vec<(String, String, Vec<Dim>)>,
 }
 
 impl Emitter<'_> {
@@ -345,11 +390,29 @@ impl Emitter<'_> {
         d_in: usize,
         d_out: usize,
     ) -> Result<String, BuildError> {
+        // The head sees the pooled `[b, d]`; every other linear layer `[b, tokens, d]`.
+        let dims = if prefix == "head" {
+            vec![Dim::Param(BATCH), Dim::Fixed(d_in)]
+        } else {
+            vec![Dim::Param(BATCH), Dim::Fixed(self.tokens), Dim::Fixed(d_in)]
+        };
+        self.linear_inputs
+            .push((prefix.to_string(), xs.to_string(), dims));
         let name = format!("{prefix}.weight");
         if self.precision == Precision::Int8 {
             let t = self.tensor(&name, &[d_out, d_in])?;
             let values = t.to_f32_vec();
-            return quant::linear_int8(&mut self.g, prefix, xs, &values, d_in, d_out);
+            let Some(ranges) = self.ranges else {
+                return quant::linear_int8(&mut self.g, prefix, xs, &values, d_in, d_out);
+            };
+            let range = ranges
+                .get(prefix)
+                .copied()
+                .ok_or_else(|| BuildError::Weight {
+                    node: prefix.to_string(),
+                    reason: "no calibrated range for its input".to_string(),
+                })?;
+            return quant::linear_qdq(&mut self.g, prefix, xs, &values, (d_in, d_out), range);
         }
         let w = self.param(&name, &[d_out, d_in])?;
         let perm = vec![attr::ints("perm", &[1, 0])];
