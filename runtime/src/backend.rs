@@ -70,6 +70,40 @@ pub struct LoadOptions {
     pub ort_lib: Option<PathBuf>,
 }
 
+/// How the tract backend plans (optimises) the graph for the batches it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TractPlans {
+    /// One plan optimised for a single image, and a batch run image by image (the default).
+    /// tract optimises a concrete shape further than a symbolic batch (it drops layout operators
+    /// that a symbolic batch keeps: ViT-B, one image, 2 threads, an AMD EPYC: 161 ms against
+    /// 285 ms), a batch gains it little per image, and one plan holds one copy of the weights.
+    Image,
+    /// One plan with a symbolic batch dimension, run on whole batches.
+    Symbolic,
+}
+
+impl TractPlans {
+    /// The environment variable that chooses: `image` (the default) or `symbolic`.
+    pub const ENV: &'static str = "MAE_TRACT_PLANS";
+
+    /// From [`Self::ENV`]; unset or empty is [`Self::Image`].
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::parse(std::env::var(Self::ENV).ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> anyhow::Result<Self> {
+        match value.map(str::trim).unwrap_or("") {
+            "" | "image" => Ok(Self::Image),
+            "symbolic" => Ok(Self::Symbolic),
+            other => bail!(
+                "{}={other:?}: expected 'image' (a plan for one image, batches run image by \
+                 image) or 'symbolic' (one plan for any batch size)",
+                Self::ENV
+            ),
+        }
+    }
+}
+
 /// Loads `path` into the chosen backend.
 pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result<Box<dyn Backend>> {
     match opts.kind {
@@ -83,11 +117,19 @@ pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result
                     bail!("the tract backend runs on the CPU only; use --backend ort --device cuda")
                 }
             }
+            if meta.precision.as_deref() == Some("int8") {
+                tracing::warn!(
+                    "{}: int8 models run several times slower in tract than their float32 export \
+                     (tract has no fast int8 kernels for them); use --backend ort for int8",
+                    path.display()
+                );
+            }
             Ok(Box::new(tract_backend::TractBackend::load(
                 path,
                 meta,
                 opts.threads,
                 opts.parallel,
+                TractPlans::from_env()?,
             )?))
         }
         BackendKind::Ort => Ok(Box::new(ort_backend::OrtBackend::load(path, meta, opts)?)),
@@ -110,12 +152,37 @@ mod tract_backend {
     use super::*;
     use tract_onnx::prelude::*;
 
+    type Plan = Arc<TypedRunnableModel>;
+
+    pub(super) enum Plans {
+        /// Optimised for one image; a batch runs image by image.
+        Image(Plan),
+        /// Run on whole batches: the file fixes the batch (`Some(b)`), or the batch is
+        /// symbolic.
+        Whole(Plan, Option<usize>),
+    }
+
     pub struct TractBackend {
-        plan: Arc<TypedRunnableModel>,
+        pub(super) plans: Plans,
         size: usize,
         roles: (Option<usize>, Option<usize>),
         threads: usize,
         parallel: crate::Parallel,
+    }
+
+    /// Joins the outputs of consecutive parts of a batch along the batch axis.
+    fn join(parts: Vec<TVec<TValue>>) -> anyhow::Result<TVec<TValue>> {
+        if parts.len() == 1 {
+            return Ok(parts.into_iter().next().unwrap_or_default());
+        }
+        let outputs = parts.first().map_or(0, |p| p.len());
+        let mut joined = TVec::new();
+        for o in 0..outputs {
+            let pieces: Vec<Tensor> = parts.iter().map(|p| p[o].clone().into_tensor()).collect();
+            let t = Tensor::stack_tensors(0, &pieces).context("tract: joining the outputs")?;
+            joined.push(t.into_tvalue());
+        }
+        Ok(joined)
     }
 
     impl TractBackend {
@@ -124,6 +191,7 @@ mod tract_backend {
             meta: &ModelMeta,
             threads: usize,
             parallel: crate::Parallel,
+            mode: TractPlans,
         ) -> anyhow::Result<Self> {
             if threads > 1 {
                 // tract's matrix products are single-threaded unless given a pool.
@@ -132,21 +200,27 @@ mod tract_backend {
                 );
             }
             let s = meta.preprocess.input_size;
-            let load = || -> TractResult<Arc<TypedRunnableModel>> {
+            let load = || -> TractResult<Plans> {
                 let mut model = tract_onnx::onnx().model_for_path(path)?;
-                // Batch symbolic, image size concrete, whatever the file declares.
-                let batch: TDim = match meta.fixed_batch {
-                    Some(b) => (b as i64).into(),
-                    None => model.sym("batch").into(),
+                // The image size is concrete, whatever the file declares; the batch is the
+                // file's fixed batch, one image, or symbolic.
+                let batch: TDim = match (meta.fixed_batch, mode) {
+                    (Some(b), _) => (b as i64).into(),
+                    (None, TractPlans::Image) => 1.into(),
+                    (None, TractPlans::Symbolic) => model.sym("batch").into(),
                 };
                 let shape: TVec<TDim> =
                     tvec![batch, 3.into(), (s as i64).into(), (s as i64).into()];
                 model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
-                model.into_optimized()?.into_runnable()
+                let plan = model.into_optimized()?.into_runnable()?;
+                Ok(match (meta.fixed_batch, mode) {
+                    (None, TractPlans::Image) => Plans::Image(plan),
+                    (fixed, _) => Plans::Whole(plan, fixed),
+                })
             };
-            let plan = load().with_context(|| format!("tract cannot load {}", path.display()))?;
+            let plans = load().with_context(|| format!("tract cannot load {}", path.display()))?;
             Ok(Self {
-                plan,
+                plans,
                 size: s,
                 roles: output_roles(&meta.output_names),
                 threads,
@@ -154,19 +228,32 @@ mod tract_backend {
             })
         }
 
-        /// Runs `batch` images through the plan on this thread (its matrix products spread
-        /// over the default executor's threads, if any).
+        /// Runs `batch` images on this thread (the matrix products spread over the default
+        /// executor's threads, if any): whole, or image by image with the one-image plan.
         fn run_plan(&self, pixels: &[f32], batch: usize) -> anyhow::Result<TVec<TValue>> {
             let s = self.size;
-            let input =
-                Tensor::from_shape(&[batch, 3, s, s], pixels).context("tract: bad input tensor")?;
-            self.plan
-                .run(tvec!(input.into()))
-                .context("tract: inference failed")
+            let run = |plan: &Plan, px: &[f32], n: usize| -> anyhow::Result<TVec<TValue>> {
+                let input =
+                    Tensor::from_shape(&[n, 3, s, s], px).context("tract: bad input tensor")?;
+                plan.run(tvec!(input.into()))
+                    .context("tract: inference failed")
+            };
+            match &self.plans {
+                Plans::Whole(plan, _) => run(plan, pixels, batch),
+                Plans::Image(plan) => {
+                    let per_image = 3 * s * s;
+                    let parts = pixels
+                        .chunks(per_image)
+                        .take(batch)
+                        .map(|px| run(plan, px, 1))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    join(parts)
+                }
+            }
         }
 
         /// Runs the batch as `shares` parts at once, each on its own thread with a
-        /// single-threaded plan, and joins their outputs in order.
+        /// single-threaded executor, and joins their outputs in order.
         fn run_images(
             &self,
             pixels: &[f32],
@@ -200,28 +287,28 @@ mod tract_backend {
                     })
                     .collect()
             });
-            let parts = parts.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
-            let outputs = parts.first().map_or(0, |p| p.len());
-            let mut joined = TVec::new();
-            for o in 0..outputs {
-                let pieces: Vec<Tensor> =
-                    parts.iter().map(|p| p[o].clone().into_tensor()).collect();
-                let t = Tensor::stack_tensors(0, &pieces).context("tract: joining the outputs")?;
-                joined.push(t.into_tvalue());
-            }
-            Ok(joined)
+            join(parts.into_iter().collect::<anyhow::Result<Vec<_>>>()?)
         }
     }
 
     impl Backend for TractBackend {
         fn describe(&self) -> String {
             format!(
-                "tract 0.23 (CPU, {} threads, parallel over {})",
+                "tract 0.23 (CPU, {} threads, parallel over {}, {})",
                 self.threads.max(1),
                 match self.parallel {
                     crate::Parallel::Images => "images",
                     crate::Parallel::Ops => "operators",
                     crate::Parallel::Auto => "images in batches, operators for one image",
+                },
+                match &self.plans {
+                    Plans::Image(_) => "a plan for one image, batches run image by image".into(),
+                    Plans::Whole(_, Some(b)) =>
+                        format!("one plan: the model fixes the batch at {b}"),
+                    Plans::Whole(_, None) => format!(
+                        "one plan with a symbolic batch ({}=symbolic)",
+                        TractPlans::ENV
+                    ),
                 }
             )
         }
@@ -232,8 +319,10 @@ mod tract_backend {
                 crate::Parallel::Ops => false,
                 crate::Parallel::Auto => batch >= 2,
             };
+            // A graph with a fixed batch runs whole batches only.
+            let fixed = matches!(self.plans, Plans::Whole(_, Some(_)));
             let shares = self.threads.min(batch);
-            let outputs = if by_images && shares >= 2 {
+            let outputs = if by_images && shares >= 2 && !fixed {
                 self.run_images(pixels, batch, shares)?
             } else {
                 self.run_plan(pixels, batch)?
@@ -402,5 +491,299 @@ mod ort_backend {
             };
             Ok(RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::tract_backend::{Plans, TractBackend};
+    use super::*;
+    use crate::model::{MetaOverrides, ModelFile};
+    use crate::Parallel;
+    use prost::Message;
+    use tract_onnx::pb;
+
+    /// Side of the test images.
+    const S: usize = 4;
+    const CLASSES: usize = 5;
+
+    fn floats(seed: u64, n: usize) -> Vec<f32> {
+        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+        (0..n)
+            .map(|_| {
+                x = x
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn init(name: &str, dims: &[i64], seed: u64) -> pb::TensorProto {
+        pb::TensorProto {
+            name: name.into(),
+            dims: dims.to_vec(),
+            data_type: pb::tensor_proto::DataType::Float as i32,
+            float_data: floats(seed, dims.iter().product::<i64>() as usize),
+            ..Default::default()
+        }
+    }
+
+    fn node(
+        op: &str,
+        inputs: &[&str],
+        output: &str,
+        attrs: Vec<pb::AttributeProto>,
+    ) -> pb::NodeProto {
+        pb::NodeProto {
+            op_type: op.into(),
+            name: output.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            attribute: attrs,
+            ..Default::default()
+        }
+    }
+
+    fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Ints as i32,
+            ints: v.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn int(name: &str, v: i64) -> pb::AttributeProto {
+        pb::AttributeProto {
+            name: name.into(),
+            r#type: pb::attribute_proto::AttributeType::Int as i32,
+            i: v,
+            ..Default::default()
+        }
+    }
+
+    fn value(name: &str, dims: &[Option<i64>]) -> pb::ValueInfoProto {
+        use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
+        let dim = dims
+            .iter()
+            .map(|d| Dimension {
+                value: Some(match d {
+                    Some(v) => D::DimValue(*v),
+                    None => D::DimParam("batch".into()),
+                }),
+                ..Default::default()
+            })
+            .collect();
+        pb::ValueInfoProto {
+            name: name.into(),
+            r#type: Some(pb::TypeProto {
+                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
+                    elem_type: pb::tensor_proto::DataType::Float as i32,
+                    shape: Some(pb::TensorShapeProto { dim }),
+                })),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A ViT in miniature: 2×2 patches embedded by a convolution, tokens transposed, a linear
+    /// layer on each token, mean pooling, a head; `logits` and `probabilities` `[batch, 5]`.
+    /// The batch is `fixed`, or the symbol `batch`.
+    fn tiny_vit(fixed: Option<i64>) -> Vec<u8> {
+        let (s, c) = (S as i64, CLASSES as i64);
+        let shape = pb::TensorProto {
+            name: "tokens_shape".into(),
+            dims: vec![3],
+            data_type: pb::tensor_proto::DataType::Int64 as i32,
+            int64_data: vec![0, 8, -1],
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            name: "tiny".into(),
+            node: vec![
+                node(
+                    "Conv",
+                    &["pixel_values", "patch_w", "patch_b"],
+                    "patches",
+                    vec![ints("kernel_shape", &[2, 2]), ints("strides", &[2, 2])],
+                ),
+                node("Reshape", &["patches", "tokens_shape"], "flat", vec![]),
+                node(
+                    "Transpose",
+                    &["flat"],
+                    "tokens",
+                    vec![ints("perm", &[0, 2, 1])],
+                ),
+                node("MatMul", &["tokens", "mlp_w"], "mlp", vec![]),
+                node("Add", &["mlp", "mlp_b"], "mlp_out", vec![]),
+                node("Relu", &["mlp_out"], "act", vec![]),
+                node(
+                    "ReduceMean",
+                    &["act"],
+                    "pooled",
+                    vec![ints("axes", &[1]), int("keepdims", 0)],
+                ),
+                node("MatMul", &["pooled", "head_w"], "head", vec![]),
+                node("Add", &["head", "head_b"], "logits", vec![]),
+                node(
+                    "Softmax",
+                    &["logits"],
+                    "probabilities",
+                    vec![int("axis", -1)],
+                ),
+            ],
+            initializer: vec![
+                init("patch_w", &[8, 3, 2, 2], 1),
+                init("patch_b", &[8], 2),
+                shape,
+                init("mlp_w", &[8, 8], 3),
+                init("mlp_b", &[8], 4),
+                init("head_w", &[8, c], 5),
+                init("head_b", &[c], 6),
+            ],
+            input: vec![value("pixel_values", &[fixed, Some(3), Some(s), Some(s)])],
+            output: vec![
+                value("logits", &[fixed, Some(c)]),
+                value("probabilities", &[fixed, Some(c)]),
+            ],
+            ..Default::default()
+        };
+        pb::ModelProto {
+            ir_version: 8,
+            producer_name: "test".into(),
+            opset_import: vec![pb::OperatorSetIdProto {
+                domain: String::new(),
+                version: 17,
+            }],
+            graph: Some(graph),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    fn write_model(dir: &Path, fixed: Option<i64>) -> (PathBuf, ModelMeta) {
+        let path = dir.join(format!("tiny-{fixed:?}.onnx"));
+        std::fs::write(&path, tiny_vit(fixed)).unwrap();
+        let overrides = MetaOverrides {
+            input_size: Some(S),
+            ..Default::default()
+        };
+        let meta = ModelMeta::from_file(&ModelFile::read(&path).unwrap(), &overrides).unwrap();
+        assert_eq!(meta.fixed_batch, fixed.map(|b| b as usize));
+        (path, meta)
+    }
+
+    fn images(seed: u64, n: usize) -> Vec<f32> {
+        floats(seed, n * 3 * S * S)
+    }
+
+    fn assert_same(what: &str, a: &RawOutputs, b: &RawOutputs, n: usize) {
+        for (part, x, y) in [
+            ("logits", &a.logits, &b.logits),
+            ("probabilities", &a.probabilities, &b.probabilities),
+        ] {
+            let (x, y) = (x.as_ref().unwrap(), y.as_ref().unwrap());
+            assert_eq!(x.len(), n * CLASSES, "{what} {part}");
+            assert_eq!(y.len(), n * CLASSES, "{what} {part}");
+            for (i, (p, q)) in x.iter().zip(y).enumerate() {
+                assert!(
+                    p.is_finite() && (p - q).abs() <= 1e-5,
+                    "{what} {part}[{i}]: {p} vs {q}"
+                );
+            }
+        }
+        assert_eq!((a.classes, b.classes), (CLASSES, CLASSES), "{what}");
+    }
+
+    #[test]
+    fn plan_mode_values() {
+        assert_eq!(TractPlans::parse(None).unwrap(), TractPlans::Image);
+        assert_eq!(TractPlans::parse(Some("")).unwrap(), TractPlans::Image);
+        assert_eq!(TractPlans::parse(Some("image")).unwrap(), TractPlans::Image);
+        assert_eq!(
+            TractPlans::parse(Some(" symbolic ")).unwrap(),
+            TractPlans::Symbolic
+        );
+        let err = TractPlans::parse(Some("batch")).unwrap_err().to_string();
+        assert!(
+            err.contains(TractPlans::ENV) && err.contains("symbolic"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_one_image_plan_matches_the_symbolic_plan() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, meta) = write_model(dir.path(), None);
+        for (threads, parallel) in [
+            (1, Parallel::Ops),
+            (2, Parallel::Images),
+            (2, Parallel::Auto),
+        ] {
+            let mut one =
+                TractBackend::load(&path, &meta, threads, parallel, TractPlans::Image).unwrap();
+            let mut sym =
+                TractBackend::load(&path, &meta, threads, parallel, TractPlans::Symbolic).unwrap();
+            assert!(matches!(one.plans, Plans::Image(_)));
+            assert!(matches!(sym.plans, Plans::Whole(_, None)));
+            assert!(
+                one.describe().contains("a plan for one image"),
+                "{}",
+                one.describe()
+            );
+            assert!(
+                sym.describe().contains("symbolic batch"),
+                "{}",
+                sym.describe()
+            );
+            for (k, n) in [1, 2, 3, 5, 1].into_iter().enumerate() {
+                let x = images(k as u64, n);
+                let what = format!("{threads} threads, {parallel:?}, batch {n}");
+                assert_same(&what, &one.run(&x, n).unwrap(), &sym.run(&x, n).unwrap(), n);
+            }
+        }
+        // Rows do not depend on the batch they are run in, and on their own image only.
+        let mut one =
+            TractBackend::load(&path, &meta, 1, Parallel::Ops, TractPlans::Image).unwrap();
+        let x = images(9, 3);
+        let three = one.run(&x, 3).unwrap().logits.unwrap();
+        let last = one.run(&x[2 * 3 * S * S..], 1).unwrap().logits.unwrap();
+        assert_ne!(
+            three[..CLASSES],
+            three[CLASSES..2 * CLASSES],
+            "the model ignores its input"
+        );
+        assert_eq!(three[2 * CLASSES..], last[..]);
+    }
+
+    #[test]
+    fn fixed_batches_are_not_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, meta) = write_model(dir.path(), None);
+        let mut sym =
+            TractBackend::load(&path, &meta, 2, Parallel::Images, TractPlans::Symbolic).unwrap();
+        // A file with a fixed batch of 2: one plan, and the batch is not split over the threads.
+        let (fixed_path, fixed_meta) = write_model(dir.path(), Some(2));
+        let mut fixed = TractBackend::load(
+            &fixed_path,
+            &fixed_meta,
+            2,
+            Parallel::Images,
+            TractPlans::Image,
+        )
+        .unwrap();
+        assert!(matches!(fixed.plans, Plans::Whole(_, Some(2))));
+        assert!(
+            fixed.describe().contains("fixes the batch at 2"),
+            "{}",
+            fixed.describe()
+        );
+        let x = images(13, 2);
+        let a = fixed.run(&x, 2).unwrap();
+        assert_same("fixed batch", &a, &sym.run(&x, 2).unwrap(), 2);
     }
 }

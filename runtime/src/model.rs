@@ -236,6 +236,8 @@ pub struct ModelMeta {
     pub sha256: String,
     pub checkpoint_sha256: Option<String>,
     pub exporter_version: Option<String>,
+    /// `mae.precision`: `fp32`, `fp16` or `int8`, when recorded.
+    pub precision: Option<String>,
     pub metrics: Option<serde_json::Value>,
     /// Logits are divided by it before the softmax/sigmoid (calibration).
     pub temperature: Option<f64>,
@@ -413,6 +415,7 @@ impl ModelMeta {
             sha256: file.sha256.clone(),
             checkpoint_sha256: file.prop(keys::CHECKPOINT_SHA256).map(String::from),
             exporter_version: file.prop(keys::EXPORTER_VERSION).map(String::from),
+            precision: file.prop(keys::PRECISION).map(String::from),
             metrics: json(keys::METRICS).ok().flatten(),
             temperature,
             threshold,

@@ -324,15 +324,45 @@ ds.save_as(sys.argv[1], enforce_file_format=True)
     let (all, _) = predict_jsonl(dir, &["mf.dcm", "--frame", "all"]);
     let names: Vec<&str> = all.iter().map(|r| r.0.as_str()).collect();
     assert_eq!(names, ["mf.dcm#0", "mf.dcm#1", "mf.dcm#2"]);
-    assert_eq!(all[0].1, first[0].1, "frame 0 is the default");
+    // A row's last bits may depend on the size of the batch it ran in (tract optimises a plan
+    // per batch size), so rows from different runs agree within 1e-6, while the frames' rows
+    // differ far more.
+    let same = |a: &(String, Vec<f64>), b: &(String, Vec<f64>)| {
+        a.0 == b.0
+            && a.1.len() == b.1.len()
+            && a.1.iter().zip(&b.1).all(|(x, y)| (x - y).abs() <= 1e-6)
+    };
+    assert!(
+        same(&(all[0].0.clone(), first[0].1.clone()), &all[0]),
+        "frame 0 is the default: {first:?} vs {all:?}"
+    );
     assert!(
         all[1].1 != all[0].1 && all[2].1 != all[1].1,
         "the frames differ, so must their rows: {all:?}"
     );
+    assert!(
+        all[1]
+            .1
+            .iter()
+            .zip(&all[0].1)
+            .any(|(x, y)| (x - y).abs() > 1e-5)
+            && all[2]
+                .1
+                .iter()
+                .zip(&all[1].1)
+                .any(|(x, y)| (x - y).abs() > 1e-5),
+        "the frames' rows differ by more than the tolerance: {all:?}"
+    );
     let (named, _) = predict_jsonl(dir, &["mf.dcm#2"]);
-    assert_eq!(named, [all[2].clone()]);
+    assert!(
+        named.len() == 1 && same(&named[0], &all[2]),
+        "{named:?} vs {all:?}"
+    );
     let (one, _) = predict_jsonl(dir, &["mf.dcm", "--frame", "1"]);
-    assert_eq!(one, [all[1].clone()]);
+    assert!(
+        one.len() == 1 && same(&one[0], &all[1]),
+        "{one:?} vs {all:?}"
+    );
     let (none, errors) = predict_jsonl(dir, &["mf.dcm", "--frame", "7"]);
     assert!(none.is_empty());
     assert_eq!(errors.len(), 1);
