@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Runtime benchmark: a randomly initialised ViT (default vit_base_patch16, 224×224) exported by
-# mae-export in fp32 and int8, measured with `mae-run bench` on tract and ONNX Runtime, beside
+# mae-export in fp32, dynamic int8 and static int8 (calibrated on random images), measured with `mae-run bench` on tract and ONNX Runtime, beside
 # ONNX Runtime's own Python InferenceSession on the same file and threads, then `mae-run serve`
 # under concurrent clients. Figures go to $OUT (default runs/bench-runtime) as JSON and a table.
 #
 # usage: scripts/bench/runtime.sh [MODEL] ; env THREADS (2), ITERS (20), CLIENTS (8), SECONDS_LOAD (30),
 #        BIN (folder of the binaries, default target/release if built there, else target/debug),
-#        TRACT_INT8=1 also times the int8 model on tract (slow: tract has no fast int8 kernels here)
+#        SLOW_ITERS (3): iterations of the dynamic int8 model on tract, which is slow
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 model=${1:-vit_base_patch16}
@@ -24,30 +24,48 @@ mkdir -p "$out"
 say() { printf '\033[1m[bench]\033[0m %s\n' "$*"; }
 
 say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); binaries $BIN"
-say "1. random $model weights, exported fp32 and int8"
+say "1. random $model weights, exported fp32, int8 (dynamic) and int8 (static, 32 calibration images)"
 "$py" "$root/scripts/bench/make_vit.py" "$out/$model.pth" --model "$model"
 "$BIN/mae-export" --onnx --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.onnx"
 "$BIN/mae-export" --onnx --int8 --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8.onnx"
+mkdir -p "$out/calibration"
+"$py" -c "
+import numpy as np; from PIL import Image
+rng = np.random.default_rng(1)
+for i in range(32):
+    Image.fromarray((rng.random((256, 256, 3)) * 255).astype('uint8')).save('$out/calibration/%02d.png' % i)"
+"$BIN/mae-export" --onnx --int8 --calibration-data "$out/calibration" --calibration-images 32 \
+  --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8s.onnx"
 
 bench() { # name model backend threads batches [extra mae-run flags]
   "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$4" --batch-size "$5" \
     --iterations "$iters" --format json --output "$out/$1.json" "${@:6}"
   say "   $1: $("$py" "$root/scripts/bench/summary.py" "$out/$1.json")"
 }
+bench_slow() { # as bench, with SLOW_ITERS iterations
+  "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$4" --batch-size "$5" \
+    --iterations "${SLOW_ITERS:-3}" --format json --output "$out/$1.json" "${@:6}"
+  say "   $1: $("$py" "$root/scripts/bench/summary.py" "$out/$1.json")"
+}
 say "2. mae-run bench ($threads threads, then 1; $iters iterations)"
 bench tract-fp32 "$out/$model.onnx" tract "$threads" 1,8 --parallel ops
 bench tract-fp32-images "$out/$model.onnx" tract "$threads" 8 --parallel images
+MAE_TRACT_PLANS=symbolic bench tract-fp32-symbolic "$out/$model.onnx" tract "$threads" 1,8
 bench tract-fp32-1t "$out/$model.onnx" tract 1 1
 bench ort-fp32 "$out/$model.onnx" ort "$threads" 1,8
 bench ort-fp32-1t "$out/$model.onnx" ort 1 1
 bench ort-int8 "$out/$model.int8.onnx" ort "$threads" 1,8
-if [ -n "${TRACT_INT8:-}" ]; then bench tract-int8 "$out/$model.int8.onnx" tract "$threads" 1,8; fi
+bench ort-int8s "$out/$model.int8s.onnx" ort "$threads" 1,8
+bench tract-int8s "$out/$model.int8s.onnx" tract "$threads" 1,8
+bench_slow tract-int8 "$out/$model.int8.onnx" tract "$threads" 1,8
 say "3. ONNX Runtime's Python InferenceSession, same file and threads"
 "$py" "$root/scripts/bench/ort_python.py" "$out/$model.onnx" --threads "$threads" \
   --iterations "$iters" > "$out/ort-python-fp32.json"
 "$py" "$root/scripts/bench/ort_python.py" "$out/$model.int8.onnx" --threads "$threads" \
   --iterations "$iters" > "$out/ort-python-int8.json"
-for f in ort-python-fp32 ort-python-int8; do
+"$py" "$root/scripts/bench/ort_python.py" "$out/$model.int8s.onnx" --threads "$threads" \
+  --iterations "$iters" > "$out/ort-python-int8s.json"
+for f in ort-python-fp32 ort-python-int8 ort-python-int8s; do
   say "   $f: $("$py" "$root/scripts/bench/summary.py" "$out/$f.json")"
 done
 

@@ -57,27 +57,33 @@ def rss(r):
 
 
 t, ti, t1 = load("tract-fp32"), load("tract-fp32-images"), load("tract-fp32-1t")
+ts = load("tract-fp32-symbolic")
 o, o1, q = load("ort-fp32"), load("ort-fp32-1t"), load("ort-int8")
-tq = load("tract-int8")
+tq, qs, tqs = load("tract-int8"), load("ort-int8s"), load("tract-int8s")
 serve, serve1 = load("serve"), load("serve-1")
 model, cores, has, lacks = cpu()
 print(f"**CPU:** {model}, {cores} cores. Has: {', '.join(has) or 'none of the listed'}. "
       f"Lacks: {', '.join(lacks) or 'none'}.\n")
-print(f"Model: {a.model}, fp32 and int8 (ONNX Runtime dynamic quantisation), {a.threads} threads "
-      "unless said; p50 latency per image.\n")
+print(f"Model: {a.model}: fp32, int8 dynamic (activations quantised per call) and int8 static "
+      f"(calibrated ranges, QDQ); {a.threads} threads unless said; p50 latency per image.\n")
 print("| measure | tract | ONNX Runtime | tract / ORT | goal |")
 print("|---|---|---|---|---|")
 print(f"| batch 1 latency, {a.threads} threads | {f(ms(t), ' ms')} | {f(ms(o), ' ms')} | {ratio(ms(t), ms(o))} | ≤ 1.3× |")
+print(f"| batch 1 latency, {a.threads} threads, one symbolic plan (MAE_TRACT_PLANS=symbolic) | {f(ms(ts), ' ms')} | – | {ratio(ms(ts), ms(o))} | – |")
+print(f"| batch 8 throughput, one symbolic plan, images over threads | {f(ips(ts, 8), ' img/s', 2)} | – | {ratio(ips(o, 8), ips(ts, 8))} | – |")
 print(f"| batch 1 latency, 1 thread | {f(ms(t1), ' ms')} | {f(ms(o1), ' ms')} | {ratio(ms(t1), ms(o1))} | – |")
 speedup_t = None if ms(t1) is None or ms(t) is None else ms(t1) / ms(t)
 speedup_o = None if ms(o1) is None or ms(o) is None else ms(o1) / ms(o)
 print(f"| speed-up from the 2nd thread (batch 1) | {f(speedup_t, '×', 2)} | {f(speedup_o, '×', 2)} | – | – |")
 print(f"| batch 8 throughput, operators over threads | {f(ips(t, 8), ' img/s', 2)} | {f(ips(o, 8), ' img/s', 2)} | {ratio(ips(o, 8), ips(t, 8))} | – |")
 print(f"| batch 8 throughput, images over threads | {f(ips(ti, 8), ' img/s', 2)} | {f(ips(o, 8), ' img/s', 2)} | {ratio(ips(o, 8), ips(ti, 8))} | ≤ 1.1× |")
-print(f"| int8 batch 1 latency | {f(ms(tq), ' ms')} | {f(ms(q), ' ms')} | {ratio(ms(tq), ms(q))} | – |")
-print(f"| int8 speed-up over fp32, batch 1 | {ratio(ms(t), ms(tq))} | {ratio(ms(o), ms(q))} | – | ≥ 2× (VNNI) |")
-print(f"| int8 speed-up over fp32, batch 8 | {ratio(ips(tq, 8), ips(t, 8))} | {ratio(ips(q, 8), ips(o, 8))} | – | ≥ 2× (VNNI) |")
-print(f"| peak RSS fp32 / int8 | {f(rss(t), ' MB', 0)} / {f(rss(tq), ' MB', 0)} | {f(rss(o), ' MB', 0)} / {f(rss(q), ' MB', 0)} | – | – |")
+for name, (tr, orr) in {"dynamic": (tq, q), "static": (tqs, qs)}.items():
+    print(f"| int8 {name}, batch 1 latency | {f(ms(tr), ' ms')} | {f(ms(orr), ' ms')} | {ratio(ms(tr), ms(orr))} | – |")
+    print(f"| int8 {name}, speed-up over fp32, batch 1 | {ratio(ms(t), ms(tr))} | {ratio(ms(o), ms(orr))} | – | ≥ 2× (VNNI) |")
+    print(f"| int8 {name}, speed-up over fp32, batch 8 | {ratio(ips(tr, 8), ips(t, 8))} | {ratio(ips(orr, 8), ips(o, 8))} | – | ≥ 2× (VNNI) |")
+print(f"| peak RSS fp32 / int8 dynamic / int8 static | {f(rss(t), ' MB', 0)} / {f(rss(tq), ' MB', 0)} / {f(rss(tqs), ' MB', 0)} "
+      f"| {f(rss(o), ' MB', 0)} / {f(rss(q), ' MB', 0)} / {f(rss(qs), ' MB', 0)} | – | – |")
+print(f"| peak RSS tract fp32: one-image plan / one symbolic plan | {f(rss(t), ' MB', 0)} / {f(rss(ts), ' MB', 0)} | – | – | – |")
 best = max([x for x in [ips(t, 8), ips(ti, 8)] if x is not None], default=None)
 if serve:
     print(f"| serve, {serve['clients']} clients (tract) | {f(serve['images_per_s'], ' img/s', 2)} | – | "
