@@ -42,19 +42,18 @@ pub fn quantize_rows(w: &[f32], rows: usize, cols: usize) -> (Vec<i8>, Vec<f32>)
     (q, scales)
 }
 
-/// `xs · wᵀ` with `w` (`[d_out, d_in]`, upstream layout) quantised; float32 in and out.
-///
-/// The quantised weight is stored transposed, `[d_in, d_out]`, as `{prefix}.weight_quantized`
-/// (int8, zero point `{prefix}.weight_zero_point` = 0), with `{prefix}.weight_scale`
-/// (`[d_out]`).
-pub fn linear_int8(
+/// The initializers of `w` (`[d_out, d_in]`, upstream layout) quantised per output channel:
+/// int8 `{prefix}.weight_quantized`, transposed to `[d_in, d_out]`, its scales
+/// `{prefix}.weight_scale` (`[d_out]`) and its zero points `{prefix}.weight_zero_point`, all 0
+/// (one per column when `per_column_zero`, as a per-axis `DequantizeLinear` wants, else a
+/// scalar).
+fn int8_weight(
     g: &mut GraphBuilder,
     prefix: &str,
-    xs: &str,
     w: &[f32],
-    d_in: usize,
-    d_out: usize,
-) -> Result<String, BuildError> {
+    (d_in, d_out): (usize, usize),
+    per_column_zero: bool,
+) -> Result<(String, String, String), BuildError> {
     let (q, scales) = quantize_rows(w, d_out, d_in);
     let mut qt = vec![0i8; q.len()];
     for o in 0..d_out {
@@ -73,7 +72,30 @@ pub fn linear_int8(
         &scales,
         DataType::Float,
     ))?;
-    let wz = g.initializer(i8_tensor(&format!("{prefix}.weight_zero_point"), &[], &[0]))?;
+    let zero_dims: &[usize] = if per_column_zero { &[d_out] } else { &[] };
+    let zeros = vec![0i8; if per_column_zero { d_out } else { 1 }];
+    let wz = g.initializer(i8_tensor(
+        &format!("{prefix}.weight_zero_point"),
+        zero_dims,
+        &zeros,
+    ))?;
+    Ok((wq, ws, wz))
+}
+
+/// `xs · wᵀ` with `w` (`[d_out, d_in]`, upstream layout) quantised; float32 in and out.
+///
+/// The quantised weight is stored transposed, `[d_in, d_out]`, as `{prefix}.weight_quantized`
+/// (int8, zero point `{prefix}.weight_zero_point` = 0), with `{prefix}.weight_scale`
+/// (`[d_out]`).
+pub fn linear_int8(
+    g: &mut GraphBuilder,
+    prefix: &str,
+    xs: &str,
+    w: &[f32],
+    d_in: usize,
+    d_out: usize,
+) -> Result<String, BuildError> {
+    let (wq, ws, wz) = int8_weight(g, prefix, w, (d_in, d_out), false)?;
     let parts = g.node_multi(prefix, "DynamicQuantizeLinear", &[xs], vec![], 3)?;
     let (xq, x_scale, x_zero) = (&parts[0], &parts[1], &parts[2]);
     let acc = g.node(prefix, "MatMulInteger", &[xq, &wq, x_zero, &wz], vec![])?; // int32
@@ -109,29 +131,7 @@ pub fn linear_qdq(
     (d_in, d_out): (usize, usize),
     (min, max): (f32, f32),
 ) -> Result<String, BuildError> {
-    let (q, scales) = quantize_rows(w, d_out, d_in);
-    let mut qt = vec![0i8; q.len()];
-    for o in 0..d_out {
-        for i in 0..d_in {
-            qt[i * d_out + o] = q[o * d_in + i];
-        }
-    }
-    let wq = g.initializer(i8_tensor(
-        &format!("{prefix}.weight_quantized"),
-        &[d_in, d_out],
-        &qt,
-    ))?;
-    let ws = g.initializer(f32_tensor(
-        &format!("{prefix}.weight_scale"),
-        &[d_out],
-        &scales,
-        DataType::Float,
-    ))?;
-    let wz = g.initializer(i8_tensor(
-        &format!("{prefix}.weight_zero_point"),
-        &[d_out],
-        &vec![0; d_out],
-    ))?;
+    let (wq, ws, wz) = int8_weight(g, prefix, w, (d_in, d_out), true)?;
     let (a_scale, a_zero) = activation_params(min, max);
     let xscale = g.initializer(f32_tensor(
         &format!("{prefix}.input_scale"),
