@@ -104,20 +104,16 @@ pub fn load_images(
 /// The images of an ImageFolder tree (in torchvision's order), or of a plain folder of images
 /// (sorted by name) when it has no subfolders.
 fn folder_images(path: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let cannot = || {
+        format!(
+            "--calibration-data {}: cannot read the folder",
+            path.display()
+        )
+    };
     let entries = std::fs::read_dir(path)
-        .with_context(|| {
-            format!(
-                "--calibration-data {}: cannot read the folder",
-                path.display()
-            )
-        })?
+        .with_context(cannot)?
         .collect::<Result<Vec<_>, _>>()
-        .with_context(|| {
-            format!(
-                "--calibration-data {}: cannot read the folder",
-                path.display()
-            )
-        })?;
+        .with_context(cannot)?;
     if entries.iter().any(|e| e.path().is_dir()) {
         let folder = ImageFolder::open(path)?;
         return Ok(folder.samples.into_iter().map(|(f, _)| f).collect());

@@ -204,18 +204,20 @@ mod tract_backend {
                 let mut model = tract_onnx::onnx().model_for_path(path)?;
                 // The image size is concrete, whatever the file declares; the batch is the
                 // file's fixed batch, one image, or symbolic.
-                let batch: TDim = match (meta.fixed_batch, mode) {
-                    (Some(b), _) => (b as i64).into(),
-                    (None, TractPlans::Image) => 1.into(),
-                    (None, TractPlans::Symbolic) => model.sym("batch").into(),
+                let per_image = meta.fixed_batch.is_none() && mode == TractPlans::Image;
+                let batch: TDim = match meta.fixed_batch {
+                    Some(b) => (b as i64).into(),
+                    None if per_image => 1.into(),
+                    None => model.sym("batch").into(),
                 };
                 let shape: TVec<TDim> =
                     tvec![batch, 3.into(), (s as i64).into(), (s as i64).into()];
                 model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
                 let plan = model.into_optimized()?.into_runnable()?;
-                Ok(match (meta.fixed_batch, mode) {
-                    (None, TractPlans::Image) => Plans::Image(plan),
-                    (fixed, _) => Plans::Whole(plan, fixed),
+                Ok(if per_image {
+                    Plans::Image(plan)
+                } else {
+                    Plans::Whole(plan, meta.fixed_batch)
                 })
             };
             let plans = load().with_context(|| format!("tract cannot load {}", path.display()))?;
