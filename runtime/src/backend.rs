@@ -117,11 +117,15 @@ pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result
                     bail!("the tract backend runs on the CPU only; use --backend ort --device cuda")
                 }
             }
-            if meta.precision.as_deref() == Some("int8") {
+            let rewrites = crate::tract_rewrite::Rewrites::from_env()?;
+            if meta.precision.as_deref() == Some("int8")
+                && rewrites == crate::tract_rewrite::Rewrites::None
+            {
                 tracing::warn!(
-                    "{}: int8 models run several times slower in tract than their float32 export \
-                     (tract has no fast int8 kernels for them); use --backend ort for int8",
-                    path.display()
+                    "{}: int8 models run several times slower in tract's own graph ({}=none) \
+                     than their float32 export",
+                    path.display(),
+                    crate::tract_rewrite::Rewrites::ENV
                 );
             }
             Ok(Box::new(tract_backend::TractBackend::load(
@@ -130,6 +134,7 @@ pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result
                 opts.threads,
                 opts.parallel,
                 TractPlans::from_env()?,
+                rewrites,
             )?))
         }
         BackendKind::Ort => Ok(Box::new(ort_backend::OrtBackend::load(path, meta, opts)?)),
@@ -164,6 +169,10 @@ mod tract_backend {
 
     pub struct TractBackend {
         pub(super) plans: Plans,
+        pub(super) rewritten: crate::tract_rewrite::Rewritten,
+        rewrites: crate::tract_rewrite::Rewrites,
+        /// The threads tract splits operators over (more than one thread asked for).
+        pool: Option<Arc<rayon::ThreadPool>>,
         size: usize,
         roles: (Option<usize>, Option<usize>),
         threads: usize,
@@ -192,16 +201,28 @@ mod tract_backend {
             threads: usize,
             parallel: crate::Parallel,
             mode: TractPlans,
+            rewrites: crate::tract_rewrite::Rewrites,
         ) -> anyhow::Result<Self> {
-            if threads > 1 {
-                // tract's matrix products are single-threaded unless given a pool.
+            // tract's matrix products are single-threaded unless given a pool. The plan runs
+            // on one of the pool's threads (see `run`), so that the pool's threads are all
+            // the threads there are.
+            let pool = if threads > 1 {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .thread_name(|i| format!("tract-{i}"))
+                    .num_threads(threads)
+                    .build()
+                    .context("tract: starting its threads")?;
+                let pool = Arc::new(pool);
                 tract_linalg::multithread::set_default_executor(
-                    tract_linalg::multithread::Executor::multithread(threads),
+                    tract_linalg::multithread::Executor::MultiThread(pool.clone()),
                 );
-            }
+                Some(pool)
+            } else {
+                None
+            };
             let s = meta.preprocess.input_size;
-            let load = || -> TractResult<Plans> {
-                let mut model = tract_onnx::onnx().model_for_path(path)?;
+            let load = || -> TractResult<(Plans, crate::tract_rewrite::Rewritten)> {
+                let (mut model, integer) = crate::tract_rewrite::parse(path, rewrites)?;
                 // The image size is concrete, whatever the file declares; the batch is the
                 // file's fixed batch, one image, or symbolic.
                 let per_image = meta.fixed_batch.is_none() && mode == TractPlans::Image;
@@ -213,16 +234,25 @@ mod tract_backend {
                 let shape: TVec<TDim> =
                     tvec![batch, 3.into(), (s as i64).into(), (s as i64).into()];
                 model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
-                let plan = model.into_optimized()?.into_runnable()?;
-                Ok(if per_image {
+                let (model, mut done) =
+                    crate::tract_rewrite::optimize(model.into_typed()?, rewrites)?;
+                done.integer_products = integer;
+                tracing::debug!("tract rewrites: {done:?}");
+                let plan = model.into_runnable()?;
+                let plans = if per_image {
                     Plans::Image(plan)
                 } else {
                     Plans::Whole(plan, meta.fixed_batch)
-                })
+                };
+                Ok((plans, done))
             };
-            let plans = load().with_context(|| format!("tract cannot load {}", path.display()))?;
+            let (plans, rewritten) =
+                load().with_context(|| format!("tract cannot load {}", path.display()))?;
             Ok(Self {
                 plans,
+                rewritten,
+                rewrites,
+                pool,
                 size: s,
                 roles: output_roles(&meta.output_names),
                 threads,
@@ -296,7 +326,7 @@ mod tract_backend {
     impl Backend for TractBackend {
         fn describe(&self) -> String {
             format!(
-                "tract 0.23 (CPU, {} threads, parallel over {}, {})",
+                "tract 0.23 (CPU, {} threads, parallel over {}, {}, {})",
                 self.threads.max(1),
                 match self.parallel {
                     crate::Parallel::Images => "images",
@@ -311,7 +341,8 @@ mod tract_backend {
                         "one plan with a symbolic batch ({}=symbolic)",
                         TractPlans::ENV
                     ),
-                }
+                },
+                self.rewritten.describe(self.rewrites)
             )
         }
 
@@ -326,6 +357,10 @@ mod tract_backend {
             let shares = self.threads.min(batch);
             let outputs = if by_images && shares >= 2 && !fixed {
                 self.run_images(pixels, batch, shares)?
+            } else if let Some(pool) = &self.pool {
+                // On a pool thread, the plan's own thread is one of the pool's: while it runs
+                // the operators tract does not split, no other thread competes for its core.
+                pool.install(|| self.run_plan(pixels, batch))?
             } else {
                 self.run_plan(pixels, batch)?
             };
@@ -503,94 +538,14 @@ mod tests {
     use super::tract_backend::{Plans, TractBackend};
     use super::*;
     use crate::model::{MetaOverrides, ModelFile};
+    use crate::testgraph::{floats, init, int, ints, model_bytes, node, value};
+    use crate::tract_rewrite::Rewrites;
     use crate::Parallel;
-    use prost::Message;
     use tract_onnx::pb;
 
     /// Side of the test images.
     const S: usize = 4;
     const CLASSES: usize = 5;
-
-    fn floats(seed: u64, n: usize) -> Vec<f32> {
-        let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-        (0..n)
-            .map(|_| {
-                x = x
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((x >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    fn init(name: &str, dims: &[i64], seed: u64) -> pb::TensorProto {
-        pb::TensorProto {
-            name: name.into(),
-            dims: dims.to_vec(),
-            data_type: pb::tensor_proto::DataType::Float as i32,
-            float_data: floats(seed, dims.iter().product::<i64>() as usize),
-            ..Default::default()
-        }
-    }
-
-    fn node(
-        op: &str,
-        inputs: &[&str],
-        output: &str,
-        attrs: Vec<pb::AttributeProto>,
-    ) -> pb::NodeProto {
-        pb::NodeProto {
-            op_type: op.into(),
-            name: output.into(),
-            input: inputs.iter().map(|s| s.to_string()).collect(),
-            output: vec![output.into()],
-            attribute: attrs,
-            ..Default::default()
-        }
-    }
-
-    fn ints(name: &str, v: &[i64]) -> pb::AttributeProto {
-        pb::AttributeProto {
-            name: name.into(),
-            r#type: pb::attribute_proto::AttributeType::Ints as i32,
-            ints: v.to_vec(),
-            ..Default::default()
-        }
-    }
-
-    fn int(name: &str, v: i64) -> pb::AttributeProto {
-        pb::AttributeProto {
-            name: name.into(),
-            r#type: pb::attribute_proto::AttributeType::Int as i32,
-            i: v,
-            ..Default::default()
-        }
-    }
-
-    fn value(name: &str, dims: &[Option<i64>]) -> pb::ValueInfoProto {
-        use pb::tensor_shape_proto::{dimension::Value as D, Dimension};
-        let dim = dims
-            .iter()
-            .map(|d| Dimension {
-                value: Some(match d {
-                    Some(v) => D::DimValue(*v),
-                    None => D::DimParam("batch".into()),
-                }),
-                ..Default::default()
-            })
-            .collect();
-        pb::ValueInfoProto {
-            name: name.into(),
-            r#type: Some(pb::TypeProto {
-                value: Some(pb::type_proto::Value::TensorType(pb::type_proto::Tensor {
-                    elem_type: pb::tensor_proto::DataType::Float as i32,
-                    shape: Some(pb::TensorShapeProto { dim }),
-                })),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }
-    }
 
     /// A ViT in miniature: 2×2 patches embedded by a convolution, tokens transposed, a linear
     /// layer on each token, mean pooling, a head; `logits` and `probabilities` `[batch, 5]`.
@@ -654,17 +609,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        pb::ModelProto {
-            ir_version: 8,
-            producer_name: "test".into(),
-            opset_import: vec![pb::OperatorSetIdProto {
-                domain: String::new(),
-                version: 17,
-            }],
-            graph: Some(graph),
-            ..Default::default()
-        }
-        .encode_to_vec()
+        model_bytes(graph, 17)
     }
 
     fn write_model(dir: &Path, fixed: Option<i64>) -> (PathBuf, ModelMeta) {
@@ -726,10 +671,24 @@ mod tests {
             (2, Parallel::Images),
             (2, Parallel::Auto),
         ] {
-            let mut one =
-                TractBackend::load(&path, &meta, threads, parallel, TractPlans::Image).unwrap();
-            let mut sym =
-                TractBackend::load(&path, &meta, threads, parallel, TractPlans::Symbolic).unwrap();
+            let mut one = TractBackend::load(
+                &path,
+                &meta,
+                threads,
+                parallel,
+                TractPlans::Image,
+                Rewrites::All,
+            )
+            .unwrap();
+            let mut sym = TractBackend::load(
+                &path,
+                &meta,
+                threads,
+                parallel,
+                TractPlans::Symbolic,
+                Rewrites::All,
+            )
+            .unwrap();
             assert!(matches!(one.plans, Plans::Image(_)));
             assert!(matches!(sym.plans, Plans::Whole(_, None)));
             assert!(
@@ -749,8 +708,15 @@ mod tests {
             }
         }
         // Rows do not depend on the batch they are run in, and on their own image only.
-        let mut one =
-            TractBackend::load(&path, &meta, 1, Parallel::Ops, TractPlans::Image).unwrap();
+        let mut one = TractBackend::load(
+            &path,
+            &meta,
+            1,
+            Parallel::Ops,
+            TractPlans::Image,
+            Rewrites::All,
+        )
+        .unwrap();
         let x = images(9, 3);
         let three = one.run(&x, 3).unwrap().logits.unwrap();
         let last = one.run(&x[2 * 3 * S * S..], 1).unwrap().logits.unwrap();
@@ -766,8 +732,15 @@ mod tests {
     fn fixed_batches_are_not_split() {
         let dir = tempfile::tempdir().unwrap();
         let (path, meta) = write_model(dir.path(), None);
-        let mut sym =
-            TractBackend::load(&path, &meta, 2, Parallel::Images, TractPlans::Symbolic).unwrap();
+        let mut sym = TractBackend::load(
+            &path,
+            &meta,
+            2,
+            Parallel::Images,
+            TractPlans::Symbolic,
+            Rewrites::All,
+        )
+        .unwrap();
         // A file with a fixed batch of 2: one plan, and the batch is not split over the threads.
         let (fixed_path, fixed_meta) = write_model(dir.path(), Some(2));
         let mut fixed = TractBackend::load(
@@ -776,6 +749,7 @@ mod tests {
             2,
             Parallel::Images,
             TractPlans::Image,
+            Rewrites::All,
         )
         .unwrap();
         assert!(matches!(fixed.plans, Plans::Whole(_, Some(2))));

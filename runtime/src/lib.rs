@@ -22,6 +22,9 @@ pub mod predict;
 pub mod protoedit;
 pub mod repository;
 pub mod serve;
+#[cfg(test)]
+pub(crate) mod testgraph;
+pub mod tract_rewrite;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
