@@ -3,7 +3,8 @@
 //!
 //! usage: cargo run --release -p mae-runtime --example tract_profile -- MODEL.onnx
 //!        [BATCH (1)] [THREADS (2)] [SIZE (224)] ; env BY_NODE=1 lists single nodes instead,
-//!        CONCRETE=1 optimises the plan for BATCH itself instead of a symbolic batch
+//!        CONCRETE=1 optimises the plan for BATCH itself instead of a symbolic batch, TOP=N
+//!        prints N rows (40)
 use std::collections::HashMap;
 use std::time::Instant;
 use tract_onnx::prelude::*;
@@ -25,14 +26,23 @@ fn main() -> anyhow::Result<()> {
     let (batch, threads, size) = (arg(2, 1)?, arg(3, 2)?, arg(4, 224)?);
     let by_node = std::env::var_os("BY_NODE").is_some();
     let concrete = std::env::var_os("CONCRETE").is_some();
+    // INSTALL=1: passes run inside the pool, on one of its threads.
+    let install = std::env::var("INSTALL").is_ok_and(|v| !v.is_empty());
+    let pool = std::sync::Arc::new(
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()?,
+    );
     if threads > 1 {
         tract_linalg::multithread::set_default_executor(
-            tract_linalg::multithread::Executor::multithread(threads),
+            tract_linalg::multithread::Executor::MultiThread(pool.clone()),
         );
     }
     // As the runtime loads models: symbolic batch (or, with CONCRETE, this batch), concrete
     // image size.
-    let mut model = tract_onnx::onnx().model_for_path(&path)?;
+    let rewrites = mae_runtime::tract_rewrite::Rewrites::from_env()?;
+    let (mut model, integer) =
+        mae_runtime::tract_rewrite::parse(std::path::Path::new(&path), rewrites)?;
     let b: TDim = if concrete {
         (batch as i64).into()
     } else {
@@ -41,12 +51,63 @@ fn main() -> anyhow::Result<()> {
     let shape = tvec![b, 3.into(), (size as i64).into(), (size as i64).into()];
     model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
     let t = Instant::now();
-    let plan = model.into_optimized()?.into_runnable()?;
-    println!("optimised in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
-    let input: Tensor = tract_ndarray::Array4::<f32>::from_elem((batch, 3, size, size), 0.1).into();
-    for _ in 0..2 {
-        plan.run(tvec!(input.clone().into()))?;
+    // With mae-run's load-time rewrites unless MAE_TRACT_REWRITES=none.
+    let (optimized, mut done) =
+        mae_runtime::tract_rewrite::optimize(model.into_typed()?, rewrites)?;
+    done.integer_products = integer;
+    println!("rewrites: {done:?}");
+    if let Ok(pat) = std::env::var("FACTS") {
+        for node in optimized.nodes().iter().filter(|n| n.name.contains(&pat)) {
+            let facts = optimized.node_input_facts(node.id)?;
+            println!(
+                "{} {}: {:?} {:?}",
+                node.op().name(),
+                node.name,
+                facts,
+                node.op.info()?
+            );
+        }
     }
+    let plan = optimized.into_runnable()?;
+    println!("optimised in {:.0} ms", t.elapsed().as_secs_f64() * 1e3);
+    // Pixels as `mae-run bench` makes them: pseudo-random in [-2, 2).
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let input: Tensor = tract_ndarray::Array4::<f32>::from_shape_fn((batch, 3, size, size), |_| {
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((seed >> 40) as f32 / (1u64 << 24) as f32) * 4.0 - 2.0
+    })
+    .into();
+    // CONST=v: every pixel v instead.
+    let input = match std::env::var("CONST")
+        .ok()
+        .and_then(|v| v.parse::<f32>().ok())
+    {
+        Some(v) => tract_ndarray::Array4::<f32>::from_elem((batch, 3, size, size), v).into(),
+        None => input,
+    };
+    let whole = |n: usize| -> anyhow::Result<f64> {
+        let t = Instant::now();
+        for _ in 0..n {
+            if install {
+                pool.install(|| plan.run(tvec!(input.clone().into())))?;
+            } else {
+                plan.run(tvec!(input.clone().into()))?;
+            }
+        }
+        Ok(t.elapsed().as_secs_f64() * 1e3 / n as f64)
+    };
+    whole(2)?;
+    let passes: usize = std::env::var("PASSES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    println!(
+        "{:.1} ms per whole pass ({passes} passes{})",
+        whole(passes)?,
+        if install { ", inside the pool" } else { "" }
+    );
     let iters = 5;
     let mut spent: HashMap<String, (f64, usize)> = HashMap::new();
     let t = Instant::now();
@@ -78,7 +139,11 @@ fn main() -> anyhow::Result<()> {
             ", symbolic"
         }
     );
-    for (name, (s, n)) in rows.iter().take(40) {
+    let top = std::env::var("TOP")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(40);
+    for (name, (s, n)) in rows.iter().take(top) {
         let ms = s / iters as f64 * 1e3;
         let share = ms / (total * 1e3) * 100.0;
         println!("{ms:>9.1} ms {share:>5.1}% {:>5}  {name}", n / iters);
