@@ -6,7 +6,8 @@
 #
 # usage: scripts/bench/runtime.sh [MODEL] ; env THREADS (2), ITERS (20), CLIENTS (8), SECONDS_LOAD (30),
 #        BIN (folder of the binaries, default target/release if built there, else target/debug),
-#        SLOW_ITERS (3): iterations of the dynamic int8 model on tract, which is slow
+#        SLOW_ITERS (3): iterations of int8 models in tract's own graph (MAE_TRACT_REWRITES=none),
+#        which is slow, ROUNDS (3): alternating tract / ORT batch-1 rounds for the median ratio
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 model=${1:-vit_base_patch16}
@@ -57,7 +58,19 @@ bench ort-fp32-1t "$out/$model.onnx" ort 1 1
 bench ort-int8 "$out/$model.int8.onnx" ort "$threads" 1,8
 bench ort-int8s "$out/$model.int8s.onnx" ort "$threads" 1,8
 bench tract-int8s "$out/$model.int8s.onnx" tract "$threads" 1,8
-bench_slow tract-int8 "$out/$model.int8.onnx" tract "$threads" 1,8
+bench tract-int8 "$out/$model.int8.onnx" tract "$threads" 1,8
+bench tract-int8-images "$out/$model.int8.onnx" tract "$threads" 8 --parallel images
+say "   tract's own graph, without mae-run's rewrites (MAE_TRACT_REWRITES=none)"
+MAE_TRACT_REWRITES=none bench tract-fp32-own "$out/$model.onnx" tract "$threads" 1
+MAE_TRACT_REWRITES=none bench tract-fp32-own-1t "$out/$model.onnx" tract 1 1
+MAE_TRACT_REWRITES=none bench_slow tract-int8-own "$out/$model.int8.onnx" tract "$threads" 1
+MAE_TRACT_REWRITES=none bench_slow tract-int8s-own "$out/$model.int8s.onnx" tract "$threads" 1
+rounds=${ROUNDS:-3}
+say "   batch 1, $rounds alternating rounds of tract and ORT"
+for r in $(seq "$rounds"); do
+  bench "round-$r-tract" "$out/$model.onnx" tract "$threads" 1 --parallel ops
+  bench "round-$r-ort" "$out/$model.onnx" ort "$threads" 1
+done
 say "3. ONNX Runtime's Python InferenceSession, same file and threads"
 "$py" "$root/scripts/bench/ort_python.py" "$out/$model.onnx" --threads "$threads" \
   --iterations "$iters" > "$out/ort-python-fp32.json"
