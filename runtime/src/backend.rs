@@ -360,7 +360,11 @@ mod tract_backend {
             } else if let Some(pool) = &self.pool {
                 // On a pool thread, the plan's own thread is one of the pool's: while it runs
                 // the operators tract does not split, no other thread competes for its core.
-                pool.install(|| self.run_plan(pixels, batch))?
+                // The products split over this backend's pool, whichever backend was loaded
+                // last (tract's default executor is the process's).
+                use tract_linalg::multithread::{multithread_tract_scope, Executor};
+                let executor = Executor::MultiThread(pool.clone());
+                pool.install(|| multithread_tract_scope(executor, || self.run_plan(pixels, batch)))?
             } else {
                 self.run_plan(pixels, batch)?
             };
