@@ -366,7 +366,9 @@ mod tract_backend {
                 let executor = Executor::MultiThread(pool.clone());
                 pool.install(|| multithread_tract_scope(executor, || self.run_plan(pixels, batch)))?
             } else {
-                self.run_plan(pixels, batch)?
+                // One thread: not another backend's pool either.
+                use tract_linalg::multithread::{multithread_tract_scope, Executor};
+                multithread_tract_scope(Executor::SingleThread, || self.run_plan(pixels, batch))?
             };
             let take = |i: Option<usize>| -> anyhow::Result<Option<(Vec<f32>, usize)>> {
                 let Some(i) = i else { return Ok(None) };
