@@ -185,10 +185,7 @@ impl EvalOp for LayerNormCore {
 
 impl TypedOp for LayerNormCore {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(
-            inputs[0].datum_type == f32::datum_type(),
-            "LayerNormCore runs float32 only"
-        );
+        expect_f32(inputs, "LayerNormCore")?;
         ensure!(
             self.axis < inputs[0].rank(),
             "LayerNormCore: axis out of range"
@@ -296,31 +293,75 @@ fn match_layer_norm(model: &TypedModel, rms: &TypedNode) -> Option<(OutletId, us
     sums_x.then_some((x, op.axis, eps))
 }
 
+/// One replacement in an optimised model: `ops` wired in a chain on `input`, whose last
+/// outputs take the place of node `replaced`'s, slot by slot.
+struct Replacement {
+    input: OutletId,
+    ops: Vec<Box<dyn TypedOp>>,
+    replaced: usize,
+}
+
+/// Makes the replacement `find` gives for each node of an optimised model (in evaluation
+/// order), then drops what no longer feeds the outputs; returns how many.
+fn replace_nodes(
+    model: &mut TypedModel,
+    find: impl Fn(&TypedModel, &TypedNode) -> TractResult<Option<Replacement>>,
+) -> TractResult<usize> {
+    let mut count = 0;
+    for id in model.eval_order()? {
+        let Some(r) = find(model, model.node(id))? else {
+            continue;
+        };
+        let name = model.node(r.replaced).name.clone();
+        let mut patch = TypedModelPatch::default();
+        let mut wires = tvec![patch.tap_model(model, r.input)?];
+        for (k, op) in r.ops.into_iter().enumerate() {
+            wires = patch.wire_node(format!("{name}.rewritten.{k}"), op, &wires)?;
+        }
+        for (slot, wire) in wires.iter().enumerate() {
+            patch.shunt_outside(model, OutletId::new(r.replaced, slot), *wire)?;
+        }
+        patch.apply(model)?;
+        count += 1;
+    }
+    if count > 0 {
+        model.compact()?;
+    }
+    Ok(count)
+}
+
+/// Checks that an operator's one input is float32.
+fn expect_f32(inputs: &[&TypedFact], op: &str) -> TractResult<()> {
+    ensure!(
+        inputs.len() == 1 && inputs[0].datum_type == f32::datum_type(),
+        "{op} takes one float32 input"
+    );
+    Ok(())
+}
+
+/// The float32 input of a one-input node.
+fn f32_input(model: &TypedModel, node: &TypedNode) -> TractResult<Option<OutletId>> {
+    Ok(match node.inputs[..] {
+        [x] if model.outlet_fact(x)?.datum_type == f32::datum_type() => Some(x),
+        _ => None,
+    })
+}
+
 /// Replaces each LayerNorm expansion in an optimised model with one [`LayerNormCore`];
 /// returns how many.
 pub fn fuse_layer_norms(model: &mut TypedModel) -> TractResult<usize> {
-    let mut fused = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        let Some((x, axis, eps)) = match_layer_norm(model, node) else {
-            continue;
-        };
-        let name = node.name.clone();
-        let mut patch = TypedModelPatch::default();
-        let tapped = patch.tap_model(model, x)?;
-        let op = LayerNormCore {
-            axis,
-            eps_bits: eps.to_bits(),
-        };
-        let out = patch.wire_node(format!("{name}.fused"), op, &[tapped])?;
-        patch.shunt_outside(model, id.into(), out[0])?;
-        patch.apply(model)?;
-        fused += 1;
-    }
-    if fused > 0 {
-        model.compact()?;
-    }
-    Ok(fused)
+    replace_nodes(model, |model, node| {
+        Ok(
+            match_layer_norm(model, node).map(|(input, axis, eps)| Replacement {
+                input,
+                ops: vec![Box::new(LayerNormCore {
+                    axis,
+                    eps_bits: eps.to_bits(),
+                })],
+                replaced: node.id,
+            }),
+        )
+    })
 }
 
 /// Is `node` a cast from an integer tensor that is a constant (a quantised weight)?
@@ -484,10 +525,7 @@ impl EvalOp for FakeQuantU8 {
 
 impl TypedOp for FakeQuantU8 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(
-            inputs[0].datum_type == f32::datum_type(),
-            "FakeQuantU8 runs float32 only"
-        );
+        expect_f32(inputs, "FakeQuantU8")?;
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
     }
     as_op!();
@@ -496,56 +534,42 @@ impl TypedOp for FakeQuantU8 {
 /// Replaces each float32 → uint8 → float32 `QuantizeLinear` → `DequantizeLinear` pair of an
 /// optimised model with one [`FakeQuantU8`]; returns how many.
 pub fn fuse_fake_quant(model: &mut TypedModel) -> TractResult<usize> {
-    let mut fused = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    replace_nodes(model, |model, node| {
         let Some(q) = node
             .op_as::<ElementWiseOp>()
             .and_then(|e| e.0.downcast_ref::<QuantizeLinearU8>())
         else {
-            continue;
+            return Ok(None);
+        };
+        let Some(input) = f32_input(model, node)? else {
+            return Ok(None);
         };
         // Between the two, operators that only reshape (they run on the float value instead).
         let mut reshapes = Vec::new();
-        let mut next = model.single_succ(id)?;
+        let mut next = model.single_succ(node.id)?;
         while let Some(n) = next.filter(|n| {
             n.op_is::<tract_onnx::tract_core::ops::change_axes::IntoShape>() || n.op_is::<AxisOp>()
         }) {
             reshapes.push(n.op.clone());
             next = model.single_succ(n.id)?;
         }
-        let Some(dq_node) = next else {
-            continue;
+        let Some((dq_node, dq)) = next.and_then(|n| Some((n, n.op_as::<DequantizeLinearF32>()?)))
+        else {
+            return Ok(None);
         };
-        let Some(dq) = dq_node.op_as::<DequantizeLinearF32>() else {
-            continue;
-        };
-        if node.inputs.len() != 1
-            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
-        {
-            continue;
-        }
-        let op = FakeQuantU8 {
+        let mut ops: Vec<Box<dyn TypedOp>> = vec![Box::new(FakeQuantU8 {
             inv_scale_bits: q.scale.to_bits(),
             scale_bits: dq.scale.to_bits(),
             q_zero_point: q.zero_point,
             dq_zero_point: dq.zero_point,
-        };
-        let (x, dq_id, name) = (node.inputs[0], dq_node.id, dq_node.name.clone());
-        let mut patch = TypedModelPatch::default();
-        let tapped = patch.tap_model(model, x)?;
-        let mut out = patch.wire_node(format!("{name}.fake_quant"), op, &[tapped])?;
-        for (k, reshape) in reshapes.into_iter().enumerate() {
-            out = patch.wire_node(format!("{name}.fake_quant.reshape{k}"), reshape, &out)?;
-        }
-        patch.shunt_outside(model, dq_id.into(), out[0])?;
-        patch.apply(model)?;
-        fused += 1;
-    }
-    if fused > 0 {
-        model.compact()?;
-    }
-    Ok(fused)
+        })];
+        ops.extend(reshapes);
+        Ok(Some(Replacement {
+            input,
+            ops,
+            replaced: dq_node.id,
+        }))
+    })
 }
 
 /// ONNX `DynamicQuantizeLinear` to uint8, as tract computes it (the range widened to hold
@@ -626,10 +650,7 @@ impl EvalOp for DynamicQuantU8 {
 
 impl TypedOp for DynamicQuantU8 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(
-            inputs[0].datum_type == f32::datum_type(),
-            "DynamicQuantU8 runs float32 only"
-        );
+        expect_f32(inputs, "DynamicQuantU8")?;
         Ok(tvec!(
             u8::fact(inputs[0].shape.clone()),
             f32::fact([0usize; 0]),
@@ -642,30 +663,16 @@ impl TypedOp for DynamicQuantU8 {
 /// Replaces each of tract's `DynamicQuantizeLinearU8` on a float32 input with a
 /// [`DynamicQuantU8`]; returns how many.
 pub fn fuse_dynamic_quant(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
-        if node.op().name() != "DynamicQuantizeLinearU8"
-            || node.inputs.len() != 1
-            || node.outputs.len() != 3
-            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
-        {
-            continue;
+    replace_nodes(model, |model, node| {
+        if node.op().name() != "DynamicQuantizeLinearU8" || node.outputs.len() != 3 {
+            return Ok(None);
         }
-        let (x, name) = (node.inputs[0], node.name.clone());
-        let mut patch = TypedModelPatch::default();
-        let tapped = patch.tap_model(model, x)?;
-        let outs = patch.wire_node(format!("{name}.fast"), DynamicQuantU8, &[tapped])?;
-        for (slot, out) in outs.iter().enumerate() {
-            patch.shunt_outside(model, OutletId::new(id, slot), *out)?;
-        }
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    if replaced > 0 {
-        model.compact()?;
-    }
-    Ok(replaced)
+        Ok(f32_input(model, node)?.map(|input| Replacement {
+            input,
+            ops: vec![Box::new(DynamicQuantU8)],
+            replaced: node.id,
+        }))
+    })
 }
 
 /// The values of a float32 initializer.
@@ -877,10 +884,7 @@ impl EvalOp for QuantU8 {
 
 impl TypedOp for QuantU8 {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
-        ensure!(
-            inputs[0].datum_type == f32::datum_type(),
-            "QuantU8 runs float32 only"
-        );
+        expect_f32(inputs, "QuantU8")?;
         Ok(tvec!(u8::fact(inputs[0].shape.clone())))
     }
     as_op!();
@@ -889,36 +893,22 @@ impl TypedOp for QuantU8 {
 /// Replaces each of tract's float32 → uint8 `QuantizeLinear` left in an optimised model with
 /// a [`QuantU8`]; returns how many.
 pub fn fuse_quantize(model: &mut TypedModel) -> TractResult<usize> {
-    let mut replaced = 0;
-    for id in model.eval_order()? {
-        let node = model.node(id);
+    replace_nodes(model, |model, node| {
         let Some(q) = node
             .op_as::<ElementWiseOp>()
             .and_then(|e| e.0.downcast_ref::<QuantizeLinearU8>())
         else {
-            continue;
+            return Ok(None);
         };
-        if node.inputs.len() != 1
-            || model.outlet_fact(node.inputs[0])?.datum_type != f32::datum_type()
-        {
-            continue;
-        }
-        let op = QuantU8 {
-            inv_scale_bits: q.scale.to_bits(),
-            zero_point: q.zero_point,
-        };
-        let (x, name) = (node.inputs[0], node.name.clone());
-        let mut patch = TypedModelPatch::default();
-        let tapped = patch.tap_model(model, x)?;
-        let out = patch.wire_node(format!("{name}.fast"), op, &[tapped])?;
-        patch.shunt_outside(model, id.into(), out[0])?;
-        patch.apply(model)?;
-        replaced += 1;
-    }
-    if replaced > 0 {
-        model.compact()?;
-    }
-    Ok(replaced)
+        Ok(f32_input(model, node)?.map(|input| Replacement {
+            input,
+            ops: vec![Box::new(QuantU8 {
+                inv_scale_bits: q.scale.to_bits(),
+                zero_point: q.zero_point,
+            })],
+            replaced: node.id,
+        }))
+    })
 }
 
 #[cfg(test)]
