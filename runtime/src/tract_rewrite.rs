@@ -170,8 +170,9 @@ impl EvalOp for LayerNormCore {
             "LayerNormCore: axis {} out of range",
             self.axis
         );
-        let x = x.into_tensor();
-        let xs = x.try_as_plain_ram()?.as_slice::<f32>()?;
+        // Read in place: the input is usually also the residual stream's.
+        let ram = x.try_as_plain_ram()?;
+        let xs = ram.as_slice::<f32>()?;
         let mut out = Tensor::zero::<f32>(&shape)?;
         let d = shape[self.axis];
         let inner: usize = shape[self.axis + 1..].iter().product();
@@ -373,10 +374,11 @@ fn casts_integer_constant(model: &TypedModel, node: &TypedNode) -> bool {
             .is_ok_and(|f| f.konst.is_some() && f.datum_type.is_integer())
 }
 
-/// Makes each dequantized weight of a decluttered model a float constant: a cast of an
-/// integer constant, and the operators after it while all their inputs are constants (the
-/// scale, the zero point). tract leaves those to run on every pass when the float weight is
-/// larger than its memory allowance for folding. Returns how many weights.
+/// Makes constants of what a model computes from its integer weights alone: a cast of an
+/// integer constant, and the operators after it while all their inputs are constants. Before
+/// codegen, that is a dequantized float weight (times its scales); after, the column sums
+/// that tract's integer products subtract. tract leaves both to run on every pass when they
+/// are larger than its memory allowance for folding. Returns how many.
 pub fn fold_weight_dequantization(model: &mut TypedModel) -> TractResult<usize> {
     let mut folded = 0;
     for id in model.eval_order()? {
