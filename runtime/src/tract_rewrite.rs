@@ -480,6 +480,26 @@ fn round_clamped(v: f32, lo: f32, hi: f32) -> i32 {
     (v.clamp(lo, hi) + ROUND).to_bits() as i32 - 0x4B40_0000
 }
 
+/// `xs` quantised to uint8 (shape `shape`): `scaled(x)` rounded half to even, plus the zero
+/// point, saturated.
+fn quantize_u8(
+    xs: &[f32],
+    shape: &[usize],
+    zero_point: u8,
+    scaled: impl Fn(f32) -> f32,
+) -> TractResult<Tensor> {
+    let z = zero_point as f32;
+    let (lo, hi) = (-z - 1.0, 256.0 - z);
+    let mut y = Tensor::zero::<u8>(shape)?;
+    {
+        let mut out = y.try_as_plain_ram_mut()?;
+        for (y, x) in out.as_slice_mut::<u8>()?.iter_mut().zip(xs) {
+            *y = (round_clamped(scaled(*x), lo, hi) + zero_point as i32).clamp(0, 255) as u8;
+        }
+    }
+    Ok(y)
+}
+
 /// ONNX `DynamicQuantizeLinear` to uint8, as tract computes it (the range widened to hold
 /// zero, `x / scale` rounded half to even), written so the compiler vectorises it: tract's own
 /// takes the range and rounds element by element.
@@ -534,20 +554,12 @@ impl EvalOp for DynamicQuantU8 {
         let ram = x.try_as_plain_ram()?;
         let xs = ram.as_slice::<f32>()?;
         let (scale, zp) = dynamic_range(xs);
-        let mut y = Tensor::zero::<u8>(x.shape())?;
-        {
-            let mut out = y.try_as_plain_ram_mut()?;
-            let ys = out.as_slice_mut::<u8>()?;
-            if scale > 0.0 {
-                let z = zp as f32;
-                let (lo, hi) = (-z - 1.0, 256.0 - z);
-                for (y, x) in ys.iter_mut().zip(xs) {
-                    *y = (round_clamped(x / scale, lo, hi) + zp as i32).clamp(0, 255) as u8;
-                }
-            } else {
-                ys.fill(zp);
-            }
-        }
+        // A range of zero (all zeros) leaves every value at the zero point.
+        let y = if scale > 0.0 {
+            quantize_u8(xs, x.shape(), zp, |x| x / scale)?
+        } else {
+            Tensor::from_shape(x.shape(), &vec![zp; xs.len()])?
+        };
         Ok(tvec!(
             y.into_tvalue(),
             tensor0(scale).into_tvalue(),
@@ -849,16 +861,7 @@ impl EvalOp for QuantU8 {
         let ram = x.try_as_plain_ram()?;
         let xs = ram.as_slice::<f32>()?;
         let inv = f32::from_bits(self.inv_scale_bits);
-        let z = self.zero_point as f32;
-        let (lo, hi) = (-z - 1.0, 256.0 - z);
-        let zi = self.zero_point as i32;
-        let mut y = Tensor::zero::<u8>(x.shape())?;
-        {
-            let mut out = y.try_as_plain_ram_mut()?;
-            for (y, x) in out.as_slice_mut::<u8>()?.iter_mut().zip(xs) {
-                *y = (round_clamped(x * inv, lo, hi) + zi).clamp(0, 255) as u8;
-            }
-        }
+        let y = quantize_u8(xs, x.shape(), self.zero_point, |x| x * inv)?;
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -1054,15 +1057,38 @@ mod tests {
         }
     }
 
-    /// Static int8 as `mae-export` writes it: `x` through QuantizeLinear → DequantizeLinear,
-    /// times an int8 weight `[k, n]` with per-column scales through DequantizeLinear. Its
-    /// float32 form (`k · n · 4` bytes) is larger than what tract folds by itself.
-    fn static_int8(k: i64, n: i64) -> Vec<u8> {
+    /// An int8 weight `wq` `[k, n]` with a scale per column `ws` and zero points `wz` of 0 (one
+    /// per column, or one), as `mae-export` writes them.
+    fn int8_weight(k: i64, n: i64, per_column_zero: bool) -> Vec<pb::TensorProto> {
         let scales: Vec<f32> = (0..n).map(|j| 0.01 + 0.001 * (j % 7) as f32).collect();
         let weights: Vec<i32> = floats(21, (k * n) as usize)
             .iter()
             .map(|v| (v * 127.0) as i32)
             .collect();
+        let zeros: &[i64] = if per_column_zero { &[n] } else { &[] };
+        vec![
+            int_init("wq", &[k, n], DataType::Int8, weights),
+            float_init("ws", &[n], scales),
+            int_init(
+                "wz",
+                zeros,
+                DataType::Int8,
+                vec![0; zeros.iter().product::<i64>() as usize],
+            ),
+        ]
+    }
+
+    /// `model` optimised with the rewrites (and what they did), and without.
+    fn both_ways(model: TypedModel) -> (TypedModel, Rewritten, TypedModel) {
+        let (ours, done) = optimize(model.clone(), Rewrites::All).unwrap();
+        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        (ours, done, theirs)
+    }
+
+    /// Static int8 as `mae-export` writes it: `x` through QuantizeLinear → DequantizeLinear,
+    /// times an int8 weight `[k, n]` with per-column scales through DequantizeLinear. Its
+    /// float32 form (`k · n · 4` bytes) is larger than what tract folds by itself.
+    fn static_int8(k: i64, n: i64) -> Vec<u8> {
         let graph = pb::GraphProto {
             name: "qdq".into(),
             node: vec![
@@ -1079,10 +1105,10 @@ mod tests {
             initializer: vec![
                 float_init("xs", &[], vec![0.02]),
                 int_init("xz", &[], DataType::Uint8, vec![120]),
-                int_init("wq", &[k, n], DataType::Int8, weights),
-                float_init("ws", &[n], scales),
-                int_init("wz", &[n], DataType::Int8, vec![0; n as usize]),
-            ],
+            ]
+            .into_iter()
+            .chain(int8_weight(k, n, true))
+            .collect(),
             input: vec![value("x", &[Some(1), Some(4), Some(k)])],
             output: vec![value("y", &[Some(1), Some(4), Some(n)])],
             ..Default::default()
@@ -1093,9 +1119,7 @@ mod tests {
     #[test]
     fn static_int8_weights_are_folded_and_quantizers_vectorised() {
         let (k, n) = (1024, 1040);
-        let model = typed(&static_int8(k, n));
-        let (ours, done) = optimize(model.clone(), Rewrites::All).unwrap();
-        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        let (ours, done, theirs) = both_ways(typed(&static_int8(k, n)));
         assert_eq!(done.folded_weights, 1, "{done:?}");
         assert_eq!(done.quantizers, 1, "{done:?}");
         assert_eq!(count::<QuantU8>(&ours), 1);
@@ -1122,11 +1146,6 @@ mod tests {
     /// Dynamic int8 as `mae-export` writes it: `DynamicQuantizeLinear`, `MatMulInteger` with an
     /// int8 weight `[k, n]` (zero points 0), cast, times the two scales.
     fn dynamic_int8(k: i64, n: i64) -> Vec<u8> {
-        let scales: Vec<f32> = (0..n).map(|j| 0.01 + 0.001 * (j % 5) as f32).collect();
-        let weights: Vec<i32> = floats(23, (k * n) as usize)
-            .iter()
-            .map(|v| (v * 127.0) as i32)
-            .collect();
         let mut quantize = node("DynamicQuantizeLinear", &["x"], "xq", vec![]);
         quantize.output = vec!["xq".into(), "xs".into(), "xz".into()];
         let to = vec![int("to", DataType::Float as i64)];
@@ -1139,11 +1158,7 @@ mod tests {
                 node("Mul", &["xs", "ws"], "scale", vec![]),
                 node("Mul", &["accf", "scale"], "y", vec![]),
             ],
-            initializer: vec![
-                int_init("wq", &[k, n], DataType::Int8, weights),
-                float_init("ws", &[n], scales),
-                int_init("wz", &[], DataType::Int8, vec![0]),
-            ],
+            initializer: int8_weight(k, n, false),
             input: vec![value("x", &[Some(1), Some(5), Some(k)])],
             output: vec![value("y", &[Some(1), Some(5), Some(n)])],
             ..Default::default()
@@ -1155,9 +1170,7 @@ mod tests {
     fn dynamic_int8_runs_tracts_numbers_with_its_weight_sums_folded() {
         // Weights of 1024 × 2048: tract would sum their 8 MiB int32 copy on every pass.
         let (k, n) = (1024, 2048);
-        let model = typed(&dynamic_int8(k, n));
-        let (ours, done) = optimize(model.clone(), Rewrites::All).unwrap();
-        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        let (ours, done, theirs) = both_ways(typed(&dynamic_int8(k, n)));
         assert_eq!(done.dynamic_quants, 1, "{done:?}");
         assert_eq!(done.folded_weights, 1, "{done:?}");
         let reduces = |m: &TypedModel| count::<Reduce>(m);
