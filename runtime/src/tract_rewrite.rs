@@ -130,7 +130,11 @@ pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedMode
     }
     let mut model = model.into_decluttered()?;
     done.folded_weights = fold_weight_dequantization(&mut model)?;
-    let mut model = model.into_optimized()?;
+    // Folded weights may declutter further; otherwise the graph is decluttered already.
+    if done.folded_weights > 0 {
+        model.declutter()?;
+    }
+    model.optimize()?;
     // Codegen makes more: the column sums of integer weights.
     done.folded_weights += fold_weight_dequantization(&mut model)?;
     done.layer_norms = fuse_layer_norms(&mut model)?;
@@ -391,9 +395,17 @@ pub fn fold_weight_dequantization(model: &mut TypedModel) -> TractResult<usize> 
         if !casts_integer_constant(model, node) {
             continue;
         }
+        let weight_len = model
+            .outlet_fact(node.inputs[0])?
+            .shape
+            .volume()
+            .to_usize()
+            .ok();
+        let Some(mut value) = eval_const(model, node, None)? else {
+            continue;
+        };
         // Walk forward while the next operator's inputs are all constants (or this chain).
         let mut last = id;
-        let mut value = eval_const(model, node, None)?;
         while let Some(next) = model.single_succ(last)? {
             if next.op_is::<Const>() || next.op_is::<TypedSource>() {
                 break;
@@ -405,29 +417,23 @@ pub fn fold_weight_dequantization(model: &mut TypedModel) -> TractResult<usize> 
             if !all_known || next.outputs.len() != 1 {
                 break;
             }
-            match eval_const(model, next, Some((last, value.clone())))? {
+            match eval_const(model, next, Some((last, &value)))? {
                 Some(v) => {
-                    value = Some(v);
+                    value = v;
                     last = next.id;
                 }
                 None => break,
             }
         }
-        let Some(value) = value else { continue };
         // A float weight, or something smaller than the weight (its column sums, which
         // tract's integer products subtract): never a wider copy of an integer weight.
-        let weight = model.outlet_fact(node_input(model, id))?;
-        let smaller = weight
-            .shape
-            .volume()
-            .to_usize()
-            .is_ok_and(|v| value.len() < v);
+        let smaller = weight_len.is_some_and(|n| value.len() < n);
         if !(value.datum_type().is_float() || smaller) {
             continue;
         }
         let name = model.node(last).name.clone();
         let mut patch = TypedModelPatch::default();
-        let k = patch.add_const(format!("{name}.folded"), value)?;
+        let k = patch.add_const(format!("{name}.folded"), value.into_tensor())?;
         patch.shunt_outside(model, last.into(), k)?;
         patch.apply(model)?;
         folded += 1;
@@ -438,36 +444,28 @@ pub fn fold_weight_dequantization(model: &mut TypedModel) -> TractResult<usize> 
     Ok(folded)
 }
 
-/// The first input of node `id`.
-fn node_input(model: &TypedModel, id: usize) -> OutletId {
-    model.node(id).inputs[0]
-}
-
 /// Evaluates `node` on constant inputs (`known` gives the value of one input's producer),
 /// or `None` when it cannot be evaluated outside a plan.
 fn eval_const(
     model: &TypedModel,
     node: &TypedNode,
-    known: Option<(usize, Option<Tensor>)>,
-) -> TractResult<Option<Tensor>> {
+    known: Option<(usize, &TValue)>,
+) -> TractResult<Option<TValue>> {
     let mut inputs = TVec::new();
     for o in &node.inputs {
-        let value = match &known {
-            Some((id, v)) if *id == o.node => match v {
-                Some(v) => v.clone(),
-                None => return Ok(None),
-            },
+        let value = match known {
+            Some((id, v)) if id == o.node => v.clone(),
             _ => match &model.outlet_fact(*o)?.konst {
-                Some(k) => (**k).clone(),
+                Some(k) => k.clone().into_tvalue(),
                 None => return Ok(None),
             },
         };
-        inputs.push(value.into_tvalue());
+        inputs.push(value);
     }
     Ok(node
         .op
         .eval_out_of_plan(inputs)?
-        .and_then(|mut out| (out.len() == 1).then(|| out.remove(0).into_tensor())))
+        .and_then(|mut out| (out.len() == 1).then(|| out.remove(0))))
 }
 
 /// `v` clamped to `[lo, hi]` (both within ±2²²) and rounded to the nearest integer, ties to
