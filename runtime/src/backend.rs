@@ -203,20 +203,16 @@ mod tract_backend {
             mode: TractPlans,
             rewrites: crate::tract_rewrite::Rewrites,
         ) -> anyhow::Result<Self> {
-            // tract's matrix products are single-threaded unless given a pool. The plan runs
-            // on one of the pool's threads (see `run`), so that the pool's threads are all
-            // the threads there are.
+            // tract's matrix products are single-threaded unless given a pool. Each run names
+            // its executor (see `run`): the plan runs on one of the pool's threads, so that the
+            // pool's threads are all the threads there are.
             let pool = if threads > 1 {
                 let pool = rayon::ThreadPoolBuilder::new()
                     .thread_name(|i| format!("tract-{i}"))
                     .num_threads(threads)
                     .build()
                     .context("tract: starting its threads")?;
-                let pool = Arc::new(pool);
-                tract_linalg::multithread::set_default_executor(
-                    tract_linalg::multithread::Executor::MultiThread(pool.clone()),
-                );
-                Some(pool)
+                Some(Arc::new(pool))
             } else {
                 None
             };
@@ -360,8 +356,7 @@ mod tract_backend {
             } else if let Some(pool) = &self.pool {
                 // On a pool thread, the plan's own thread is one of the pool's: while it runs
                 // the operators tract does not split, no other thread competes for its core.
-                // The products split over this backend's pool, whichever backend was loaded
-                // last (tract's default executor is the process's).
+                // The products split over this backend's pool.
                 use tract_linalg::multithread::{multithread_tract_scope, Executor};
                 let executor = Executor::MultiThread(pool.clone());
                 pool.install(|| multithread_tract_scope(executor, || self.run_plan(pixels, batch)))?
