@@ -10,6 +10,7 @@ pub mod auth;
 pub mod backend;
 pub mod bench;
 pub mod calibrate;
+pub mod dense;
 pub mod dicom;
 pub mod engine;
 pub mod eval;

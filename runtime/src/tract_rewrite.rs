@@ -31,15 +31,17 @@ use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 use tract_onnx::tract_core::ops::quant::QuantizeLinearU8;
 use tract_onnx::tract_core::ops::source::TypedSource;
 
-/// Which rewrites the tract backend makes: all (the default) or none, for comparing.
+/// Which rewrites the tract backend makes: all (the default), all but the products of the
+/// linear layers (tract's own kernels then run them), or none, for comparing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Rewrites {
     All,
+    NoProducts,
     None,
 }
 
 impl Rewrites {
-    /// The environment variable that chooses: `all` (the default) or `none`.
+    /// The environment variable that chooses: `all` (the default), `no-products` or `none`.
     pub const ENV: &'static str = "MAE_TRACT_REWRITES";
 
     pub fn from_env() -> anyhow::Result<Self> {
@@ -49,10 +51,11 @@ impl Rewrites {
     fn parse(value: Option<&str>) -> anyhow::Result<Self> {
         match value.map(str::trim).unwrap_or("") {
             "" | "all" => Ok(Self::All),
+            "no-products" => Ok(Self::NoProducts),
             "none" => Ok(Self::None),
             other => anyhow::bail!(
-                "{}={other:?}: expected 'all' (rewrite the forms tract runs slowly) or 'none' \
-                 (tract's own plan)",
+                "{}={other:?}: expected 'all' (rewrite the forms tract runs slowly), \
+                 'no-products' (all but the linear layers' products) or 'none' (tract's own plan)",
                 Self::ENV
             ),
         }
@@ -68,6 +71,10 @@ pub struct Rewritten {
     pub quantizers: usize,
     /// Static QDQ products made integer products ([`qdq_to_integer`], before parsing).
     pub integer_products: usize,
+    /// Float products with constant weights run on [`DenseProduct`] (biases folded in).
+    pub dense_products: usize,
+    /// Attentions run as one [`SelfAttention`].
+    pub attentions: usize,
 }
 
 impl Rewritten {
@@ -82,6 +89,11 @@ impl Rewritten {
             (self.dynamic_quants, "dynamic quantizers vectorised"),
             (self.quantizers, "quantizers vectorised"),
             (self.integer_products, "QDQ products made integer"),
+            (
+                self.dense_products,
+                "linear products on mae-run's packed kernel",
+            ),
+            (self.attentions, "attentions fused"),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -134,6 +146,11 @@ pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedMode
     if done.folded_weights > 0 {
         model.declutter()?;
     }
+    if rewrites == Rewrites::All && crate::dense::avx512() {
+        let tile = crate::dense::Tile::native();
+        done.attentions = fuse_attention(&mut model, tile)?;
+        done.dense_products = dense_products(&mut model, tile)?;
+    }
     model.optimize()?;
     // Codegen makes more: the column sums of integer weights.
     done.folded_weights += fold_weight_dequantization(&mut model)?;
@@ -141,6 +158,504 @@ pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedMode
     done.dynamic_quants = fuse_dynamic_quant(&mut model)?;
     done.quantizers = fuse_quantize(&mut model)?;
     Ok((model, done))
+}
+
+/// A float32 product of an activation and constant weights (a linear layer), with its bias
+/// folded in, on [`crate::dense`]'s packed weights and tiles. Shapes are concrete: the input
+/// holds `m × k` values at `a`'s strides, the output `m × n` at `c`'s.
+#[derive(Debug, Clone)]
+pub struct DenseProduct {
+    weights: Arc<crate::dense::PackedWeights>,
+    input_shape: TVec<usize>,
+    output_shape: TVec<usize>,
+    m: usize,
+    a: crate::dense::Strides,
+    c: crate::dense::Strides,
+    tile: crate::dense::Tile,
+}
+
+impl PartialEq for DenseProduct {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && (
+                &self.input_shape,
+                &self.output_shape,
+                self.m,
+                self.a,
+                self.c,
+                self.tile,
+            ) == (
+                &other.input_shape,
+                &other.output_shape,
+                other.m,
+                other.a,
+                other.c,
+                other.tile,
+            )
+    }
+}
+
+impl Eq for DenseProduct {}
+
+impl Op for DenseProduct {
+    fn name(&self) -> StaticName {
+        "DenseProduct".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        let w = &self.weights;
+        Ok(vec![format!(
+            "{}×{}×{}, {:?} tile",
+            self.m, w.k, w.n, self.tile
+        )])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for DenseProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        ensure!(
+            x.shape() == &*self.input_shape,
+            "DenseProduct: input of shape {:?}, planned for {:?}",
+            x.shape(),
+            self.input_shape
+        );
+        let ram = x.try_as_plain_ram()?;
+        let xs = ram.as_slice::<f32>()?;
+        let (m, w) = (self.m, &self.weights);
+        let out =
+            crate::dense::product_tensor(xs, m, self.a, w, &self.output_shape, self.c, self.tile)?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for DenseProduct {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        expect_f32(inputs, "DenseProduct")?;
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+    as_op!();
+}
+
+/// Row-major strides of a concrete shape.
+fn strides_of(shape: &[usize]) -> TVec<usize> {
+    let mut s: TVec<usize> = tvec![1; shape.len()];
+    for i in (0..shape.len().saturating_sub(1)).rev() {
+        s[i] = s[i + 1] * shape[i + 1];
+    }
+    s
+}
+
+/// The one position of an axis in an operand, if it has exactly one there.
+fn single(positions: &[usize]) -> Option<Option<usize>> {
+    match positions {
+        [] => Some(None),
+        [p] => Some(Some(*p)),
+        _ => None,
+    }
+}
+
+/// Reads a float32 `EinSum` of an activation and a constant weight as a plain product: the
+/// activation's token axis (`m`), its contracted axes (`k`, one stride once flattened) and the
+/// weight's output axis (`n`), all other axes of length one. Returns the op to put in its
+/// place, without bias, or `None` for any other product (several `m` or `n` axes, symbolic
+/// shapes, quantized, repeated axes).
+fn match_dense(
+    model: &TypedModel,
+    node: &TypedNode,
+    tile: crate::dense::Tile,
+) -> TractResult<Option<(OutletId, DenseProduct)>> {
+    use crate::dense::{PackedWeights, Strides};
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let facts = [
+        model.outlet_fact(node.inputs[0])?,
+        model.outlet_fact(node.inputs[1])?,
+    ];
+    let (xi, wi) = match (&facts[0].konst, &facts[1].konst) {
+        (None, Some(_)) => (0, 1),
+        (Some(_), None) => (1, 0),
+        _ => return Ok(None),
+    };
+    let out_fact = model.outlet_fact(node.id.into())?;
+    if facts
+        .iter()
+        .chain([&out_fact])
+        .any(|f| f.datum_type != f32::datum_type())
+    {
+        return Ok(None);
+    }
+    let (Some(xs), Some(out_shape)) = (facts[xi].shape.as_concrete(), out_fact.shape.as_concrete())
+    else {
+        return Ok(None);
+    };
+    let w = facts[wi].konst.clone().expect("checked above");
+    let (xs, out_shape, ws) = (xs.to_vec(), out_shape.to_vec(), w.shape().to_vec());
+    let (x_str, o_str, w_str) = (strides_of(&xs), strides_of(&out_shape), strides_of(&ws));
+    // (dim, x stride, w stride) of each contracted axis; (dim, x, out) of `m`; (dim, w, out) of `n`.
+    let mut k_axes: Vec<(usize, usize, usize)> = vec![];
+    let (mut m_axis, mut n_axis) = (None, None);
+    for axis in op.axes.iter_all_axes() {
+        let (Some(x), Some(wp), Some(o)) = (
+            single(&axis.inputs[xi]),
+            single(&axis.inputs[wi]),
+            single(&axis.outputs[0]),
+        ) else {
+            return Ok(None);
+        };
+        let dim = x
+            .map(|p| xs[p])
+            .or(wp.map(|p| ws[p]))
+            .or(o.map(|p| out_shape[p]))
+            .unwrap_or(1);
+        if dim == 1 {
+            continue;
+        }
+        match (x, wp, o) {
+            (Some(x), Some(wp), None) => k_axes.push((dim, x_str[x], w_str[wp])),
+            (Some(x), None, Some(o)) if m_axis.is_none() => {
+                m_axis = Some((dim, x_str[x], o_str[o]))
+            }
+            (None, Some(wp), Some(o)) if n_axis.is_none() => {
+                n_axis = Some((dim, w_str[wp], o_str[o]))
+            }
+            _ => return Ok(None),
+        }
+    }
+    let Some((n, wn, cn)) = n_axis else {
+        return Ok(None);
+    };
+    let (m, am, cm) = m_axis.unwrap_or((1, 0, 0));
+    // The contracted axes, flattened in the activation's memory order: one stride.
+    k_axes.sort_by_key(|&(_, sx, _)| std::cmp::Reverse(sx));
+    let k: usize = k_axes.iter().map(|a| a.0).product();
+    let Some(&(_, ak, _)) = k_axes.last() else {
+        return Ok(None);
+    };
+    if k_axes.windows(2).any(|p| p[0].1 != p[1].0 * p[1].1) {
+        return Ok(None);
+    }
+    let wv = w.cast_to::<f32>()?;
+    let wv = wv.try_as_plain_ram()?;
+    let wv = wv.as_slice::<f32>()?;
+    let packed = PackedWeights::new(k, n, |kk, j| {
+        // kk in the flattened order: its digits are the contracted axes' indices.
+        let (mut rest, mut at) = (kk, j * wn);
+        for &(dim, _, sw) in k_axes.iter().rev() {
+            at += (rest % dim) * sw;
+            rest /= dim;
+        }
+        wv[at]
+    });
+    Ok(Some((
+        node.inputs[xi],
+        DenseProduct {
+            weights: Arc::new(packed),
+            input_shape: xs.into(),
+            output_shape: out_shape.into(),
+            m,
+            a: Strides { row: am, col: ak },
+            c: Strides { row: cm, col: cn },
+            tile,
+        },
+    )))
+}
+
+/// The bias a product's only successor adds, if it is an addition of a constant laid along
+/// the product's `n` axis (or a scalar), of the product's shape: `(the addition, bias)`.
+fn match_bias(
+    model: &TypedModel,
+    node: &TypedNode,
+    op: &DenseProduct,
+) -> TractResult<Option<(usize, Vec<f32>)>> {
+    use tract_onnx::tract_core::ops::math::Add;
+    let succ = &node.outputs[0].successors;
+    let [next] = &succ[..] else { return Ok(None) };
+    let add = model.node(next.node);
+    if !add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()) || add.inputs.len() != 2 {
+        return Ok(None);
+    }
+    let other = add.inputs[1 - next.slot];
+    let Some(konst) = model.outlet_fact(other)?.konst.clone() else {
+        return Ok(None);
+    };
+    let out = model.outlet_fact(add.id.into())?;
+    if konst.datum_type() != f32::datum_type()
+        || out.shape.as_concrete() != Some(&*op.output_shape)
+        || konst.rank() != op.output_shape.len()
+    {
+        return Ok(None);
+    }
+    // Along `n` only: every other axis of the constant has length one.
+    let n = op.weights.n;
+    let n_at = strides_of(&op.output_shape)
+        .iter()
+        .position(|&s| s == op.c.col);
+    let along_n = konst
+        .shape()
+        .iter()
+        .enumerate()
+        .all(|(i, &d)| d == 1 || (Some(i) == n_at && d == n));
+    if !along_n {
+        return Ok(None);
+    }
+    let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+    let bias = if values.len() == 1 {
+        vec![values[0]; n]
+    } else {
+        values
+    };
+    Ok(Some((add.id, bias)))
+}
+
+/// The one node reading `id`'s one output, if there is exactly one.
+fn only_successor(model: &TypedModel, id: usize) -> Option<&TypedNode> {
+    match &model.node(id).outputs[..] {
+        [out] if out.successors.len() == 1 => Some(model.node(out.successors[0].node)),
+        _ => None,
+    }
+}
+
+/// Is `node` tract's exact (erf) GELU on float32?
+fn is_gelu_exact(node: &TypedNode) -> bool {
+    use tract_onnx::tract_core::ops::nn::GeluExact;
+    node.op_as::<ElementWiseOp>()
+        .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none())
+}
+
+/// Puts a [`DenseProduct`] in place of each float32 product of an activation and constant
+/// weights in a decluttered model (before tract's codegen), with the constant it adds next
+/// folded in as its bias; returns how many.
+pub fn dense_products(model: &mut TypedModel, tile: crate::dense::Tile) -> TractResult<usize> {
+    replace_nodes(model, |model, node| {
+        let Some((input, mut op)) = match_dense(model, node, tile)? else {
+            return Ok(None);
+        };
+        let mut replaced = node.id;
+        if let Some((add, bias)) = match_bias(model, node, &op)? {
+            Arc::get_mut(&mut op.weights)
+                .expect("not shared yet")
+                .add_bias(&bias);
+            replaced = add;
+        }
+        // An exact GELU next (the MLP's activation) is applied to each tile as it is written.
+        if let Some(gelu) = only_successor(model, replaced).filter(|n| is_gelu_exact(n)) {
+            Arc::get_mut(&mut op.weights).expect("not shared yet").gelu = true;
+            replaced = gelu.id;
+        }
+        Ok(Some(Replacement {
+            input,
+            ops: vec![Box::new(op)],
+            replaced,
+        }))
+    })
+}
+
+/// One image's multi-head self-attention on [`crate::dense::attention`]: in place of tract's
+/// split of the fused `qkv` product into heads (a reshape, two moves and three gathers, each a
+/// copy), its two batched products and its softmax. Input `[1, tokens, 3·heads·dim]`, output
+/// `[tokens, heads, dim]`, as the graph it replaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfAttention {
+    tokens: usize,
+    heads: usize,
+    dim: usize,
+    /// The scale of the queries, as its bits.
+    scale_bits: u32,
+    tile: crate::dense::Tile,
+}
+
+impl Op for SelfAttention {
+    fn name(&self) -> StaticName {
+        "SelfAttention".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        Ok(vec![format!(
+            "{} tokens, {} heads × {}, scale {}",
+            self.tokens,
+            self.heads,
+            self.dim,
+            f32::from_bits(self.scale_bits)
+        )])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for SelfAttention {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let qkv = args_1!(inputs);
+        let (t, h, d) = (self.tokens, self.heads, self.dim);
+        ensure!(
+            qkv.shape() == [1, t, 3 * h * d],
+            "SelfAttention: input of shape {:?}, planned for [1, {t}, {}]",
+            qkv.shape(),
+            3 * h * d
+        );
+        let ram = qkv.try_as_plain_ram()?;
+        let mut out = Tensor::zero::<f32>(&[t, h, d])?;
+        {
+            let mut o = out.try_as_plain_ram_mut()?;
+            let scale = f32::from_bits(self.scale_bits);
+            let (x, y) = (ram.as_slice::<f32>()?, o.as_slice_mut::<f32>()?);
+            crate::dense::attention(x, t, h, d, scale, y, self.tile)?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for SelfAttention {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        expect_f32(inputs, "SelfAttention")?;
+        Ok(tvec!(f32::fact([self.tokens, self.heads, self.dim])))
+    }
+    as_op!();
+}
+
+/// Where each axis of a two-input `EinSum` lies (first input, second input, output), sorted.
+fn einsum_signature(node: &TypedNode) -> Option<Vec<[Option<usize>; 3]>> {
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    let op = node.op_as::<EinSum>()?;
+    if op.q_params.is_some() || op.operating_dt != f32::datum_type() || node.inputs.len() != 2 {
+        return None;
+    }
+    let mut sig = op
+        .axes
+        .iter_all_axes()
+        .map(|a| {
+            Some([
+                single(&a.inputs[0])?,
+                single(&a.inputs[1])?,
+                single(&a.outputs[0])?,
+            ])
+        })
+        .collect::<Option<Vec<_>>>()?;
+    sig.sort();
+    Some(sig)
+}
+
+/// Finds tract's decluttered form of a ViT's attention, ending at the product of the
+/// attention weights and the values (`node`): `qkv` reshaped to `[1, T, 3, H, D]`, moved to
+/// `[3, 1, H, T, D]`, the queries (gathered, times a scalar), keys and values gathered, the
+/// scores' product, the softmax over the keys, the product with the values, `[T, H, D]`.
+/// Returns `qkv`'s outlet and the op to put in place of `node`.
+fn match_attention(
+    model: &TypedModel,
+    node: &TypedNode,
+    tile: crate::dense::Tile,
+) -> Option<(OutletId, SelfAttention)> {
+    use tract_onnx::tract_core::ops::array::Gather;
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
+    let s = |x: [Option<usize>; 3]| x;
+    // bmk,abkn->mbn and abmk,abnk->bmn, as (first, second, output) positions.
+    let mut weighted = vec![
+        s([None, Some(0), None]),
+        s([None, Some(3), Some(2)]),
+        s([Some(0), Some(1), Some(1)]),
+        s([Some(1), None, Some(0)]),
+        s([Some(2), Some(2), None]),
+    ];
+    let mut scores = vec![
+        s([None, Some(2), Some(2)]),
+        s([Some(0), Some(0), None]),
+        s([Some(1), Some(1), Some(0)]),
+        s([Some(2), None, Some(1)]),
+        s([Some(3), Some(3), None]),
+    ];
+    weighted.sort();
+    scores.sort();
+    if einsum_signature(node)? != weighted {
+        return None;
+    }
+    let softmax = model.node(node.inputs[0].node);
+    let sm = softmax.op_as::<Softmax>()?;
+    if *sm.axes != [2] || sm.kind != SoftmaxKind::Softmax || sm.quant_output_dt.is_some() {
+        return None;
+    }
+    let qk = model.node(softmax.inputs[0].node);
+    if einsum_signature(qk)? != scores {
+        return None;
+    }
+    // The queries times a scalar; the gathers of queries, keys and values from one tensor.
+    let mul = model.node(qk.inputs[0].node);
+    if !mul.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>()) {
+        return None;
+    }
+    let scale = const_scalar(model, mul)?;
+    let gathered = |outlet: OutletId, index: i64| -> Option<OutletId> {
+        let g = model.node(outlet.node);
+        let op = g.op_as::<Gather>()?;
+        let k = model.outlet_fact(*g.inputs.get(1)?).ok()?.konst.clone()?;
+        let at = (k.len() == 1).then(|| k.cast_to_scalar::<i64>().ok())??;
+        (op.axis == 0 && at == index).then_some(g.inputs[0])
+    };
+    let q_in = mul.inputs.iter().find_map(|o| gathered(*o, 0))?;
+    let k_in = gathered(qk.inputs[1], 1)?;
+    let v_in = gathered(node.inputs[1], 2)?;
+    if q_in != k_in || k_in != v_in {
+        return None;
+    }
+    // [1, T, 3HD] → reshape [1, T, 3, H, D] → move(2, 0) → move(2, 3) = [3, 1, H, T, D].
+    let axis_op = |outlet: OutletId| {
+        let n = model.node(outlet.node);
+        n.op_as::<AxisOp>().map(|op| (op.clone(), n.inputs[0]))
+    };
+    let (AxisOp::Move(2, 3), moved) = axis_op(q_in)? else {
+        return None;
+    };
+    let (AxisOp::Move(2, 0), reshaped) = axis_op(moved)? else {
+        return None;
+    };
+    let (AxisOp::Reshape(2, from, to), qkv) = axis_op(reshaped)? else {
+        return None;
+    };
+    let shape = model.outlet_fact(qkv).ok()?.shape.as_concrete()?.to_vec();
+    let to: Vec<usize> = to
+        .iter()
+        .map(|d| d.to_usize().ok())
+        .collect::<Option<_>>()?;
+    let [1, tokens, width] = shape[..] else {
+        return None;
+    };
+    let [3, heads, dim] = to[..] else { return None };
+    if from.len() != 1 || width != 3 * heads * dim {
+        return None;
+    }
+    let out = model.outlet_fact(node.id.into()).ok()?;
+    if out.shape.as_concrete()? != [tokens, heads, dim] || out.datum_type != f32::datum_type() {
+        return None;
+    }
+    let op = SelfAttention {
+        tokens,
+        heads,
+        dim,
+        scale_bits: scale.to_bits(),
+        tile,
+    };
+    Some((qkv, op))
+}
+
+/// Puts a [`SelfAttention`] in place of each ViT attention in a decluttered model (before
+/// tract's codegen); returns how many.
+pub fn fuse_attention(model: &mut TypedModel, tile: crate::dense::Tile) -> TractResult<usize> {
+    replace_nodes(model, |model, node| {
+        Ok(
+            match_attention(model, node, tile).map(|(input, op)| Replacement {
+                input,
+                ops: vec![Box::new(op)],
+                replaced: node.id,
+            }),
+        )
+    })
 }
 
 /// `(x - mean(x)) / sqrt(var(x) + eps)` over one axis, float32: a LayerNorm without its
@@ -945,8 +1460,172 @@ mod tests {
         assert_eq!(Rewrites::parse(None).unwrap(), Rewrites::All);
         assert_eq!(Rewrites::parse(Some(" all")).unwrap(), Rewrites::All);
         assert_eq!(Rewrites::parse(Some("none")).unwrap(), Rewrites::None);
+        assert_eq!(
+            Rewrites::parse(Some("no-products")).unwrap(),
+            Rewrites::NoProducts
+        );
         let err = Rewrites::parse(Some("some")).unwrap_err().to_string();
         assert!(err.contains(Rewrites::ENV) && err.contains("none"), "{err}");
+    }
+
+    /// A ViT block without its norms and residuals, as `mae-export` writes it: attention (`qkv`
+    /// with its bias, heads split by a reshape, a transpose and gathers, queries scaled,
+    /// softmax over the keys, heads joined, `proj` with its bias), then the MLP (`fc1`, exact
+    /// GELU written with `Erf`, `fc2`), on `[1, tokens, heads · dim]`.
+    fn attention_block(tokens: i64, heads: i64, dim: i64) -> Vec<u8> {
+        use pb::tensor_proto::DataType;
+        let d = heads * dim;
+        let i64s = |name: &str, v: &[i64]| pb::TensorProto {
+            name: name.into(),
+            dims: if v.len() == 1 && name.starts_with("idx") {
+                vec![]
+            } else {
+                vec![v.len() as i64]
+            },
+            data_type: DataType::Int64 as i32,
+            int64_data: v.to_vec(),
+            ..Default::default()
+        };
+        let graph = pb::GraphProto {
+            name: "attention".into(),
+            node: vec![
+                node("MatMul", &["x", "qkv_w"], "qkv_mm", vec![]),
+                node("Add", &["qkv_mm", "qkv_b"], "qkv", vec![]),
+                node("Reshape", &["qkv", "split"], "qkv5", vec![]),
+                node(
+                    "Transpose",
+                    &["qkv5"],
+                    "qkvt",
+                    vec![crate::testgraph::ints("perm", &[2, 0, 3, 1, 4])],
+                ),
+                node("Gather", &["qkvt", "idx0"], "q0", vec![int("axis", 0)]),
+                node("Gather", &["qkvt", "idx1"], "k", vec![int("axis", 0)]),
+                node("Gather", &["qkvt", "idx2"], "v", vec![int("axis", 0)]),
+                node("Mul", &["q0", "scale"], "q", vec![]),
+                node(
+                    "Transpose",
+                    &["k"],
+                    "kt",
+                    vec![crate::testgraph::ints("perm", &[0, 1, 3, 2])],
+                ),
+                node("MatMul", &["q", "kt"], "scores", vec![]),
+                node("Softmax", &["scores"], "weights", vec![int("axis", -1)]),
+                node("MatMul", &["weights", "v"], "o", vec![]),
+                node(
+                    "Transpose",
+                    &["o"],
+                    "ot",
+                    vec![crate::testgraph::ints("perm", &[0, 2, 1, 3])],
+                ),
+                node("Reshape", &["ot", "join"], "joined", vec![]),
+                node("MatMul", &["joined", "proj_w"], "proj", vec![]),
+                node("Add", &["proj", "proj_b"], "attended", vec![]),
+                node("MatMul", &["attended", "fc1_w"], "fc1_mm", vec![]),
+                node("Add", &["fc1_mm", "fc1_b"], "fc1", vec![]),
+                node("Div", &["fc1", "sqrt2"], "g1", vec![]),
+                node("Erf", &["g1"], "g2", vec![]),
+                node("Add", &["g2", "one"], "g3", vec![]),
+                node("Mul", &["fc1", "g3"], "g4", vec![]),
+                node("Mul", &["g4", "half"], "act", vec![]),
+                node("MatMul", &["act", "fc2_w"], "fc2_mm", vec![]),
+                node("Add", &["fc2_mm", "fc2_b"], "y", vec![]),
+            ],
+            initializer: vec![
+                crate::testgraph::init("qkv_w", &[d, 3 * d], 21),
+                crate::testgraph::init("qkv_b", &[3 * d], 22),
+                crate::testgraph::init("proj_w", &[d, d], 23),
+                crate::testgraph::init("proj_b", &[d], 24),
+                crate::testgraph::init("fc1_w", &[d, 4 * d], 25),
+                crate::testgraph::init("fc1_b", &[4 * d], 26),
+                crate::testgraph::init("fc2_w", &[4 * d, d], 27),
+                crate::testgraph::init("fc2_b", &[d], 28),
+                float_init("sqrt2", &[], vec![std::f32::consts::SQRT_2]),
+                float_init("one", &[], vec![1.0]),
+                float_init("half", &[], vec![0.5]),
+                float_init("scale", &[], vec![(dim as f32).powf(-0.5)]),
+                i64s("split", &[0, 0, 3, heads, dim]),
+                i64s("join", &[0, 0, d]),
+                i64s("idx0", &[0]),
+                i64s("idx1", &[1]),
+                i64s("idx2", &[2]),
+            ],
+            input: vec![value("x", &[Some(1), Some(tokens), Some(d)])],
+            output: vec![value("y", &[Some(1), Some(tokens), Some(d)])],
+            ..Default::default()
+        };
+        model_bytes(graph, 17)
+    }
+
+    /// The block with `tile`: its attention fused, its four linear layers on the packed kernel
+    /// (GELU folded into `fc1`), outputs as tract's own plan gives them.
+    fn check_attention_and_products(tile: crate::dense::Tile) {
+        let (tokens, heads, dim) = (13, 3, 8);
+        let bytes = attention_block(tokens, heads, dim);
+        let model = typed(&bytes);
+        let mut ours = model.clone().into_decluttered().unwrap();
+        assert_eq!(fuse_attention(&mut ours, tile).unwrap(), 1, "{ours}");
+        assert_eq!(dense_products(&mut ours, tile).unwrap(), 4, "{ours}");
+        ours.optimize().unwrap();
+        assert_eq!(count::<SelfAttention>(&ours), 1);
+        assert_eq!(count::<DenseProduct>(&ours), 4);
+        let gelus = ours.nodes().iter().filter(|n| is_gelu_exact(n)).count();
+        let folded = ours
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<DenseProduct>())
+            .filter(|d| d.weights.gelu)
+            .count();
+        assert_eq!((gelus, folded), (0, 1), "{ours}");
+        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        let n = (tokens * heads * dim) as usize;
+        let x: Tensor = tract_ndarray::Array3::from_shape_vec(
+            (1, tokens as usize, (heads * dim) as usize),
+            floats(31, n).iter().map(|v| v * 2.0).collect(),
+        )
+        .unwrap()
+        .into();
+        let (a, b) = (run(ours, &x), run(theirs, &x));
+        // Four products of sums in another order, through a softmax and a GELU.
+        assert_close(&format!("{tile:?}"), &a, &b, 1e-4);
+        assert!(a.iter().any(|v| v.abs() > 0.1), "outputs near zero");
+    }
+
+    #[test]
+    fn attention_and_linear_products_keep_the_outputs_on_the_portable_tile() {
+        check_attention_and_products(crate::dense::Tile::Portable);
+    }
+
+    #[test]
+    #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
+    fn attention_and_linear_products_keep_the_outputs_on_the_avx512_tile() {
+        check_attention_and_products(crate::dense::Tile::Avx512);
+        // And `mae-run`'s default rewrites choose them on this CPU.
+        let (ours, done) = optimize(typed(&attention_block(13, 3, 8)), Rewrites::All).unwrap();
+        assert_eq!((done.attentions, done.dense_products), (1, 4), "{done:?}");
+        assert!(done.describe(Rewrites::All).contains("1 attentions fused"));
+        let (_, without) =
+            optimize(typed(&attention_block(13, 3, 8)), Rewrites::NoProducts).unwrap();
+        assert_eq!(
+            (without.attentions, without.dense_products),
+            (0, 0),
+            "{without:?}"
+        );
+        assert_eq!(count::<SelfAttention>(&ours), 1);
+    }
+
+    #[test]
+    fn products_of_symbolic_shapes_are_left_to_tract() {
+        let bytes = attention_block(13, 3, 8);
+        let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).unwrap();
+        let b = model.sym("batch");
+        let shape: TVec<TDim> = tvec![b.into(), 13.into(), 24.into()];
+        model
+            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))
+            .unwrap();
+        let mut model = model.into_typed().unwrap().into_decluttered().unwrap();
+        let tile = crate::dense::Tile::Portable;
+        assert_eq!(fuse_attention(&mut model, tile).unwrap(), 0);
+        assert_eq!(dense_products(&mut model, tile).unwrap(), 0);
     }
 
     fn typed(bytes: &[u8]) -> TypedModel {

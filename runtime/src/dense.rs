@@ -1,0 +1,604 @@
+//! Float32 matrix products against constant weights packed once at load: `c = a · w + bias`,
+//! for the linear layers of a ViT in tract plans (see `tract_rewrite::dense_products`).
+//!
+//! The weights are packed in panels of [`NR`] columns, `[n / NR][k][NR]`, so that a tile of
+//! [`MR`] rows by [`NR`] columns streams one contiguous panel while its accumulators stay in
+//! registers; the activations are packed per product in panels of [`MR`] rows, `[m / MR][k][MR]`,
+//! from whatever strides they have. Work splits over the weight panels, on the thread pool of
+//! tract's current executor. On CPUs with AVX-512F the tile is written with its intrinsics; the
+//! portable tile gives the same sums (in the same order) everywhere else.
+//!
+//! The tiles and the threads' shared output need `unsafe` (intrinsics, raw writes to disjoint
+//! columns); each use states what makes it sound.
+#![allow(unsafe_code)]
+
+use rayon::prelude::*;
+use tract_linalg::multithread::{current_tract_executor, Executor};
+
+/// Columns of one weight panel (two 16-lane vectors).
+pub const NR: usize = 32;
+/// Rows of one activation panel.
+pub const MR: usize = 12;
+
+/// Where element `(row, col)` of a matrix lies in its slice: `row * self.row + col * self.col`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Strides {
+    pub row: usize,
+    pub col: usize,
+}
+
+/// A `k × n` weight matrix in panels of [`NR`] columns (the last zero-padded), and its bias
+/// (zero when there is none), padded alike.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PackedWeights {
+    pub k: usize,
+    pub n: usize,
+    panels: Vec<f32>,
+    bias: Vec<f32>,
+    /// Exact (erf) GELU applied to the sums, as the layer's activation.
+    pub gelu: bool,
+}
+
+impl PackedWeights {
+    /// Packs the weights `at(kk, j)` for `kk < k`, `j < n`.
+    pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
+        let count = n.div_ceil(NR);
+        let mut panels = vec![0f32; count * k * NR];
+        for (p, panel) in panels.chunks_exact_mut(k * NR.max(1)).enumerate() {
+            let cols = (n - p * NR).min(NR);
+            for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                for (c, v) in row[..cols].iter_mut().enumerate() {
+                    *v = at(kk, p * NR + c);
+                }
+            }
+        }
+        Self {
+            k,
+            n,
+            panels,
+            bias: vec![0f32; count * NR],
+            gelu: false,
+        }
+    }
+
+    /// Packs `scale · src[kk·s.row + j·s.col]`, read in the order of `src`'s shorter stride.
+    pub fn from_strided(
+        k: usize,
+        n: usize,
+        src: &[f32],
+        s: Strides,
+        scale: f32,
+    ) -> anyhow::Result<Self> {
+        if k > 0 && n > 0 {
+            let end = (k - 1) * s.row + (n - 1) * s.col;
+            anyhow::ensure!(
+                end < src.len(),
+                "packing {k}×{n} weights from {} values",
+                src.len()
+            );
+        }
+        let count = n.div_ceil(NR);
+        let mut panels = vec![0f32; count * k * NR];
+        for (p, panel) in panels.chunks_exact_mut(k * NR.max(1)).enumerate() {
+            let cols = (n - p * NR).min(NR);
+            if s.col <= s.row {
+                for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
+                    let start = kk * s.row + p * NR * s.col;
+                    for (c, v) in row[..cols].iter_mut().enumerate() {
+                        *v = scale * src[start + c * s.col];
+                    }
+                }
+            } else {
+                for c in 0..cols {
+                    let start = (p * NR + c) * s.col;
+                    for kk in 0..k {
+                        panel[kk * NR + c] = scale * src[start + kk * s.row];
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            k,
+            n,
+            panels,
+            bias: vec![0f32; count * NR],
+            gelu: false,
+        })
+    }
+
+    /// Adds `bias[j]` to every row's column `j`.
+    pub fn add_bias(&mut self, bias: &[f32]) {
+        for (b, v) in self.bias.iter_mut().zip(bias) {
+            *b += v;
+        }
+    }
+
+    fn panel(&self, p: usize) -> &[f32] {
+        &self.panels[p * self.k * NR..(p + 1) * self.k * NR]
+    }
+
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        (self.panels.len() + self.bias.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+/// Whether this CPU runs the AVX-512 tile.
+pub fn avx512() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx512f")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Which tile computes the products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tile {
+    /// AVX-512F intrinsics (only where [`avx512`] holds).
+    Avx512,
+    /// Plain Rust, on any CPU.
+    Portable,
+}
+
+impl Tile {
+    /// The fastest tile this CPU runs.
+    pub fn native() -> Self {
+        if avx512() {
+            Self::Avx512
+        } else {
+            Self::Portable
+        }
+    }
+}
+
+/// A raw output pointer shared by the threads that write disjoint columns of it.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each thread writes only the columns of its own weight panels (see `product`).
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `c = a · w + bias` (then GELU, if `w.gelu`): `a` is `m × w.k` laid out as `a_strides` says, `c` is `m × w.n` laid
+/// out as `c_strides` says. Every element of `c` is written. Fails (instead of reading or
+/// writing out of bounds) when a slice is too short for its shape and strides.
+pub fn product(
+    a: &[f32],
+    m: usize,
+    a_strides: Strides,
+    w: &PackedWeights,
+    c: &mut [f32],
+    c_strides: Strides,
+    tile: Tile,
+) -> anyhow::Result<()> {
+    let executor = current_tract_executor();
+    let pool = match &executor {
+        Executor::MultiThread(pool) => Some(&**pool),
+        _ => None,
+    };
+    product_on(a, m, a_strides, w, c, c_strides, tile, pool)
+}
+
+/// As [`product`], its weight panels split over `pool`'s threads, or all on this thread.
+#[allow(clippy::too_many_arguments)]
+fn product_on(
+    a: &[f32],
+    m: usize,
+    a_strides: Strides,
+    w: &PackedWeights,
+    c: &mut [f32],
+    c_strides: Strides,
+    tile: Tile,
+    pool: Option<&rayon::ThreadPool>,
+) -> anyhow::Result<()> {
+    let (k, n) = (w.k, w.n);
+    let last = |rows: usize, cols: usize, s: Strides| {
+        (rows > 0 && cols > 0).then(|| (rows - 1) * s.row + (cols - 1) * s.col)
+    };
+    if let Some(end) = last(m, k, a_strides) {
+        anyhow::ensure!(
+            end < a.len(),
+            "dense product: input of {} values for {m}×{k}",
+            a.len()
+        );
+    }
+    let Some(end) = last(m, n, c_strides) else {
+        return Ok(());
+    };
+    anyhow::ensure!(
+        end < c.len(),
+        "dense product: output of {} values for {m}×{n}",
+        c.len()
+    );
+    anyhow::ensure!(
+        tile == Tile::Portable || avx512(),
+        "dense product: this CPU has no AVX-512F"
+    );
+    let erf = if w.gelu {
+        Some(tract_linalg::routines::Func::Erf.ew_f32()?)
+    } else {
+        None
+    };
+    SCRATCH.with_borrow_mut(|packed| -> anyhow::Result<()> {
+        pack_rows(a, m, k, a_strides, packed);
+        let packed = &packed[..m.div_ceil(MR) * k * MR];
+        let out = Out(c.as_mut_ptr());
+        let panels = n.div_ceil(NR);
+        let run = |p: usize| -> anyhow::Result<()> {
+            // Rebinding the whole wrapper keeps the closure Send.
+            let out = out;
+            let cols = (n - p * NR).min(NR);
+            let wp = w.panel(p);
+            let bias: &[f32; NR] = w.bias[p * NR..(p + 1) * NR].try_into().expect("NR values");
+            for (t, ap) in packed.chunks_exact(k * MR).enumerate() {
+                let rows = (m - t * MR).min(MR);
+                let mut acc = [[0f32; NR]; MR];
+                match tile {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: AVX-512F was checked above; the panels hold k·MR and k·NR values.
+                    Tile::Avx512 => unsafe { avx512_tile(ap, wp, k, bias, &mut acc) },
+                    _ => portable_tile(ap, wp, k, bias, &mut acc),
+                }
+                if let Some(erf) = &erf {
+                    gelu(acc.as_flattened_mut(), &**erf)?;
+                }
+                // SAFETY (each write below): row t·MR + r < m and column p·NR + j < n, so the
+                // index is at most `end`, which is within `c`; no other thread writes this
+                // panel's columns.
+                let at = |r: usize, j: usize| {
+                    (t * MR + r) * c_strides.row + (p * NR + j) * c_strides.col
+                };
+                if c_strides.col == 1 {
+                    for (r, row) in acc.iter().enumerate().take(rows) {
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add(at(r, 0)), cols)
+                        };
+                    }
+                } else {
+                    for j in 0..cols {
+                        for (r, row) in acc.iter().enumerate().take(rows) {
+                            unsafe { *out.0.add(at(r, j)) = row[j] };
+                        }
+                    }
+                }
+            }
+            Ok(())
+        };
+        match pool {
+            Some(pool) if panels > 1 => {
+                pool.install(|| (0..panels).into_par_iter().try_for_each(run))
+            }
+            _ => (0..panels).try_for_each(run),
+        }
+    })?;
+    Ok(())
+}
+
+/// `x · ½ · (1 + erf(x / √2))` in place, with tract's vectorised `erf`.
+fn gelu(
+    xs: &mut [f32],
+    erf: &dyn tract_linalg::element_wise::ElementWise<f32>,
+) -> anyhow::Result<()> {
+    let mut e = [0f32; MR * NR];
+    for chunk in xs.chunks_mut(MR * NR) {
+        let e = &mut e[..chunk.len()];
+        for (e, x) in e.iter_mut().zip(chunk.iter()) {
+            *e = *x * std::f32::consts::FRAC_1_SQRT_2;
+        }
+        erf.run(e)?;
+        for (x, e) in chunk.iter_mut().zip(e.iter()) {
+            *x = (*x * 0.5) * (*e + 1.0);
+        }
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// The packed activations of the last product on this thread, kept for the next.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Packs `a` (`m × k`) into the start of `packed`, grown as needed, in panels of [`MR`] rows,
+/// `[m / MR][k][MR]`. The last panel's rows past `m` keep whatever they held: their sums are
+/// computed and never stored.
+fn pack_rows(a: &[f32], m: usize, k: usize, s: Strides, packed: &mut Vec<f32>) {
+    let len = m.div_ceil(MR) * k * MR;
+    if packed.len() < len {
+        packed.resize(len, 0.0);
+    }
+    for (t, panel) in packed[..len].chunks_exact_mut(k * MR.max(1)).enumerate() {
+        let rows = (m - t * MR).min(MR);
+        if s.row == 1 {
+            // Rows contiguous: each kk copies a run of `rows` values.
+            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                let start = t * MR + kk * s.col;
+                dst[..rows].copy_from_slice(&a[start..start + rows]);
+            }
+        } else if s.col == 1 {
+            // Each row contiguous: a transpose, read along the rows.
+            let src: Vec<&[f32]> = (0..rows).map(|r| &a[(t * MR + r) * s.row..][..k]).collect();
+            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+                for (d, row) in dst.iter_mut().zip(&src) {
+                    *d = row[kk];
+                }
+            }
+        } else {
+            for r in 0..rows {
+                let base = (t * MR + r) * s.row;
+                for kk in 0..k {
+                    panel[kk * MR + r] = a[base + kk * s.col];
+                }
+            }
+        }
+    }
+}
+
+/// `a · w + bias` as a new tensor of `shape`, which holds the product's `m × w.n` values at
+/// `c_strides` and nothing else.
+pub fn product_tensor(
+    a: &[f32],
+    m: usize,
+    a_strides: Strides,
+    w: &PackedWeights,
+    shape: &[usize],
+    c_strides: Strides,
+    tile: Tile,
+) -> anyhow::Result<tract_onnx::prelude::Tensor> {
+    let volume: usize = shape.iter().product();
+    anyhow::ensure!(
+        volume == m * w.n,
+        "dense product: an output of shape {shape:?} for {m}×{} values",
+        w.n
+    );
+    // SAFETY: `product` writes every one of the m·n values (it checks the strides first and
+    // fails before writing anything); float32 has no invalid bit patterns besides.
+    let mut out = unsafe { tract_onnx::prelude::Tensor::uninitialized::<f32>(shape)? };
+    {
+        let mut ram = out.try_as_plain_ram_mut()?;
+        product(
+            a,
+            m,
+            a_strides,
+            w,
+            ram.as_slice_mut::<f32>()?,
+            c_strides,
+            tile,
+        )?;
+    }
+    Ok(out)
+}
+
+/// Multi-head self-attention over one image's `qkv` (`tokens × 3·heads·dim`, token-major: the
+/// queries, then the keys, then the values, each head's `dim` values together), into `out`
+/// (`tokens × heads·dim`, token-major): per head, `softmax(scale · q·kᵀ) · v`. Heads split over
+/// the thread pool of tract's current executor; the softmax runs on tract's own row kernels.
+pub fn attention(
+    qkv: &[f32],
+    tokens: usize,
+    heads: usize,
+    dim: usize,
+    scale: f32,
+    out: &mut [f32],
+    tile: Tile,
+) -> anyhow::Result<()> {
+    use tract_linalg::routines::Func;
+    let width = heads * dim;
+    anyhow::ensure!(
+        qkv.len() == tokens * 3 * width && out.len() == tokens * width,
+        "attention: {} and {} values for {tokens} tokens of {heads} heads × {dim}",
+        qkv.len(),
+        out.len()
+    );
+    let max = Func::ReduceMax.reduce_f32()?;
+    let exp_sum = Func::Softmax2.map_reduce_f32()?;
+    let mul = Func::MulByScalar.ew_f32_param()?;
+    let row = Strides {
+        row: 3 * width,
+        col: 1,
+    };
+    let one_head = |h: usize| -> anyhow::Result<Vec<f32>> {
+        // The keys, transposed and scaled, and the values, as weights.
+        let transposed = Strides {
+            row: 1,
+            col: 3 * width,
+        };
+        let keys =
+            PackedWeights::from_strided(dim, tokens, &qkv[width + h * dim..], transposed, scale)?;
+        let values =
+            PackedWeights::from_strided(tokens, dim, &qkv[2 * width + h * dim..], row, 1.0)?;
+        let mut scores = vec![0f32; tokens * tokens];
+        let q = &qkv[h * dim..];
+        let square = Strides {
+            row: tokens,
+            col: 1,
+        };
+        product_on(q, tokens, row, &keys, &mut scores, square, tile, None)?;
+        for r in scores.chunks_exact_mut(tokens) {
+            let m = max.run(r)?;
+            let sum = exp_sum.run_with_params(r, m)?;
+            mul.run_with_params(r, sum.recip())?;
+        }
+        let mut o = vec![0f32; tokens * dim];
+        product_on(
+            &scores,
+            tokens,
+            square,
+            &values,
+            &mut o,
+            Strides { row: dim, col: 1 },
+            tile,
+            None,
+        )?;
+        Ok(o)
+    };
+    let per_head: Vec<anyhow::Result<Vec<f32>>> = match current_tract_executor() {
+        Executor::MultiThread(pool) => {
+            pool.install(|| (0..heads).into_par_iter().map(one_head).collect())
+        }
+        _ => (0..heads).map(one_head).collect(),
+    };
+    for (h, o) in per_head.into_iter().enumerate() {
+        let o = o?;
+        for (dst, src) in out.chunks_exact_mut(width).zip(o.chunks_exact(dim)) {
+            dst[h * dim..(h + 1) * dim].copy_from_slice(src);
+        }
+    }
+    Ok(())
+}
+
+/// One tile: `acc[r][j] = bias[j] + Σ_kk a[kk][r] · w[kk][j]`, in order of kk.
+fn portable_tile(a: &[f32], w: &[f32], k: usize, bias: &[f32; NR], acc: &mut [[f32; NR]; MR]) {
+    for row in acc.iter_mut() {
+        *row = *bias;
+    }
+    for (av, wv) in a.chunks_exact(MR).zip(w.chunks_exact(NR)).take(k) {
+        for (row, x) in acc.iter_mut().zip(av) {
+            for (o, y) in row.iter_mut().zip(wv) {
+                *o = x.mul_add(*y, *o);
+            }
+        }
+    }
+}
+
+/// The same tile with AVX-512F: `MR × 2` accumulators of 16 lanes.
+///
+/// # Safety
+/// The CPU must have AVX-512F; `a` must hold `k · MR` values and `w` `k · NR`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn avx512_tile(a: &[f32], w: &[f32], k: usize, bias: &[f32; NR], acc: &mut [[f32; NR]; MR]) {
+    use std::arch::x86_64::*;
+    debug_assert!(a.len() >= k * MR && w.len() >= k * NR);
+    let (ap, wp) = (a.as_ptr(), w.as_ptr());
+    let b0 = _mm512_loadu_ps(bias.as_ptr());
+    let b1 = _mm512_loadu_ps(bias.as_ptr().add(16));
+    let mut lo = [b0; MR];
+    let mut hi = [b1; MR];
+    for kk in 0..k {
+        let w0 = _mm512_loadu_ps(wp.add(kk * NR));
+        let w1 = _mm512_loadu_ps(wp.add(kk * NR + 16));
+        let ar = ap.add(kk * MR);
+        for r in 0..MR {
+            let x = _mm512_set1_ps(*ar.add(r));
+            lo[r] = _mm512_fmadd_ps(x, w0, lo[r]);
+            hi[r] = _mm512_fmadd_ps(x, w1, hi[r]);
+        }
+    }
+    for r in 0..MR {
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), lo[r]);
+        _mm512_storeu_ps(acc[r].as_mut_ptr().add(16), hi[r]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                (((i as u32).wrapping_mul(2654435761).wrapping_add(seed) >> 8) % 2001) as f32
+                    / 1000.0
+                    - 1.0
+            })
+            .collect()
+    }
+
+    /// Checks `tile` on the sizes around the panels' edges, in both layouts of the input and
+    /// of the output, against a direct sum in f64.
+    fn check_against_a_direct_sum(tile: Tile) {
+        for &(m, k, n) in &[
+            (1, 1, 1),
+            (5, 7, 3),
+            (12, 16, 32),
+            (13, 33, 65),
+            (197, 24, 40),
+        ] {
+            let a = values(m * k, 1);
+            let wv = values(k * n, 2);
+            let bias = values(n, 3);
+            let mut w = PackedWeights::new(k, n, |kk, j| wv[kk * n + j]);
+            w.add_bias(&bias);
+            let token_major = (Strides { row: k, col: 1 }, a.clone());
+            let feature_major = (
+                Strides { row: 1, col: m },
+                (0..k * m)
+                    .map(|x| a[(x % m) * k + x / m])
+                    .collect::<Vec<f32>>(),
+            );
+            for (a_strides, laid) in [token_major, feature_major] {
+                for c_strides in [Strides { row: n, col: 1 }, Strides { row: 1, col: m }] {
+                    let mut c = vec![f32::NAN; m * n];
+                    product(&laid, m, a_strides, &w, &mut c, c_strides, tile).unwrap();
+                    for i in 0..m {
+                        for j in 0..n {
+                            let sum: f64 = (0..k)
+                                .map(|kk| a[i * k + kk] as f64 * wv[kk * n + j] as f64)
+                                .sum();
+                            let want = bias[j] as f64 + sum;
+                            let got = c[i * c_strides.row + j * c_strides.col] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                                "{tile:?} {m}×{k}×{n}, a {a_strides:?}, c {c_strides:?}, \
+                                 ({i}, {j}): {got} against {want}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_portable_tile_matches_a_direct_sum_in_every_layout() {
+        check_against_a_direct_sum(Tile::Portable);
+    }
+
+    #[test]
+    #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
+    fn the_avx512_tile_matches_a_direct_sum_and_the_portable_tile() {
+        check_against_a_direct_sum(Tile::Avx512);
+        let (m, k, n) = (29, 300, 70);
+        let a = values(m * k, 4);
+        let wv = values(k * n, 5);
+        let w = PackedWeights::new(k, n, |kk, j| wv[kk * n + j]);
+        let s = Strides { row: k, col: 1 };
+        let cs = Strides { row: n, col: 1 };
+        let mut x = vec![0f32; m * n];
+        let mut y = vec![0f32; m * n];
+        product(&a, m, s, &w, &mut x, cs, Tile::Avx512).unwrap();
+        product(&a, m, s, &w, &mut y, cs, Tile::Portable).unwrap();
+        assert_eq!(x, y, "the tiles sum in the same order");
+    }
+
+    #[test]
+    fn short_slices_are_refused() {
+        let w = PackedWeights::new(4, 3, |_, _| 1.0);
+        let mut c = vec![0f32; 6];
+        let err = product(
+            &[1.0; 7],
+            2,
+            Strides { row: 4, col: 1 },
+            &w,
+            &mut c,
+            Strides { row: 3, col: 1 },
+            Tile::Portable,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("input of 7 values"), "{err}");
+        let err = product(
+            &[1.0; 8],
+            2,
+            Strides { row: 4, col: 1 },
+            &w,
+            &mut c[..5],
+            Strides { row: 3, col: 1 },
+            Tile::Portable,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("output of 5 values"), "{err}");
+    }
+}
