@@ -2,7 +2,9 @@
 //! (197 tokens) as a one-node model built in code (input `[m, k]` times a constant `[k, n]`),
 //! optimised as tract optimises an ONNX MatMul. Prints the kernel tract picked for each and its
 //! speed on 1 and 2 threads, for comparing with ONNX Runtime on the same shapes
-//! (`scripts/bench/matmul.sh`) and for a report to tract's maintainers.
+//! (`scripts/bench/matmul.sh`) and for a report to tract's maintainers. Where the CPU has
+//! AVX-512F, a second row (`qkv_mae`, ...) times the same model with `mae-run`'s load-time
+//! rewrite, on its packed kernel.
 //!
 //! usage: cargo run --release -p mae-runtime --example tract_matmul -- [ITERATIONS (20)]
 //!        env SHAPES="197x768x2304,..." (m×k×n) to choose the products
@@ -19,7 +21,15 @@ const VIT_B: [(&str, usize, usize, usize); 4] = [
     ("fc2", 197, 3072, 768),
 ];
 
-fn plan(m: usize, k: usize, n: usize) -> TractResult<(Arc<TypedRunnableModel>, Vec<String>)> {
+/// The one-node model of `m × k` times a constant `k × n`, optimised by tract alone, or (`ours`)
+/// with `mae-run`'s load-time rewrites, which run it on its packed kernel where the CPU has
+/// AVX-512F.
+fn plan(
+    m: usize,
+    k: usize,
+    n: usize,
+    ours: bool,
+) -> anyhow::Result<(Arc<TypedRunnableModel>, Vec<String>)> {
     let mut model = TypedModel::default();
     let a = model.add_source("a", f32::fact([m, k]))?;
     let w = Tensor::from_shape(
@@ -32,11 +42,17 @@ fn plan(m: usize, k: usize, n: usize) -> TractResult<(Arc<TypedRunnableModel>, V
     let axes = "mk,kn->mn".parse()?;
     let c = model.wire_node("matmul", EinSum::new(axes, f32::datum_type()), &[a, w])?;
     model.select_output_outlets(&c)?;
-    let optimized = model.into_optimized()?;
+    let optimized = if ours {
+        mae_runtime::tract_rewrite::optimize(model, mae_runtime::tract_rewrite::Rewrites::All)?.0
+    } else {
+        model.into_optimized()?
+    };
     let mut info = Vec::new();
     for node in optimized.nodes() {
         for line in node.op.info()? {
-            if line.contains("Mult") || line.contains("mmm") || line.contains("kernel") {
+            if node.op.name() == "DenseProduct" {
+                info.push(format!("mae-run DenseProduct with {line}"));
+            } else if line.contains("Mult") || line.contains("mmm") || line.contains("kernel") {
                 info.push(format!("{}: {line}", node.op.name()));
             }
         }
@@ -90,8 +106,17 @@ fn main() -> anyhow::Result<()> {
         } else {
             tract_linalg::multithread::Executor::multithread(threads)
         };
-        for (name, m, k, n) in &shapes {
-            let (plan, info) = plan(*m, *k, *n)?;
+        for ((name, m, k, n), ours) in shapes.iter().flat_map(|s| [(s, false), (s, true)]) {
+            let (plan, info) = plan(*m, *k, *n, ours)?;
+            // mae-run's rows only where its rewrite applies.
+            if ours && !info.iter().any(|l| l.contains("DenseProduct")) {
+                continue;
+            }
+            let name = if ours {
+                format!("{name}_mae")
+            } else {
+                name.clone()
+            };
             let secs =
                 tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {
                     time(&plan, *m, *k, iters)

@@ -223,7 +223,7 @@ fn product_on(
         None
     };
     SCRATCH.with_borrow_mut(|packed| -> anyhow::Result<()> {
-        pack_rows(a, m, k, a_strides, packed);
+        pack_rows(a, m, k, a_strides, packed, pool);
         let packed = &packed[..m.div_ceil(MR) * k * MR];
         let out = Out(c.as_mut_ptr());
         let panels = n.div_ceil(NR);
@@ -304,33 +304,57 @@ thread_local! {
 /// Packs `a` (`m × k`) into the start of `packed`, grown as needed, in panels of [`MR`] rows,
 /// `[m / MR][k][MR]`. The last panel's rows past `m` keep whatever they held: their sums are
 /// computed and never stored.
-fn pack_rows(a: &[f32], m: usize, k: usize, s: Strides, packed: &mut Vec<f32>) {
+fn pack_rows(
+    a: &[f32],
+    m: usize,
+    k: usize,
+    s: Strides,
+    packed: &mut Vec<f32>,
+    pool: Option<&rayon::ThreadPool>,
+) {
     let len = m.div_ceil(MR) * k * MR;
     if packed.len() < len {
         packed.resize(len, 0.0);
     }
-    for (t, panel) in packed[..len].chunks_exact_mut(k * MR.max(1)).enumerate() {
-        let rows = (m - t * MR).min(MR);
-        if s.row == 1 {
-            // Rows contiguous: each kk copies a run of `rows` values.
-            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
-                let start = t * MR + kk * s.col;
-                dst[..rows].copy_from_slice(&a[start..start + rows]);
+    let size = k * MR;
+    if size == 0 {
+        return;
+    }
+    let packed = &mut packed[..len];
+    match pool {
+        Some(pool) if m > MR => pool.install(|| {
+            let panels = packed.par_chunks_exact_mut(size).enumerate();
+            panels.for_each(|(t, p)| pack_panel(a, m, k, s, t, p))
+        }),
+        _ => packed
+            .chunks_exact_mut(size)
+            .enumerate()
+            .for_each(|(t, p)| pack_panel(a, m, k, s, t, p)),
+    }
+}
+
+/// Packs rows `t·MR..` of `a` into `panel`.
+fn pack_panel(a: &[f32], m: usize, k: usize, s: Strides, t: usize, panel: &mut [f32]) {
+    let rows = (m - t * MR).min(MR);
+    if s.row == 1 {
+        // Rows contiguous: each kk copies a run of `rows` values.
+        for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+            let start = t * MR + kk * s.col;
+            dst[..rows].copy_from_slice(&a[start..start + rows]);
+        }
+    } else if s.col == 1 {
+        // Each row contiguous: a transpose, read along the rows.
+        let src: Vec<&[f32]> = (0..rows).map(|r| &a[(t * MR + r) * s.row..][..k]).collect();
+        for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
+            for (d, row) in dst.iter_mut().zip(&src) {
+                *d = row[kk];
             }
-        } else if s.col == 1 {
-            // Each row contiguous: a transpose, read along the rows.
-            let src: Vec<&[f32]> = (0..rows).map(|r| &a[(t * MR + r) * s.row..][..k]).collect();
-            for (kk, dst) in panel.chunks_exact_mut(MR).enumerate() {
-                for (d, row) in dst.iter_mut().zip(&src) {
-                    *d = row[kk];
-                }
-            }
-        } else {
-            for r in 0..rows {
-                let base = (t * MR + r) * s.row;
-                for kk in 0..k {
-                    panel[kk * MR + r] = a[base + kk * s.col];
-                }
+        }
+    } else {
+        for r in 0..rows {
+            let base = (t * MR + r) * s.row;
+            for kk in 0..k {
+                panel[kk * MR + r] = a[base + kk * s.col];
             }
         }
     }
