@@ -495,7 +495,7 @@ fn block_params(prefix: &str, d: usize, hidden: usize, qkv_bias: bool) -> Vec<Pa
 }
 
 fn check_heads(dim_name: &str, dim: usize, heads_name: &str, heads: usize) -> Result<()> {
-    if dim == 0 || heads == 0 || dim % heads != 0 {
+    if dim == 0 || heads == 0 || !dim.is_multiple_of(heads) {
         return Err(Error::Config(format!(
             "{heads_name} {heads} does not divide {dim_name} {dim}"
         )));
@@ -511,7 +511,7 @@ fn check_encoder(
     depth: usize,
     heads: usize,
 ) -> Result<()> {
-    if patch == 0 || img == 0 || img % patch != 0 {
+    if patch == 0 || img == 0 || !img.is_multiple_of(patch) {
         return Err(Error::Config(format!(
             "image {img}×{img} is not a multiple of patch {patch}"
         )));

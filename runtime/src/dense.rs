@@ -162,6 +162,17 @@ struct Out(*mut f32);
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
+impl Out {
+    /// The pointer `i` values on (through a method, so closures capture the whole wrapper).
+    ///
+    /// # Safety
+    /// `i` must be within the output slice.
+    unsafe fn at(self, i: usize) -> *mut f32 {
+        // SAFETY: as the caller guarantees.
+        unsafe { self.0.add(i) }
+    }
+}
+
 /// `c = a · w + bias` (then GELU, if `w.gelu`): `a` is `m × w.k` laid out as `a_strides` says, `c` is `m × w.n` laid
 /// out as `c_strides` says. Every element of `c` is written. Fails (instead of reading or
 /// writing out of bounds) when a slice is too short for its shape and strides.
@@ -228,8 +239,6 @@ fn product_on(
         let out = Out(c.as_mut_ptr());
         let panels = n.div_ceil(NR);
         let run = |p: usize| -> anyhow::Result<()> {
-            // Rebinding the whole wrapper keeps the closure Send.
-            let out = out;
             let cols = (n - p * NR).min(NR);
             let wp = w.panel(p);
             let bias: &[f32; NR] = w.bias[p * NR..(p + 1) * NR].try_into().expect("NR values");
@@ -254,13 +263,13 @@ fn product_on(
                 if c_strides.col == 1 {
                     for (r, row) in acc.iter().enumerate().take(rows) {
                         unsafe {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), out.0.add(at(r, 0)), cols)
+                            std::ptr::copy_nonoverlapping(row.as_ptr(), out.at(at(r, 0)), cols)
                         };
                     }
                 } else {
                     for j in 0..cols {
                         for (r, row) in acc.iter().enumerate().take(rows) {
-                            unsafe { *out.0.add(at(r, j)) = row[j] };
+                            unsafe { *out.at(at(r, j)) = row[j] };
                         }
                     }
                 }
@@ -519,6 +528,8 @@ unsafe fn avx512_tile(a: &[f32], w: &[f32], k: usize, bias: &[f32; NR], acc: &mu
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {

@@ -1161,7 +1161,7 @@ fn str_value(bytes: &[u8]) -> Value {
 }
 
 fn pairs(items: Vec<Value>) -> Step<Vec<(Value, Value)>> {
-    if items.len() % 2 != 0 {
+    if !items.len().is_multiple_of(2) {
         return Err(format!(
             "odd number of items ({}) for dict entries",
             items.len()

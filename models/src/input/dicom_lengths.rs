@@ -209,7 +209,7 @@ impl Walk<'_> {
     fn fits(&self, h: &Header) -> Result<(), String> {
         if let Some(size) = self
             .value_size(h)
-            .filter(|s| h.len != UNDEFINED && h.len % s != 0)
+            .filter(|s| h.len != UNDEFINED && !h.len.is_multiple_of(*s))
         {
             return Err(format!(
                 "element ({:04X},{:04X}) in the {} has {} bytes, not a whole number of \
