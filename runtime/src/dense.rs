@@ -116,11 +116,6 @@ impl PackedWeights {
     fn panel(&self, p: usize) -> &[f32] {
         &self.panels[p * self.k * NR..(p + 1) * self.k * NR]
     }
-
-    /// Bytes held.
-    pub fn bytes(&self) -> usize {
-        (self.panels.len() + self.bias.len()) * std::mem::size_of::<f32>()
-    }
 }
 
 /// Whether this CPU runs the AVX-512 tile.
@@ -173,8 +168,8 @@ impl Out {
     }
 }
 
-/// `c = a · w + bias` (then GELU, if `w.gelu`): `a` is `m × w.k` laid out as `a_strides` says, `c` is `m × w.n` laid
-/// out as `c_strides` says. Every element of `c` is written. Fails (instead of reading or
+/// `c = a · w + bias`, then GELU if `w.gelu`: `a` is `m × w.k` laid out as `a_strides` says,
+/// `c` is `m × w.n` laid out as `c_strides` says. Every element of `c` is written. Fails (instead of reading or
 /// writing out of bounds) when a slice is too short for its shape and strides.
 pub fn product(
     a: &[f32],

@@ -178,6 +178,8 @@ pub struct DenseProduct {
     weights: Arc<crate::dense::PackedWeights>,
     input_shape: TVec<usize>,
     output_shape: TVec<usize>,
+    /// The output's axis of the weights' columns (`n`).
+    n_axis: usize,
     m: usize,
     a: crate::dense::Strides,
     c: crate::dense::Strides,
@@ -190,6 +192,7 @@ impl PartialEq for DenseProduct {
             && (
                 &self.input_shape,
                 &self.output_shape,
+                self.n_axis,
                 self.m,
                 self.a,
                 self.c,
@@ -197,6 +200,7 @@ impl PartialEq for DenseProduct {
             ) == (
                 &other.input_shape,
                 &other.output_shape,
+                other.n_axis,
                 other.m,
                 other.a,
                 other.c,
@@ -334,12 +338,12 @@ fn match_dense(
                 m_axis = Some((dim, x_str[x], o_str[o]))
             }
             (None, Some(wp), Some(o)) if n_axis.is_none() => {
-                n_axis = Some((dim, w_str[wp], o_str[o]))
+                n_axis = Some((dim, w_str[wp], o_str[o], o))
             }
             _ => return Ok(None),
         }
     }
-    let Some((n, wn, cn)) = n_axis else {
+    let Some((n, wn, cn, n_out)) = n_axis else {
         return Ok(None);
     };
     let (m, am, cm) = m_axis.unwrap_or((1, 0, 0));
@@ -370,6 +374,7 @@ fn match_dense(
             weights: Arc::new(packed),
             input_shape: xs.into(),
             output_shape: out_shape.into(),
+            n_axis: n_out,
             m,
             a: Strides { row: am, col: ak },
             c: Strides { row: cm, col: cn },
@@ -386,13 +391,21 @@ fn match_bias(
     op: &DenseProduct,
 ) -> TractResult<Option<(usize, Vec<f32>)>> {
     use tract_onnx::tract_core::ops::math::Add;
-    let succ = &node.outputs[0].successors;
-    let [next] = &succ[..] else { return Ok(None) };
-    let add = model.node(next.node);
-    if !add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()) || add.inputs.len() != 2 {
+    let Some(add) = only_successor(model, node.id) else {
+        return Ok(None);
+    };
+    if !add.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Add>()) {
         return Ok(None);
     }
-    let other = add.inputs[1 - next.slot];
+    let [other] = add
+        .inputs
+        .iter()
+        .filter(|i| i.node != node.id)
+        .collect::<Vec<_>>()[..]
+    else {
+        return Ok(None);
+    };
+    let other = *other;
     let Some(konst) = model.outlet_fact(other)?.konst.clone() else {
         return Ok(None);
     };
@@ -405,14 +418,11 @@ fn match_bias(
     }
     // Along `n` only: every other axis of the constant has length one.
     let n = op.weights.n;
-    let n_at = strides_of(&op.output_shape)
-        .iter()
-        .position(|&s| s == op.c.col);
     let along_n = konst
         .shape()
         .iter()
         .enumerate()
-        .all(|(i, &d)| d == 1 || (Some(i) == n_at && d == n));
+        .all(|(i, &d)| d == 1 || (i == op.n_axis && d == n));
     if !along_n {
         return Ok(None);
     }
