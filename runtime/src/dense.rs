@@ -152,8 +152,9 @@ impl Tile {
 
 /// A raw output pointer shared by the threads that write disjoint columns of it.
 #[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each thread writes only the columns of its own weight panels (see `product`).
+pub(crate) struct Out(pub(crate) *mut f32);
+// SAFETY: each thread writes only the columns of its own weight panels (see `product` and
+// `qdense::quant_product`).
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
 
@@ -162,7 +163,7 @@ impl Out {
     ///
     /// # Safety
     /// `i` must be within the output slice.
-    unsafe fn at(self, i: usize) -> *mut f32 {
+    pub(crate) unsafe fn at(self, i: usize) -> *mut f32 {
         // SAFETY: as the caller guarantees.
         unsafe { self.0.add(i) }
     }
@@ -282,7 +283,7 @@ fn product_on(
 }
 
 /// `x · ½ · (1 + erf(x / √2))` in place, with tract's vectorised `erf`.
-fn gelu(
+pub(crate) fn gelu(
     xs: &mut [f32],
     erf: &dyn tract_linalg::element_wise::ElementWise<f32>,
 ) -> anyhow::Result<()> {

@@ -21,6 +21,7 @@ pub mod oip;
 pub mod ortlib;
 pub mod predict;
 pub mod protoedit;
+pub mod qdense;
 pub mod repository;
 pub mod serve;
 #[cfg(test)]

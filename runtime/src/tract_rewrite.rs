@@ -30,6 +30,12 @@
 //!   [`fuse_attention`] makes it one [`SelfAttention`], heads over the threads, reading `qkv` in
 //!   place. Plans of a concrete shape only (the one-image plan); `MAE_TRACT_REWRITES=no-products`
 //!   keeps tract's products and attention with the other rewrites.
+//! - **Int8 linear layers** (CPUs with AVX-512 VNNI): tract's int8 products, with the
+//!   quantizer before them and the scaling after, took as long as the float ones.
+//!   [`quant_products`] puts one [`QuantProduct`] from the float activation to the float output
+//!   of each dynamic or static int8 layer, on `crate::qdense`'s int8 weights packed at load:
+//!   tract's numbers (exact integer sums, scaled as tract scales them), with the bias and an
+//!   exact GELU that follow folded in. Same conditions as above.
 use tract_onnx::pb;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::internal::*;
@@ -85,6 +91,8 @@ pub struct Rewritten {
     pub dense_products: usize,
     /// Attentions run as one [`SelfAttention`].
     pub attentions: usize,
+    /// Quantized linear layers run on [`QuantProduct`] (quantizer, scales and bias folded in).
+    pub quant_products: usize,
 }
 
 impl Rewritten {
@@ -104,6 +112,10 @@ impl Rewritten {
                 "linear products on mae-run's packed kernel",
             ),
             (self.attentions, "attentions fused"),
+            (
+                self.quant_products,
+                "int8 products on mae-run's packed kernel",
+            ),
         ]
         .iter()
         .filter(|(n, _)| *n > 0)
@@ -160,6 +172,9 @@ pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedMode
         let tile = crate::dense::Tile::native();
         done.attentions = fuse_attention(&mut model, tile)?;
         done.dense_products = dense_products(&mut model, tile)?;
+    }
+    if rewrites == Rewrites::All && crate::qdense::vnni() {
+        done.quant_products = quant_products(&mut model, crate::qdense::QuantTile::Vnni)?;
     }
     model.optimize()?;
     // Codegen makes more: the column sums of integer weights.
@@ -271,17 +286,106 @@ fn single(positions: &[usize]) -> Option<Option<usize>> {
     }
 }
 
-/// Reads a float32 `EinSum` of an activation and a constant weight as a plain product: the
-/// activation's token axis (`m`), its contracted axes (`k`, one stride once flattened) and the
-/// weight's output axis (`n`), all other axes of length one. Returns the op to put in its
-/// place, without bias, or `None` for any other product (several `m` or `n` axes, symbolic
-/// shapes, quantized, repeated axes).
+/// A product's axes read as a plain `m × k` by `k × n` product: the activation's token axis
+/// (`m`), its contracted axes (`k`, one stride once flattened) and the weight's output axis
+/// (`n`), all other axes of length one.
+struct ProductAxes {
+    m: usize,
+    k: usize,
+    n: usize,
+    /// The activation's strides (rows `m`, columns `k`), and the output's (rows `m`, columns `n`).
+    a: crate::dense::Strides,
+    c: crate::dense::Strides,
+    /// The output's axis of `n`.
+    n_out: usize,
+    /// The weights' stride along `n`.
+    wn: usize,
+    /// `(dim, activation stride, weight stride)` of each contracted axis, in the activation's
+    /// memory order.
+    k_axes: Vec<(usize, usize, usize)>,
+}
+
+impl ProductAxes {
+    /// Reads `op`'s axes, the activation being input `xi` (of shape `xs`) and the weights
+    /// input `wi` (`ws`); `None` for any other product (several `m` or `n` axes, repeated
+    /// axes, contracted axes that do not flatten to one stride).
+    fn read(
+        op: &tract_onnx::tract_core::ops::einsum::EinSum,
+        (xi, xs): (usize, &[usize]),
+        (wi, ws): (usize, &[usize]),
+        out_shape: &[usize],
+    ) -> Option<Self> {
+        use crate::dense::Strides;
+        let (x_str, o_str, w_str) = (strides_of(xs), strides_of(out_shape), strides_of(ws));
+        let mut k_axes: Vec<(usize, usize, usize)> = vec![];
+        let (mut m_axis, mut n_axis) = (None, None);
+        for axis in op.axes.iter_all_axes() {
+            let (x, wp, o) = (
+                single(&axis.inputs[xi])?,
+                single(&axis.inputs[wi])?,
+                single(&axis.outputs[0])?,
+            );
+            let dim = x
+                .map(|p| xs[p])
+                .or(wp.map(|p| ws[p]))
+                .or(o.map(|p| out_shape[p]))
+                .unwrap_or(1);
+            if dim == 1 {
+                continue;
+            }
+            match (x, wp, o) {
+                (Some(x), Some(wp), None) => k_axes.push((dim, x_str[x], w_str[wp])),
+                (Some(x), None, Some(o)) if m_axis.is_none() => {
+                    m_axis = Some((dim, x_str[x], o_str[o]))
+                }
+                (None, Some(wp), Some(o)) if n_axis.is_none() => {
+                    n_axis = Some((dim, w_str[wp], o_str[o], o))
+                }
+                _ => return None,
+            }
+        }
+        let (n, wn, cn, n_out) = n_axis?;
+        let (m, am, cm) = m_axis.unwrap_or((1, 0, 0));
+        // The contracted axes, flattened in the activation's memory order: one stride.
+        k_axes.sort_by_key(|&(_, sx, _)| std::cmp::Reverse(sx));
+        let k: usize = k_axes.iter().map(|a| a.0).product();
+        let &(_, ak, _) = k_axes.last()?;
+        if k_axes.windows(2).any(|p| p[0].1 != p[1].0 * p[1].1) {
+            return None;
+        }
+        Some(Self {
+            m,
+            k,
+            n,
+            a: Strides { row: am, col: ak },
+            c: Strides { row: cm, col: cn },
+            n_out,
+            wn,
+            k_axes,
+        })
+    }
+
+    /// Where weight `(kk, j)` lies in the weights' values, `kk` in the flattened order (its
+    /// digits are the contracted axes' indices).
+    fn weight_index(&self, kk: usize, j: usize) -> usize {
+        let (mut rest, mut at) = (kk, j * self.wn);
+        for &(dim, _, sw) in self.k_axes.iter().rev() {
+            at += (rest % dim) * sw;
+            rest /= dim;
+        }
+        at
+    }
+}
+
+/// Reads a float32 `EinSum` of an activation and a constant weight as a plain product (see
+/// [`ProductAxes`]). Returns the op to put in its place, without bias, or `None` for any other
+/// product (symbolic shapes, quantized, or axes [`ProductAxes`] does not read).
 fn match_dense(
     model: &TypedModel,
     node: &TypedNode,
     tile: crate::dense::Tile,
 ) -> TractResult<Option<(OutletId, DenseProduct)>> {
-    use crate::dense::{PackedWeights, Strides};
+    use crate::dense::PackedWeights;
     use tract_onnx::tract_core::ops::einsum::EinSum;
     let Some(op) = node.op_as::<EinSum>() else {
         return Ok(None);
@@ -311,84 +415,36 @@ fn match_dense(
         return Ok(None);
     };
     let w = facts[wi].konst.clone().expect("checked above");
-    let (xs, out_shape, ws) = (xs.to_vec(), out_shape.to_vec(), w.shape().to_vec());
-    let (x_str, o_str, w_str) = (strides_of(&xs), strides_of(&out_shape), strides_of(&ws));
-    // (dim, x stride, w stride) of each contracted axis; (dim, x, out) of `m`; (dim, w, out) of `n`.
-    let mut k_axes: Vec<(usize, usize, usize)> = vec![];
-    let (mut m_axis, mut n_axis) = (None, None);
-    for axis in op.axes.iter_all_axes() {
-        let (Some(x), Some(wp), Some(o)) = (
-            single(&axis.inputs[xi]),
-            single(&axis.inputs[wi]),
-            single(&axis.outputs[0]),
-        ) else {
-            return Ok(None);
-        };
-        let dim = x
-            .map(|p| xs[p])
-            .or(wp.map(|p| ws[p]))
-            .or(o.map(|p| out_shape[p]))
-            .unwrap_or(1);
-        if dim == 1 {
-            continue;
-        }
-        match (x, wp, o) {
-            (Some(x), Some(wp), None) => k_axes.push((dim, x_str[x], w_str[wp])),
-            (Some(x), None, Some(o)) if m_axis.is_none() => {
-                m_axis = Some((dim, x_str[x], o_str[o]))
-            }
-            (None, Some(wp), Some(o)) if n_axis.is_none() => {
-                n_axis = Some((dim, w_str[wp], o_str[o], o))
-            }
-            _ => return Ok(None),
-        }
-    }
-    let Some((n, wn, cn, n_out)) = n_axis else {
+    let Some(axes) = ProductAxes::read(op, (xi, xs), (wi, w.shape()), out_shape) else {
         return Ok(None);
     };
-    let (m, am, cm) = m_axis.unwrap_or((1, 0, 0));
-    // The contracted axes, flattened in the activation's memory order: one stride.
-    k_axes.sort_by_key(|&(_, sx, _)| std::cmp::Reverse(sx));
-    let k: usize = k_axes.iter().map(|a| a.0).product();
-    let Some(&(_, ak, _)) = k_axes.last() else {
-        return Ok(None);
-    };
-    if k_axes.windows(2).any(|p| p[0].1 != p[1].0 * p[1].1) {
-        return Ok(None);
-    }
     let wv = w.cast_to::<f32>()?;
     let wv = wv.try_as_plain_ram()?;
     let wv = wv.as_slice::<f32>()?;
-    let packed = PackedWeights::new(k, n, |kk, j| {
-        // kk in the flattened order: its digits are the contracted axes' indices.
-        let (mut rest, mut at) = (kk, j * wn);
-        for &(dim, _, sw) in k_axes.iter().rev() {
-            at += (rest % dim) * sw;
-            rest /= dim;
-        }
-        wv[at]
-    });
+    let packed = PackedWeights::new(axes.k, axes.n, |kk, j| wv[axes.weight_index(kk, j)]);
     Ok(Some((
         node.inputs[xi],
         DenseProduct {
             weights: Arc::new(packed),
             input_shape: xs.into(),
             output_shape: out_shape.into(),
-            n_axis: n_out,
-            m,
-            a: Strides { row: am, col: ak },
-            c: Strides { row: cm, col: cn },
+            n_axis: axes.n_out,
+            m: axes.m,
+            a: axes.a,
+            c: axes.c,
             tile,
         },
     )))
 }
 
 /// The bias a product's only successor adds, if it is an addition of a constant laid along
-/// the product's `n` axis (or a scalar), of the product's shape: `(the addition, bias)`.
+/// the product's `n` axis (or a scalar), of the product's shape (`output_shape`, its `n`
+/// columns on axis `n_axis`): `(the addition, bias)`.
 fn match_bias(
     model: &TypedModel,
     node: &TypedNode,
-    op: &DenseProduct,
+    output_shape: &[usize],
+    (n_axis, n): (usize, usize),
 ) -> TractResult<Option<(usize, Vec<f32>)>> {
     use tract_onnx::tract_core::ops::math::Add;
     let Some(add) = only_successor(model, node.id) else {
@@ -410,29 +466,38 @@ fn match_bias(
         return Ok(None);
     };
     let out = model.outlet_fact(add.id.into())?;
-    if konst.datum_type() != f32::datum_type()
-        || out.shape.as_concrete() != Some(&*op.output_shape)
-        || konst.rank() != op.output_shape.len()
-    {
+    if out.shape.as_concrete() != Some(output_shape) {
         return Ok(None);
     }
-    // Along `n` only: every other axis of the constant has length one.
-    let n = op.weights.n;
-    let along_n = konst
+    Ok(along_n(&konst, output_shape.len(), (n_axis, n))?.map(|bias| (add.id, bias)))
+}
+
+/// The `n` values of a float32 constant of rank `rank` laid along axis `n_axis` (every other
+/// axis of length one), or of a single value repeated; `None` for any other constant.
+fn along_n(
+    konst: &Tensor,
+    rank: usize,
+    (n_axis, n): (usize, usize),
+) -> TractResult<Option<Vec<f32>>> {
+    if konst.datum_type() != f32::datum_type() || konst.rank() > rank {
+        return Ok(None);
+    }
+    // Right-aligned, as broadcasting reads it.
+    let offset = rank - konst.rank();
+    let along = konst
         .shape()
         .iter()
         .enumerate()
-        .all(|(i, &d)| d == 1 || (i == op.n_axis && d == n));
-    if !along_n {
+        .all(|(i, &d)| d == 1 || (i + offset == n_axis && d == n));
+    if !along {
         return Ok(None);
     }
     let values = konst.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
-    let bias = if values.len() == 1 {
+    Ok(Some(if values.len() == 1 {
         vec![values[0]; n]
     } else {
         values
-    };
-    Ok(Some((add.id, bias)))
+    }))
 }
 
 /// The one node reading `id`'s one output, if there is exactly one.
@@ -459,7 +524,8 @@ pub fn dense_products(model: &mut TypedModel, tile: crate::dense::Tile) -> Tract
             return Ok(None);
         };
         let mut replaced = node.id;
-        if let Some((add, bias)) = match_bias(model, node, &op)? {
+        let n = (op.n_axis, op.weights.n);
+        if let Some((add, bias)) = match_bias(model, node, &op.output_shape, n)? {
             Arc::get_mut(&mut op.weights)
                 .expect("not shared yet")
                 .add_bias(&bias);
@@ -478,18 +544,344 @@ pub fn dense_products(model: &mut TypedModel, tile: crate::dense::Tile) -> Tract
     })
 }
 
+/// An int8 product of a quantized activation and constant int8 weights (a quantized linear
+/// layer), from the float32 activation to the float32 output, with its bias and GELU folded
+/// in, on [`crate::qdense`]'s packed weights and tiles. Shapes are concrete: the input holds
+/// `m × k` values at `a`'s strides, the output `m × n` at `c`'s.
+#[derive(Debug, Clone)]
+pub struct QuantProduct {
+    weights: Arc<crate::qdense::PackedI8>,
+    input_shape: TVec<usize>,
+    output_shape: TVec<usize>,
+    /// The output's axis of the weights' columns (`n`).
+    n_axis: usize,
+    m: usize,
+    a: crate::dense::Strides,
+    c: crate::dense::Strides,
+    tile: crate::qdense::QuantTile,
+}
+
+impl PartialEq for QuantProduct {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && (
+                &self.input_shape,
+                &self.output_shape,
+                self.n_axis,
+                self.m,
+                self.a,
+                self.c,
+                self.tile,
+            ) == (
+                &other.input_shape,
+                &other.output_shape,
+                other.n_axis,
+                other.m,
+                other.a,
+                other.c,
+                other.tile,
+            )
+    }
+}
+
+impl Eq for QuantProduct {}
+
+impl Op for QuantProduct {
+    fn name(&self) -> StaticName {
+        "QuantProduct".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        let w = &self.weights;
+        Ok(vec![format!(
+            "{}×{}×{}, {:?}, {:?} tile",
+            self.m, w.k, w.n, w.quant, self.tile
+        )])
+    }
+    op_as_typed_op!();
+}
+
+impl EvalOp for QuantProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        ensure!(
+            x.shape() == &*self.input_shape,
+            "QuantProduct: input of shape {:?}, planned for {:?}",
+            x.shape(),
+            self.input_shape
+        );
+        let ram = x.try_as_plain_ram()?;
+        let xs = ram.as_slice::<f32>()?;
+        let (m, w) = (self.m, &self.weights);
+        let out = crate::qdense::quant_product_tensor(
+            xs,
+            m,
+            self.a,
+            w,
+            &self.output_shape,
+            self.c,
+            self.tile,
+        )?;
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for QuantProduct {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        expect_f32(inputs, "QuantProduct")?;
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+    as_op!();
+}
+
+/// Whether `outlet` is a constant whose values all equal `value` (as float32).
+fn const_all(model: &TypedModel, outlet: OutletId, value: f32) -> bool {
+    let Some(k) = model.outlet_fact(outlet).ok().and_then(|f| f.konst.clone()) else {
+        return false;
+    };
+    k.cast_to::<f32>().is_ok_and(|v| {
+        v.try_as_plain_ram()
+            .and_then(|r| Ok(r.as_slice::<f32>()?.iter().all(|&x| x == value)))
+            .unwrap_or(false)
+    })
+}
+
+/// The node `outlet` comes from, past any axes added to it (`AddAxis`, as broadcasting writes
+/// them).
+fn through_added_axes(model: &TypedModel, mut outlet: OutletId) -> OutletId {
+    use tract_onnx::tract_core::ops::change_axes::AxisOp;
+    loop {
+        let n = model.node(outlet.node);
+        match (n.op_as::<AxisOp>(), &n.inputs[..]) {
+            (Some(AxisOp::Add(_)), [input]) => outlet = *input,
+            _ => return outlet,
+        }
+    }
+}
+
+/// Reads tract's decluttered form of a quantized linear layer, from its integer product
+/// (`node`, an `EinSum` on int32 of uint8 activations and constant int8 weights with zero
+/// points, as ONNX `MatMulInteger` becomes): before it, the activation's quantizer (tract's
+/// `DynamicQuantizeLinearU8`, or a `QuantizeLinear` with a constant scale and zero point); after
+/// it, a cast to float32 and a product by the columns' scales (for a dynamic quantizer, the
+/// weights' scales times the input's). Returns the float32 activation, the op to put in place
+/// of the scaled product and that product's node; `None` for any other form.
+fn match_quant(
+    model: &TypedModel,
+    node: &TypedNode,
+    tile: crate::qdense::QuantTile,
+) -> TractResult<Option<(OutletId, QuantProduct, usize)>> {
+    use crate::qdense::{ActivationQuant, PackedI8};
+    use tract_onnx::tract_core::ops::cast::Cast;
+    use tract_onnx::tract_core::ops::einsum::EinSum;
+    let Some(op) = node.op_as::<EinSum>() else {
+        return Ok(None);
+    };
+    // (a, b, bias, a0, a_scale, b0, b_scale, c0, c_scale): no bias, unit scales, zero `b0`
+    // and `c0`, constant int8 weights.
+    let i = &node.inputs;
+    if op.operating_dt != i32::datum_type() || i.len() != 9 {
+        return Ok(None);
+    }
+    let unit = [4, 6, 8].iter().all(|&s| const_all(model, i[s], 1.0));
+    let zero = [2, 5, 7].iter().all(|&s| const_all(model, i[s], 0.0));
+    let out_fact = model.outlet_fact(node.id.into())?;
+    let w_fact = model.outlet_fact(i[1])?;
+    let Some(w) = w_fact.konst.clone() else {
+        return Ok(None);
+    };
+    if !unit
+        || !zero
+        || w.datum_type() != i8::datum_type()
+        || out_fact.datum_type != i32::datum_type()
+    {
+        return Ok(None);
+    }
+    // The quantizer.
+    let q = model.node(i[0].node);
+    let (x, quant) = if q.op().name() == "DynamicQuantizeLinearU8"
+        && q.outputs.len() == 3
+        && i[0].slot == 0
+        && i[3] == OutletId::new(q.id, 2)
+    {
+        (q.inputs[0], ActivationQuant::Dynamic)
+    } else if let Some(ql) = q
+        .op_as::<ElementWiseOp>()
+        .and_then(|e| e.0.downcast_ref::<QuantizeLinearU8>())
+    {
+        let zero_point = ql.zero_point;
+        if !const_all(model, i[3], zero_point as f32) {
+            return Ok(None);
+        }
+        let quant = ActivationQuant::Static {
+            inv_scale: ql.scale,
+            zero_point,
+        };
+        (q.inputs[0], quant)
+    } else {
+        return Ok(None);
+    };
+    let x_fact = model.outlet_fact(x)?;
+    let (Some(xs), Some(out_shape)) = (x_fact.shape.as_concrete(), out_fact.shape.as_concrete())
+    else {
+        return Ok(None);
+    };
+    if x_fact.datum_type != f32::datum_type() || q.inputs.len() != 1 {
+        return Ok(None);
+    }
+    let Some(axes) = ProductAxes::read(op, (0, xs), (1, w.shape()), out_shape) else {
+        return Ok(None);
+    };
+    // The cast to float32, then the product by the columns' scales.
+    let Some(cast) = only_successor(model, node.id)
+        .filter(|c| c.op_as::<Cast>().is_some_and(|c| c.to == f32::datum_type()))
+    else {
+        return Ok(None);
+    };
+    let Some(mul) = only_successor(model, cast.id)
+        .filter(|m| m.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>()))
+    else {
+        return Ok(None);
+    };
+    if model.outlet_fact(mul.id.into())?.shape.as_concrete() != Some(out_shape) {
+        return Ok(None);
+    }
+    let [scales] = mul
+        .inputs
+        .iter()
+        .filter(|o| o.node != cast.id)
+        .collect::<Vec<_>>()[..]
+    else {
+        return Ok(None);
+    };
+    let rank = out_shape.len();
+    let n = (axes.n_out, axes.n);
+    let scales = match quant {
+        ActivationQuant::Static { .. } => match &model.outlet_fact(*scales)?.konst {
+            Some(k) => along_n(k, rank, n)?,
+            None => None,
+        },
+        ActivationQuant::Dynamic => {
+            // The weights' scales (a constant along `n`) times the input's scale.
+            let s_fact = model.outlet_fact(*scales)?;
+            let shape_along_n = s_fact.shape.as_concrete().is_some_and(|s| {
+                s.len() <= rank
+                    && s.iter()
+                        .enumerate()
+                        .all(|(a, &d)| d == 1 || (a + rank - s.len() == axes.n_out && d == axes.n))
+            });
+            let prod = model.node(through_added_axes(model, *scales).node);
+            let input_scale = OutletId::new(q.id, 1);
+            match (
+                shape_along_n,
+                prod.op_as::<TypedBinOp>().is_some_and(|b| b.0.is::<Mul>()),
+                &prod.inputs[..],
+            ) {
+                (true, true, [p, r]) => {
+                    let (kp, kr) = (
+                        model.outlet_fact(*p)?.konst.clone(),
+                        model.outlet_fact(*r)?.konst.clone(),
+                    );
+                    let (konst, other) = match (kp, kr) {
+                        (Some(k), None) => (k, *r),
+                        (None, Some(k)) => (k, *p),
+                        _ => return Ok(None),
+                    };
+                    let values = konst.cast_to::<f32>()?;
+                    let values = values.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
+                    let ok = through_added_axes(model, other) == input_scale
+                        && konst.datum_type() == f32::datum_type()
+                        && (values.len() == 1 || values.len() == axes.n);
+                    ok.then_some(values)
+                }
+                _ => None,
+            }
+        }
+    };
+    let Some(scales) = scales else {
+        return Ok(None);
+    };
+    let wv = w.try_as_plain_ram()?;
+    let wv = wv.as_slice::<i8>()?;
+    let packed = PackedI8::new(
+        axes.k,
+        axes.n,
+        |kk, j| wv[axes.weight_index(kk, j)],
+        &scales,
+        quant,
+    )?;
+    Ok(Some((
+        x,
+        QuantProduct {
+            weights: Arc::new(packed),
+            input_shape: xs.into(),
+            output_shape: out_shape.into(),
+            n_axis: axes.n_out,
+            m: axes.m,
+            a: axes.a,
+            c: axes.c,
+            tile,
+        },
+        mul.id,
+    )))
+}
+
+/// Puts a [`QuantProduct`] in place of each quantized linear layer in a decluttered model
+/// (before tract's codegen), from its quantizer to its scaled output, with the constant it
+/// adds next and an exact GELU after that folded in; returns how many.
+pub fn quant_products(
+    model: &mut TypedModel,
+    tile: crate::qdense::QuantTile,
+) -> TractResult<usize> {
+    replace_nodes(model, |model, node| {
+        let Some((input, mut op, mut replaced)) = match_quant(model, node, tile)? else {
+            return Ok(None);
+        };
+        let n = (op.n_axis, op.weights.n);
+        if let Some((add, bias)) = match_bias(model, model.node(replaced), &op.output_shape, n)? {
+            Arc::get_mut(&mut op.weights)
+                .expect("not shared yet")
+                .add_bias(&bias);
+            replaced = add;
+        }
+        if let Some(gelu) = only_successor(model, replaced).filter(|n| is_gelu_exact(n)) {
+            Arc::get_mut(&mut op.weights).expect("not shared yet").gelu = true;
+            replaced = gelu.id;
+        }
+        Ok(Some(Replacement {
+            input,
+            ops: vec![Box::new(op)],
+            replaced,
+        }))
+    })
+}
+
 /// One image's multi-head self-attention on [`crate::dense::attention`]: in place of tract's
 /// split of the fused `qkv` product into heads (a reshape, two moves and three gathers, each a
 /// copy), its two batched products and its softmax. Input `[1, tokens, 3·heads·dim]`, output
-/// `[tokens, heads, dim]`, as the graph it replaces.
+/// `[tokens, heads, dim]` (or `[1, tokens, heads, dim]`), as the graph it replaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SelfAttention {
     tokens: usize,
     heads: usize,
     dim: usize,
+    /// The output is `[1, tokens, heads, dim]` (the same values).
+    leading_one: bool,
     /// The scale of the queries, as its bits.
     scale_bits: u32,
     tile: crate::dense::Tile,
+}
+
+impl SelfAttention {
+    fn output_shape(&self) -> TVec<usize> {
+        let shape = tvec![self.tokens, self.heads, self.dim];
+        if self.leading_one {
+            std::iter::once(1).chain(shape).collect()
+        } else {
+            shape
+        }
+    }
 }
 
 impl Op for SelfAttention {
@@ -521,7 +913,7 @@ impl EvalOp for SelfAttention {
             3 * h * d
         );
         let ram = qkv.try_as_plain_ram()?;
-        let mut out = Tensor::zero::<f32>(&[t, h, d])?;
+        let mut out = Tensor::zero::<f32>(&self.output_shape())?;
         {
             let mut o = out.try_as_plain_ram_mut()?;
             let scale = f32::from_bits(self.scale_bits);
@@ -535,7 +927,7 @@ impl EvalOp for SelfAttention {
 impl TypedOp for SelfAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         expect_f32(inputs, "SelfAttention")?;
-        Ok(tvec!(f32::fact([self.tokens, self.heads, self.dim])))
+        Ok(tvec!(f32::fact(&*self.output_shape())))
     }
     as_op!();
 }
@@ -591,9 +983,20 @@ fn match_attention(
         s([Some(2), None, Some(1)]),
         s([Some(3), Some(3), None]),
     ];
+    // bmk,abkn->ambn: the same, keeping the unit axis `a` (tract writes it so when the
+    // product after it is quantized).
+    let mut weighted_4d = vec![
+        s([None, Some(0), Some(0)]),
+        s([None, Some(3), Some(3)]),
+        s([Some(0), Some(1), Some(2)]),
+        s([Some(1), None, Some(1)]),
+        s([Some(2), Some(2), None]),
+    ];
     weighted.sort();
+    weighted_4d.sort();
     scores.sort();
-    if einsum_signature(node)? != weighted {
+    let signature = einsum_signature(node)?;
+    if signature != weighted && signature != weighted_4d {
         return None;
     }
     let softmax = model.node(node.inputs[0].node);
@@ -651,13 +1054,20 @@ fn match_attention(
         return None;
     }
     let out = model.outlet_fact(node.id.into()).ok()?;
-    if out.shape.as_concrete()? != [tokens, heads, dim] || out.datum_type != f32::datum_type() {
+    let out_shape = out.shape.as_concrete()?;
+    let leading_one = match out_shape {
+        [t, h, d] if [*t, *h, *d] == [tokens, heads, dim] => false,
+        [1, t, h, d] if [*t, *h, *d] == [tokens, heads, dim] => true,
+        _ => return None,
+    };
+    if out.datum_type != f32::datum_type() {
         return None;
     }
     let op = SelfAttention {
         tokens,
         heads,
         dim,
+        leading_one,
         scale_bits: scale.to_bits(),
         tile,
     };
@@ -749,8 +1159,8 @@ fn layer_norm_core(xs: &[f32], ys: &mut [f32], d: usize, inner: usize, eps: f32)
     let block = d * inner;
     if inner == 1 {
         for (x, y) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)) {
-            let mean = x.iter().sum::<f32>() / d as f32;
-            let var = x.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / d as f32;
+            let mean = lane_sum(x, |v| v) / d as f32;
+            let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
             let r = 1.0 / (var + eps).sqrt();
             for (o, v) in y.iter_mut().zip(x) {
                 *o = (v - mean) * r;
@@ -783,6 +1193,21 @@ fn layer_norm_core(xs: &[f32], ys: &mut [f32], d: usize, inner: usize, eps: f32)
             }
         }
     }
+}
+
+/// `Σ f(x)` in 16 lanes (so that the compiler vectorises it), then across them.
+#[inline(always)]
+fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+    const LANES: usize = 16;
+    let mut acc = [0f32; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..LANES {
+            acc[i] += f(c[i]);
+        }
+    }
+    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// The constant scalar feeding `node` (of its two inputs), if any.
@@ -1003,16 +1428,6 @@ fn eval_const(
         .and_then(|mut out| (out.len() == 1).then(|| out.remove(0))))
 }
 
-/// `v` clamped to `[lo, hi]` (both within ±2²²) and rounded to the nearest integer, ties to
-/// even: adding 1.5 · 2²³ rounds the sum to an integer held in its low mantissa bits. Safe code
-/// that the compiler vectorises, where `round_ties_even` is a call per element and a
-/// saturating float-to-integer cast is not vectorised.
-#[inline(always)]
-fn round_clamped(v: f32, lo: f32, hi: f32) -> i32 {
-    const ROUND: f32 = 12_582_912.0;
-    (v.clamp(lo, hi) + ROUND).to_bits() as i32 - 0x4B40_0000
-}
-
 /// `xs` quantised to uint8 (shape `shape`): `scaled(x)` rounded half to even, plus the zero
 /// point, saturated.
 fn quantize_u8(
@@ -1021,14 +1436,10 @@ fn quantize_u8(
     zero_point: u8,
     scaled: impl Fn(f32) -> f32,
 ) -> TractResult<Tensor> {
-    let z = zero_point as f32;
-    let (lo, hi) = (-z - 1.0, 256.0 - z);
     let mut y = Tensor::zero::<u8>(shape)?;
     {
         let mut out = y.try_as_plain_ram_mut()?;
-        for (y, x) in out.as_slice_mut::<u8>()?.iter_mut().zip(xs) {
-            *y = (round_clamped(scaled(*x), lo, hi) + zero_point as i32).clamp(0, 255) as u8;
-        }
+        crate::qdense::quantize_into(xs, out.as_slice_mut::<u8>()?, zero_point, scaled);
     }
     Ok(y)
 }
@@ -1038,39 +1449,6 @@ fn quantize_u8(
 /// takes the range and rounds element by element.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
 pub struct DynamicQuantU8;
-
-/// `(scale, zero point)` of `xs`'s range widened to hold zero, as ONNX defines them.
-fn dynamic_range(xs: &[f32]) -> (f32, u8) {
-    const LANES: usize = 16;
-    let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
-            hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
-        }
-    }
-    let min = lo
-        .iter()
-        .chain(rest)
-        .fold(0f32, |a, &v| if v < a { v } else { a });
-    let max = hi
-        .iter()
-        .chain(rest)
-        .fold(0f32, |a, &v| if v > a { v } else { a });
-    let scale = (max - min) / 255.0;
-    let zero_point = (-min / scale).round_ties_even().clamp(0.0, 255.0);
-    // A range of zero gives a NaN zero point, which tract (and `as`) make 0.
-    (
-        scale,
-        if zero_point.is_nan() {
-            0
-        } else {
-            zero_point as u8
-        },
-    )
-}
 
 impl Op for DynamicQuantU8 {
     fn name(&self) -> StaticName {
@@ -1086,7 +1464,7 @@ impl EvalOp for DynamicQuantU8 {
         let x = args_1!(inputs);
         let ram = x.try_as_plain_ram()?;
         let xs = ram.as_slice::<f32>()?;
-        let (scale, zp) = dynamic_range(xs);
+        let (scale, zp) = crate::qdense::dynamic_range(xs);
         // A range of zero (all zeros) leaves every value at the zero point.
         let y = if scale > 0.0 {
             quantize_u8(xs, x.shape(), zp, |x| x / scale)?
@@ -1775,9 +2153,10 @@ mod tests {
         ]
     }
 
-    /// `model` optimised with the rewrites (and what they did), and without.
+    /// `model` optimised with the rewrites that keep tract's int8 products (and what they
+    /// did), and without any.
     fn both_ways(model: TypedModel) -> (TypedModel, Rewritten, TypedModel) {
-        let (ours, done) = optimize(model.clone(), Rewrites::All).unwrap();
+        let (ours, done) = optimize(model.clone(), Rewrites::NoProducts).unwrap();
         let (theirs, _) = optimize(model, Rewrites::None).unwrap();
         (ours, done, theirs)
     }
@@ -1892,20 +2271,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_dynamic_range_holds_zero() {
-        assert_eq!(dynamic_range(&[]), (0.0, 0));
-        let (s, z) = dynamic_range(&[0.0, 2.0, -3.0, -2.5, 1.34, 0.5]);
-        assert!((s - 5.0 / 255.0).abs() < 1e-9 && z == 153, "{s} {z}");
-        let (s, z) = dynamic_range(&[1.0, 2.1, 4.0]);
-        assert!((s - 4.0 / 255.0).abs() < 1e-9 && z == 0, "{s} {z}");
-        // Past the 16-wide lanes: the minimum in the remainder.
-        let mut v = vec![3.0f32; 37];
-        v[36] = -1.0;
-        let (s, z) = dynamic_range(&v);
-        assert!((s - 4.0 / 255.0).abs() < 1e-9 && z == 64, "{s} {z}");
-    }
-    /// `static_int8`'s file through [`parse`]'s rewrite, and tract's own reading of it.
+    /// `static_int8`'s file through [`parse`]'s rewrite (tract's int8 products kept), and
+    /// tract's own reading of it.
     fn integer_and_own(bytes: &[u8]) -> (usize, TypedModel, Rewritten, TypedModel) {
         use prost::Message;
         let mut proto = pb::ModelProto::decode(bytes).unwrap();
@@ -1915,7 +2282,7 @@ mod tests {
             .unwrap()
             .into_typed()
             .unwrap();
-        let (ours, done) = optimize(model, Rewrites::All).unwrap();
+        let (ours, done) = optimize(model, Rewrites::NoProducts).unwrap();
         let (theirs, _) = optimize(typed(bytes), Rewrites::None).unwrap();
         (integer, ours, done, theirs)
     }
@@ -2091,6 +2458,262 @@ mod tests {
                     "y[{i}][{j}]: {g} vs {want}"
                 );
             }
+        }
+    }
+    /// The exact GELU as `mae-export` writes it, from `x` to `y`.
+    fn gelu_nodes(x: &str, y: &str) -> Vec<pb::NodeProto> {
+        let g = |i: usize| format!("{y}.gelu{i}");
+        vec![
+            node("Div", &[x, "sqrt2"], &g(1), vec![]),
+            node("Erf", &[&g(1)], &g(2), vec![]),
+            node("Add", &[&g(2), "one"], &g(3), vec![]),
+            node("Mul", &[x, &g(3)], &g(4), vec![]),
+            node("Mul", &[&g(4), "half"], y, vec![]),
+        ]
+    }
+
+    fn gelu_constants() -> Vec<pb::TensorProto> {
+        vec![
+            float_init("sqrt2", &[], vec![std::f32::consts::SQRT_2]),
+            float_init("one", &[], vec![1.0]),
+            float_init("half", &[], vec![0.5]),
+        ]
+    }
+
+    /// `dynamic_int8`'s layer, then a bias and the exact GELU.
+    fn dynamic_int8_gelu(k: i64, n: i64) -> Vec<u8> {
+        use prost::Message;
+        let mut proto = pb::ModelProto::decode(&dynamic_int8(k, n)[..]).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let last = graph.node.last_mut().unwrap();
+        last.output = vec!["lin".into()];
+        last.name = "lin".into();
+        graph.node.push(node("Add", &["lin", "b"], "fc", vec![]));
+        graph.node.extend(gelu_nodes("fc", "y"));
+        graph.initializer.push(init("b", &[n], 41));
+        graph.initializer.extend(gelu_constants());
+        let mut bytes = vec![];
+        proto.encode(&mut bytes).unwrap();
+        bytes
+    }
+
+    /// Inputs for a `[1, rows, k]` layer: a range that does not hold zero on one side, values
+    /// exactly on the grid's half steps, and all zeros.
+    fn int8_inputs(rows: usize, k: usize) -> Vec<Tensor> {
+        [
+            floats(3, rows * k)
+                .iter()
+                .map(|v| v * 2.0 + 0.5)
+                .collect::<Vec<f32>>(),
+            (0..rows * k).map(|i| (i % 256) as f32 * 0.5).collect(),
+            vec![0.0; rows * k],
+        ]
+        .into_iter()
+        .map(|x| {
+            tract_ndarray::Array3::from_shape_vec((1, rows, k), x)
+                .unwrap()
+                .into()
+        })
+        .collect()
+    }
+
+    /// `model` with its quantized layers on [`QuantProduct`] (`tile`), as many as `expected`.
+    fn with_quant_products(
+        model: TypedModel,
+        tile: crate::qdense::QuantTile,
+        expected: usize,
+    ) -> TypedModel {
+        let mut ours = model.into_decluttered().unwrap();
+        assert_eq!(quant_products(&mut ours, tile).unwrap(), expected, "{ours}");
+        ours.optimize().unwrap();
+        assert_eq!(count::<QuantProduct>(&ours), expected, "{ours}");
+        ours
+    }
+
+    /// Dynamic and static int8 layers on `tile`: tract's numbers, bit for bit (the integer
+    /// sums are exact, then scaled as tract scales them), and with a bias and GELU folded in,
+    /// tract's within its GELU's rounding.
+    fn check_quant_products(tile: crate::qdense::QuantTile) {
+        let (k, n) = (70, 45);
+        let model = typed(&dynamic_int8(k, n));
+        let ours = with_quant_products(model.clone(), tile, 1);
+        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        for (case, x) in int8_inputs(5, k as usize).iter().enumerate() {
+            let (a, b) = (run(ours.clone(), x), run(theirs.clone(), x));
+            assert_eq!(a, b, "{tile:?} dynamic, case {case}: not tract's numbers");
+        }
+        let model = typed(&dynamic_int8_gelu(k, n));
+        let ours = with_quant_products(model.clone(), tile, 1);
+        let folded = ours
+            .nodes()
+            .iter()
+            .filter_map(|n| n.op_as::<QuantProduct>())
+            .all(|q| q.weights.gelu);
+        assert!(folded && !ours.nodes().iter().any(is_gelu_exact), "{ours}");
+        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        for (case, x) in int8_inputs(5, k as usize).iter().enumerate() {
+            let (a, b) = (run(ours.clone(), x), run(theirs.clone(), x));
+            assert_close(&format!("{tile:?} GELU, case {case}"), &a, &b, 1e-5);
+            assert!(a.iter().any(|v| v.abs() > 0.1), "outputs near zero");
+        }
+        // Static: the file's QDQ product made integer, then on the packed kernel.
+        use prost::Message;
+        let (k, n) = (256, 96);
+        let mut proto = pb::ModelProto::decode(&static_int8(k, n)[..]).unwrap();
+        assert_eq!(qdq_to_integer(proto.graph.as_mut().unwrap()), 1);
+        let integer = tract_onnx::onnx()
+            .model_for_proto_model(&proto)
+            .unwrap()
+            .into_typed()
+            .unwrap();
+        let ours = with_quant_products(integer.clone(), tile, 1);
+        let (theirs, _) = optimize(integer, Rewrites::NoProducts).unwrap();
+        let x: Tensor = tract_ndarray::Array3::from_shape_vec(
+            (1, 4, k as usize),
+            floats(5, 4 * k as usize).iter().map(|v| v * 3.0).collect(),
+        )
+        .unwrap()
+        .into();
+        let (a, b) = (run(ours, &x), run(theirs, &x));
+        assert_eq!(a, b, "{tile:?} static: not tract's numbers");
+        assert!(a.iter().any(|v| v.abs() > 0.1), "outputs near zero");
+    }
+
+    #[test]
+    fn quantized_layers_give_tracts_numbers_on_the_portable_tile() {
+        check_quant_products(crate::qdense::QuantTile::Portable);
+    }
+
+    #[test]
+    #[cfg_attr(not(host_vnni), ignore = "needs a CPU with AVX-512 VNNI")]
+    fn quantized_layers_give_tracts_numbers_on_the_vnni_tile() {
+        check_quant_products(crate::qdense::QuantTile::Vnni);
+        // And `mae-run`'s default rewrites choose them on this CPU; `no-products` does not.
+        let (ours, done) = optimize(typed(&dynamic_int8_gelu(70, 45)), Rewrites::All).unwrap();
+        assert_eq!(done.quant_products, 1, "{done:?}");
+        assert!(done
+            .describe(Rewrites::All)
+            .contains("1 int8 products on mae-run's packed kernel"));
+        assert_eq!(count::<QuantProduct>(&ours), 1);
+        let (_, without) =
+            optimize(typed(&dynamic_int8_gelu(70, 45)), Rewrites::NoProducts).unwrap();
+        assert_eq!(without.quant_products, 0, "{without:?}");
+    }
+
+    #[test]
+    fn quantized_products_of_other_forms_are_left_to_tract() {
+        use prost::Message;
+        let tile = crate::qdense::QuantTile::Portable;
+        // A weight zero point other than 0.
+        let mut proto = pb::ModelProto::decode(&dynamic_int8(16, 8)[..]).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let wz = graph
+            .initializer
+            .iter_mut()
+            .find(|t| t.name == "wz")
+            .unwrap();
+        wz.int32_data[0] = 3;
+        let mut bytes = vec![];
+        proto.encode(&mut bytes).unwrap();
+        with_quant_products(typed(&bytes), tile, 0);
+        // A symbolic batch.
+        let bytes = dynamic_int8(16, 8);
+        let mut model = tract_onnx::onnx().model_for_read(&mut &bytes[..]).unwrap();
+        let b = model.sym("batch");
+        let shape: TVec<TDim> = tvec![b.into(), 5.into(), 16.into()];
+        model
+            .set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))
+            .unwrap();
+        with_quant_products(model.into_typed().unwrap(), tile, 0);
+        // Float products.
+        with_quant_products(typed(&attention_block(5, 2, 4)), tile, 0);
+    }
+
+    /// `attention_block` with its four linear layers quantized dynamically, as `mae-export
+    /// --int8` writes them (`DynamicQuantizeLinear`, `MatMulInteger`, cast, times the scales,
+    /// plus the float bias).
+    fn int8_attention_block(tokens: i64, heads: i64, dim: i64) -> Vec<u8> {
+        use prost::Message;
+        let mut proto = pb::ModelProto::decode(&attention_block(tokens, heads, dim)[..]).unwrap();
+        let graph = proto.graph.as_mut().unwrap();
+        let mut nodes = vec![];
+        let mut weights = vec![];
+        for n in std::mem::take(&mut graph.node) {
+            let w = n.input.get(1).cloned().unwrap_or_default();
+            if n.op_type != "MatMul" || !w.ends_with("_w") {
+                nodes.push(n);
+                continue;
+            }
+            let t = graph.initializer.iter().find(|t| t.name == w).unwrap();
+            let (dims, values) = (t.dims.clone(), t.float_data.clone());
+            weights.push(w.clone());
+            let p = |s: &str| format!("{w}.{s}");
+            let mut quantize = node("DynamicQuantizeLinear", &[&n.input[0]], &p("xq"), vec![]);
+            quantize.output = vec![p("xq"), p("xs"), p("xz")];
+            let to = vec![int("to", DataType::Float as i64)];
+            nodes.extend([
+                quantize,
+                node(
+                    "MatMulInteger",
+                    &[&p("xq"), &p("q"), &p("xz"), &p("z")],
+                    &p("acc"),
+                    vec![],
+                ),
+                node("Cast", &[&p("acc")], &p("accf"), to),
+                node("Mul", &[&p("xs"), &p("s")], &p("scale"), vec![]),
+                node("Mul", &[&p("accf"), &p("scale")], &n.output[0], vec![]),
+            ]);
+            let peak = values.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let q: Vec<i32> = values
+                .iter()
+                .map(|v| (v / peak * 127.0).round() as i32)
+                .collect();
+            graph.initializer.extend([
+                int_init(&p("q"), &dims, DataType::Int8, q),
+                float_init(&p("s"), &[], vec![peak / 127.0]),
+                int_init(&p("z"), &[], DataType::Int8, vec![0]),
+            ]);
+        }
+        graph.node = nodes;
+        graph.initializer.retain(|t| !weights.contains(&t.name));
+        let mut bytes = vec![];
+        proto.encode(&mut bytes).unwrap();
+        bytes
+    }
+
+    #[test]
+    fn int8_blocks_fuse_attention_and_run_their_layers_on_the_packed_kernel() {
+        let (tokens, heads, dim) = (13, 3, 8);
+        let model = typed(&int8_attention_block(tokens, heads, dim));
+        let tile = crate::qdense::QuantTile::Portable;
+        let mut ours = model.clone().into_decluttered().unwrap();
+        assert_eq!(
+            fuse_attention(&mut ours, crate::dense::Tile::Portable).unwrap(),
+            1
+        );
+        assert_eq!(quant_products(&mut ours, tile).unwrap(), 4, "{ours}");
+        ours.optimize().unwrap();
+        assert_eq!(count::<SelfAttention>(&ours), 1);
+        assert_eq!(count::<QuantProduct>(&ours), 4);
+        assert!(!ours.nodes().iter().any(is_gelu_exact), "{ours}");
+        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        let n = (tokens * heads * dim) as usize;
+        let x: Tensor = tract_ndarray::Array3::from_shape_vec(
+            (1, tokens as usize, (heads * dim) as usize),
+            floats(31, n).iter().map(|v| v * 2.0).collect(),
+        )
+        .unwrap()
+        .into();
+        let (a, b) = (run(ours, &x), run(theirs, &x));
+        // The attention sums in another order, which may move a value of the next
+        // quantization by one step: within a step of the weights' scale of the output's range.
+        let peak = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(peak > 0.1, "outputs near zero");
+        for (i, (p, q)) in a.iter().zip(&b).enumerate() {
+            assert!(
+                (p - q).abs() <= 1e-3 * peak,
+                "[{i}]: {p} vs {q} (peak {peak})"
+            );
         }
     }
 }
