@@ -402,8 +402,13 @@ pub fn product_tensor(
 
 /// Multi-head self-attention over one image's `qkv` (`tokens × 3·heads·dim`, token-major: the
 /// queries, then the keys, then the values, each head's `dim` values together), into `out`
-/// (`tokens × heads·dim`, token-major): per head, `softmax(scale · q·kᵀ) · v`. Heads split over
-/// the thread pool of tract's current executor; the softmax runs on tract's own row kernels.
+/// (`tokens × heads·dim`, token-major): per head, `softmax(scale · q·kᵀ) · v`.
+///
+/// Each head runs transposed, by blocks of [`NR`] queries, on the tiles of the linear layers:
+/// the scores `k · (scale · q)ᵀ` of a block come out as `tokens × NR`, which is already the
+/// weight layout of the second product `vᵀ · p`, so nothing is packed between the two; the
+/// softmax runs down the columns (its exponential on tract's own kernel) and divides the
+/// outputs by its sums. Heads split over the thread pool of tract's current executor.
 pub fn attention(
     qkv: &[f32],
     tokens: usize,
@@ -413,7 +418,6 @@ pub fn attention(
     out: &mut [f32],
     tile: Tile,
 ) -> anyhow::Result<()> {
-    use tract_linalg::routines::Func;
     let width = heads * dim;
     anyhow::ensure!(
         qkv.len() == tokens * 3 * width && out.len() == tokens * width,
@@ -421,61 +425,192 @@ pub fn attention(
         qkv.len(),
         out.len()
     );
-    let max = Func::ReduceMax.reduce_f32()?;
-    let exp_sum = Func::Softmax2.map_reduce_f32()?;
-    let mul = Func::MulByScalar.ew_f32_param()?;
+    anyhow::ensure!(
+        tile == Tile::Portable || avx512(),
+        "attention: this CPU has no AVX-512F"
+    );
+    if tokens == 0 || width == 0 {
+        return Ok(());
+    }
+    let exp = tract_linalg::routines::Func::Softmax2.map_reduce_f32()?;
     let row = Strides {
         row: 3 * width,
         col: 1,
     };
-    let one_head = |h: usize| -> anyhow::Result<Vec<f32>> {
-        // The keys, transposed and scaled, and the values, as weights.
-        let transposed = Strides {
+    let dst = Out(out.as_mut_ptr());
+    let one_head = |h: usize| -> anyhow::Result<()> {
+        // The keys as row panels (`tokens × dim`), the values transposed (`dim × tokens`).
+        let mut keys = vec![0f32; tokens.div_ceil(MR) * dim * MR];
+        for (t, p) in keys.chunks_exact_mut(dim * MR).enumerate() {
+            pack_panel(&qkv[width + h * dim..], tokens, dim, row, t, p);
+        }
+        let mut values = vec![0f32; dim.div_ceil(MR) * tokens * MR];
+        let by_dim = Strides {
             row: 1,
             col: 3 * width,
         };
-        let keys =
-            PackedWeights::from_strided(dim, tokens, &qkv[width + h * dim..], transposed, scale)?;
-        let values =
-            PackedWeights::from_strided(tokens, dim, &qkv[2 * width + h * dim..], row, 1.0)?;
-        let mut scores = vec![0f32; tokens * tokens];
-        let q = &qkv[h * dim..];
-        let square = Strides {
-            row: tokens,
-            col: 1,
-        };
-        product_on(q, tokens, row, &keys, &mut scores, square, tile, None)?;
-        for r in scores.chunks_exact_mut(tokens) {
-            let m = max.run(r)?;
-            let sum = exp_sum.run_with_params(r, m)?;
-            mul.run_with_params(r, sum.recip())?;
+        for (t, p) in values.chunks_exact_mut(tokens * MR).enumerate() {
+            pack_panel(&qkv[2 * width + h * dim..], dim, tokens, by_dim, t, p);
         }
-        let mut o = vec![0f32; tokens * dim];
-        product_on(
-            &scores,
-            tokens,
-            square,
-            &values,
-            &mut o,
-            Strides { row: dim, col: 1 },
-            tile,
-            None,
-        )?;
-        Ok(o)
+        let mut queries = vec![0f32; dim * NR];
+        let mut scores = vec![0f32; tokens * NR];
+        let zero = [0f32; NR];
+        let mut acc = [[0f32; NR]; MR];
+        for first in (0..tokens).step_by(NR) {
+            let cols = (tokens - first).min(NR);
+            // This block's queries, scaled, as a weight panel `dim × NR` (zero past `cols`).
+            queries.fill(0.0);
+            for c in 0..cols {
+                let q = &qkv[(first + c) * 3 * width + h * dim..][..dim];
+                for (kk, v) in q.iter().enumerate() {
+                    queries[kk * NR + c] = scale * v;
+                }
+            }
+            // The scores, `tokens × NR`: key-major, each row one key against the block.
+            for (t, kp) in keys.chunks_exact(dim * MR).enumerate() {
+                run_tile(tile, kp, &queries, dim, &zero, &mut acc);
+                let rows = (tokens - t * MR).min(MR);
+                for (r, a) in acc.iter().enumerate().take(rows) {
+                    scores[(t * MR + r) * NR..][..NR].copy_from_slice(a);
+                }
+            }
+            let inv = softmax_columns(&mut scores, &*exp, tile)?;
+            // The outputs, transposed: `dim × NR`, each row one of the head's values.
+            for (t, vp) in values.chunks_exact(tokens * MR).enumerate() {
+                run_tile(tile, vp, &scores, tokens, &zero, &mut acc);
+                let rows = (dim - t * MR).min(MR);
+                for a in acc.iter_mut() {
+                    for (v, i) in a.iter_mut().zip(&inv) {
+                        *v *= i;
+                    }
+                }
+                for j in 0..cols {
+                    let at = (first + j) * width + h * dim + t * MR;
+                    for (r, a) in acc.iter().enumerate().take(rows) {
+                        // SAFETY: token first + j < tokens and h·dim + t·MR + r < width, so
+                        // the index is within `out`; only this head writes its columns.
+                        unsafe { *dst.at(at + r) = a[j] };
+                    }
+                }
+            }
+        }
+        Ok(())
     };
-    let per_head: Vec<anyhow::Result<Vec<f32>>> = match current_tract_executor() {
+    match current_tract_executor() {
         Executor::MultiThread(pool) => {
-            pool.install(|| (0..heads).into_par_iter().map(one_head).collect())
+            pool.install(|| (0..heads).into_par_iter().try_for_each(one_head))
         }
-        _ => (0..heads).map(one_head).collect(),
-    };
-    for (h, o) in per_head.into_iter().enumerate() {
-        let o = o?;
-        for (dst, src) in out.chunks_exact_mut(width).zip(o.chunks_exact(dim)) {
-            dst[h * dim..(h + 1) * dim].copy_from_slice(src);
+        _ => (0..heads).try_for_each(one_head),
+    }
+}
+
+/// The softmax down each column of `scores` (`rows × NR`), in place: each value less its
+/// column's largest, exponentiated on tract's kernel; returns the inverses of the columns' sums
+/// (by which the outputs are then multiplied).
+fn softmax_columns(
+    scores: &mut [f32],
+    exp: &dyn tract_linalg::reduce::MapReduce<f32, f32>,
+    tile: Tile,
+) -> anyhow::Result<[f32; NR]> {
+    #[cfg(target_arch = "x86_64")]
+    if tile == Tile::Avx512 {
+        // SAFETY: the caller checked AVX-512F for this tile.
+        unsafe { subtract_column_max_avx512(scores) };
+        exp.run_with_params(scores, 0.0)?;
+        // SAFETY: as above.
+        return Ok(unsafe { column_sums_avx512(scores) }.map(f32::recip));
+    }
+    let mut max = [f32::NEG_INFINITY; NR];
+    for s in scores.chunks_exact(NR) {
+        for (m, v) in max.iter_mut().zip(s) {
+            *m = if *v > *m { *v } else { *m };
         }
     }
-    Ok(())
+    for s in scores.chunks_exact_mut(NR) {
+        for (v, m) in s.iter_mut().zip(&max) {
+            *v -= m;
+        }
+    }
+    exp.run_with_params(scores, 0.0)?;
+    let mut sum = [0f32; NR];
+    for s in scores.chunks_exact(NR) {
+        for (t, v) in sum.iter_mut().zip(s) {
+            *t += v;
+        }
+    }
+    Ok(sum.map(f32::recip))
+}
+
+/// Each value of `scores` (`rows × NR`) less its column's largest, on AVX-512F.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn subtract_column_max_avx512(scores: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let (mut m0, mut m1) = (
+        _mm512_set1_ps(f32::NEG_INFINITY),
+        _mm512_set1_ps(f32::NEG_INFINITY),
+    );
+    for s in scores.chunks_exact(NR) {
+        // SAFETY: each chunk holds NR = 32 values.
+        unsafe {
+            m0 = _mm512_max_ps(_mm512_loadu_ps(s.as_ptr()), m0);
+            m1 = _mm512_max_ps(_mm512_loadu_ps(s.as_ptr().add(16)), m1);
+        }
+    }
+    for s in scores.chunks_exact_mut(NR) {
+        let p = s.as_mut_ptr();
+        // SAFETY: as above.
+        unsafe {
+            _mm512_storeu_ps(p, _mm512_sub_ps(_mm512_loadu_ps(p), m0));
+            _mm512_storeu_ps(p.add(16), _mm512_sub_ps(_mm512_loadu_ps(p.add(16)), m1));
+        }
+    }
+}
+
+/// The sums of the columns of `scores` (`rows × NR`), on AVX-512F.
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn column_sums_avx512(scores: &[f32]) -> [f32; NR] {
+    use std::arch::x86_64::*;
+    let (mut s0, mut s1) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    for s in scores.chunks_exact(NR) {
+        // SAFETY: each chunk holds NR = 32 values.
+        unsafe {
+            s0 = _mm512_add_ps(_mm512_loadu_ps(s.as_ptr()), s0);
+            s1 = _mm512_add_ps(_mm512_loadu_ps(s.as_ptr().add(16)), s1);
+        }
+    }
+    let mut sum = [0f32; NR];
+    // SAFETY: `sum` holds NR = 32 values.
+    unsafe {
+        _mm512_storeu_ps(sum.as_mut_ptr(), s0);
+        _mm512_storeu_ps(sum.as_mut_ptr().add(16), s1);
+    }
+    sum
+}
+
+/// `acc = bias + a · w` on `tile` (checked by the caller to run on this CPU).
+fn run_tile(
+    tile: Tile,
+    a: &[f32],
+    w: &[f32],
+    k: usize,
+    bias: &[f32; NR],
+    acc: &mut [[f32; NR]; MR],
+) {
+    assert!(a.len() >= k * MR && w.len() >= k * NR, "tile: short panels");
+    match tile {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the caller checked AVX-512F; the panels' lengths were just checked.
+        Tile::Avx512 => unsafe { avx512_tile(a, w, k, bias, acc) },
+        _ => portable_tile(a, w, k, bias, acc),
+    }
 }
 
 /// One tile: `acc[r][j] = bias[j] + Σ_kk a[kk][r] · w[kk][j]`, in order of kk.
@@ -603,6 +738,59 @@ mod tests {
         product(&a, m, s, &w, &mut x, cs, Tile::Avx512).unwrap();
         product(&a, m, s, &w, &mut y, cs, Tile::Portable).unwrap();
         assert_eq!(x, y, "the tiles sum in the same order");
+    }
+
+    /// Checks [`attention`] on `tile` against a direct softmax in f64, on sizes that cross the
+    /// query blocks, the key panels and the value panels with partial ones.
+    fn check_attention(tile: Tile) {
+        for &(tokens, heads, dim) in &[(1, 1, 1), (13, 3, 8), (70, 2, 20), (33, 1, 12)] {
+            let width = heads * dim;
+            let qkv: Vec<f32> = values(tokens * 3 * width, 7)
+                .iter()
+                .map(|v| v * 3.0)
+                .collect();
+            let scale = 0.3f32;
+            let mut out = vec![f32::NAN; tokens * width];
+            attention(&qkv, tokens, heads, dim, scale, &mut out, tile).unwrap();
+            let at = |t: usize, part: usize, h: usize, d: usize| {
+                qkv[t * 3 * width + part * width + h * dim + d] as f64
+            };
+            for h in 0..heads {
+                for i in 0..tokens {
+                    let s: Vec<f64> = (0..tokens)
+                        .map(|j| {
+                            (0..dim)
+                                .map(|d| at(i, 0, h, d) * at(j, 1, h, d))
+                                .sum::<f64>()
+                                * scale as f64
+                        })
+                        .collect();
+                    let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
+                    let sum: f64 = e.iter().sum();
+                    for d in 0..dim {
+                        let want: f64 = (0..tokens).map(|j| e[j] / sum * at(j, 2, h, d)).sum();
+                        let got = out[i * width + h * dim + d] as f64;
+                        assert!(
+                            (got - want).abs() <= 1e-5 * (1.0 + want.abs()),
+                            "{tile:?} {tokens}×{heads}×{dim}, token {i}, head {h}, {d}: \
+                             {got} against {want}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn attention_on_the_portable_tile_matches_a_direct_softmax() {
+        check_attention(Tile::Portable);
+    }
+
+    #[test]
+    #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
+    fn attention_on_the_avx512_tile_matches_a_direct_softmax() {
+        check_attention(Tile::Avx512);
     }
 
     #[test]

@@ -160,6 +160,18 @@ pub(crate) fn quantize_into(
 /// `(scale, zero point)` of `xs`'s range widened to hold zero, as ONNX's
 /// `DynamicQuantizeLinear` defines them (and tract computes them).
 pub(crate) fn dynamic_range(xs: &[f32]) -> (f32, u8) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::dense::avx512() {
+        // SAFETY: AVX-512F was just checked.
+        let (min, max) = unsafe { range_avx512(xs) };
+        return range_to_quant(min, max);
+    }
+    let (min, max) = range_portable(xs);
+    range_to_quant(min, max)
+}
+
+/// The smallest and largest of `xs` and zero, on 16 lanes the compiler may vectorise.
+fn range_portable(xs: &[f32]) -> (f32, f32) {
     const LANES: usize = 16;
     let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
     let chunks = xs.chunks_exact(LANES);
@@ -178,6 +190,47 @@ pub(crate) fn dynamic_range(xs: &[f32]) -> (f32, u8) {
         .iter()
         .chain(rest)
         .fold(0f32, |a, &v| if v > a { v } else { a });
+    (min, max)
+}
+
+/// [`range_portable`] on 16 lanes of AVX-512F: the same comparisons, so the same values (a
+/// NaN is passed over both ways).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn range_avx512(xs: &[f32]) -> (f32, f32) {
+    use std::arch::x86_64::*;
+    let (mut lo, mut hi) = (_mm512_setzero_ps(), _mm512_setzero_ps());
+    let chunks = xs.chunks_exact(16);
+    let rest = chunks.remainder();
+    for c in chunks {
+        // SAFETY: `c` holds 16 values.
+        let v = unsafe { _mm512_loadu_ps(c.as_ptr()) };
+        // `min(v, lo)` is `v < lo ? v : lo`, as the portable loop.
+        lo = _mm512_min_ps(v, lo);
+        hi = _mm512_max_ps(v, hi);
+    }
+    let (mut l, mut h) = ([0f32; 16], [0f32; 16]);
+    // SAFETY: each array holds 16 values.
+    unsafe {
+        _mm512_storeu_ps(l.as_mut_ptr(), lo);
+        _mm512_storeu_ps(h.as_mut_ptr(), hi);
+    }
+    let min = l
+        .iter()
+        .chain(rest)
+        .fold(0f32, |a, &v| if v < a { v } else { a });
+    let max = h
+        .iter()
+        .chain(rest)
+        .fold(0f32, |a, &v| if v > a { v } else { a });
+    (min, max)
+}
+
+/// `DynamicQuantizeLinear`'s scale and zero point for a range `[min, max]` that holds zero.
+fn range_to_quant(min: f32, max: f32) -> (f32, u8) {
     let scale = (max - min) / 255.0;
     let zero_point = (-min / scale).round_ties_even().clamp(0.0, 255.0);
     // A range of zero gives a NaN zero point, which tract (and `as`) make 0.
@@ -191,32 +244,55 @@ pub(crate) fn dynamic_range(xs: &[f32]) -> (f32, u8) {
     )
 }
 
-/// The uint8 values of `a` (all of it, in its own layout) and their zero point, and the
-/// factor of the columns' scales (the input's scale, for a dynamic quantization).
-fn quantize(
-    a: &[f32],
-    quant: ActivationQuant,
-    ys: &mut [u8],
-    pool: Option<&rayon::ThreadPool>,
-) -> (u8, f32) {
-    let run = |ys: &mut [u8], zero: u8, scaled| quantize_over(a, ys, zero, scaled, pool);
-    match quant {
-        ActivationQuant::Static {
-            inv_scale,
-            zero_point,
-        } => {
-            run(ys, zero_point, Scaled::Times(inv_scale));
-            (zero_point, 1.0)
-        }
-        ActivationQuant::Dynamic => {
-            let (scale, zero) = dynamic_range(a);
-            // A range of zero (all zeros) leaves every value at the zero point.
-            if scale > 0.0 {
-                run(ys, zero, Scaled::Over(scale));
-            } else {
-                ys.fill(zero);
+/// How one product's input becomes uint8: its zero point, how each value is scaled (none:
+/// every value is the zero point, for an input of all zeros), and the factor of the columns'
+/// scales (the input's scale, for a dynamic quantization).
+#[derive(Clone, Copy)]
+struct Quantizer {
+    zero: u8,
+    scaled: Option<Scaled>,
+    factor: f32,
+}
+
+impl Quantizer {
+    /// The quantizer of `a` (a dynamic quantization takes the range of all of it).
+    fn of(a: &[f32], quant: ActivationQuant) -> Self {
+        match quant {
+            ActivationQuant::Static {
+                inv_scale,
+                zero_point,
+            } => Self {
+                zero: zero_point,
+                scaled: Some(Scaled::Times(inv_scale)),
+                factor: 1.0,
+            },
+            ActivationQuant::Dynamic => {
+                let (scale, zero) = dynamic_range(a);
+                Self {
+                    zero,
+                    // A range of zero (all zeros) leaves every value at the zero point.
+                    scaled: (scale > 0.0).then_some(Scaled::Over(scale)),
+                    factor: scale,
+                }
             }
-            (zero, scale)
+        }
+    }
+
+    /// `xs` quantized into `ys` (as long).
+    fn run(self, xs: &[f32], ys: &mut [u8]) {
+        let Some(scaled) = self.scaled else {
+            ys.fill(self.zero);
+            return;
+        };
+        #[cfg(target_arch = "x86_64")]
+        if crate::dense::avx512() {
+            // SAFETY: AVX-512F was just checked.
+            unsafe { quantize_avx512(xs, ys, self.zero, scaled) };
+            return;
+        }
+        match scaled {
+            Scaled::Times(f) => quantize_into(xs, ys, self.zero, |v| v * f),
+            Scaled::Over(d) => quantize_into(xs, ys, self.zero, |v| v / d),
         }
     }
 }
@@ -229,27 +305,41 @@ enum Scaled {
     Over(f32),
 }
 
-/// [`quantize_into`] over `pool`'s threads in chunks, each loop monomorphic so that it
-/// vectorises.
-fn quantize_over(
-    a: &[f32],
-    ys: &mut [u8],
-    zero: u8,
-    scaled: Scaled,
-    pool: Option<&rayon::ThreadPool>,
-) {
-    const CHUNK: usize = 1 << 14;
-    let one = |x: &[f32], y: &mut [u8]| match scaled {
-        Scaled::Times(f) => quantize_into(x, y, zero, |v| v * f),
-        Scaled::Over(d) => quantize_into(x, y, zero, |v| v / d),
-    };
-    match pool {
-        Some(pool) if a.len() > CHUNK => pool.install(|| {
-            ys.par_chunks_mut(CHUNK)
-                .zip(a.par_chunks(CHUNK))
-                .for_each(|(y, x)| one(x, y))
-        }),
-        _ => one(a, ys),
+/// [`quantize_into`] on 16 lanes of AVX-512F: the same operations in the same order, so the
+/// same bytes (a NaN clamps to NaN and saturates to 255 both ways).
+///
+/// # Safety
+/// The CPU must have AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn quantize_avx512(xs: &[f32], ys: &mut [u8], zero_point: u8, scaled: Scaled) {
+    use std::arch::x86_64::*;
+    const ROUND: f32 = 12_582_912.0;
+    let z = zero_point as f32;
+    let (lo, hi) = (_mm512_set1_ps(-z - 1.0), _mm512_set1_ps(256.0 - z));
+    let (round, bias) = (_mm512_set1_ps(ROUND), _mm512_set1_epi32(0x4B40_0000));
+    let (zp, top) = (_mm512_set1_epi32(zero_point as i32), _mm512_set1_epi32(255));
+    let n = xs.len().min(ys.len());
+    let whole = n / 16 * 16;
+    let (x, y) = (xs.as_ptr(), ys.as_mut_ptr());
+    for i in (0..whole).step_by(16) {
+        // SAFETY: i + 16 ≤ n, within both slices.
+        let v = unsafe { _mm512_loadu_ps(x.add(i)) };
+        let v = match scaled {
+            Scaled::Times(f) => _mm512_mul_ps(v, _mm512_set1_ps(f)),
+            Scaled::Over(d) => _mm512_div_ps(v, _mm512_set1_ps(d)),
+        };
+        // `clamp`: a NaN stays NaN (max and min return their second operand then).
+        let v = _mm512_min_ps(hi, _mm512_max_ps(lo, v));
+        let q = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(v, round)), bias);
+        let q = _mm512_add_epi32(q, zp);
+        let q = _mm512_min_epi32(_mm512_max_epi32(q, _mm512_setzero_si512()), top);
+        // SAFETY: as the load.
+        unsafe { _mm_storeu_si128(y.add(i) as *mut __m128i, _mm512_cvtepi32_epi8(q)) };
+    }
+    match scaled {
+        Scaled::Times(f) => quantize_into(&xs[whole..n], &mut ys[whole..n], zero_point, |v| v * f),
+        Scaled::Over(d) => quantize_into(&xs[whole..n], &mut ys[whole..n], zero_point, |v| v / d),
     }
 }
 
@@ -258,6 +348,8 @@ thread_local! {
     /// next.
     static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// One panel's quantized rows, on the thread that packs them.
+    static ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Packs rows `t·MR..` of the quantized `q` (`m × k` at strides `s`) into `panel`
@@ -343,33 +435,54 @@ pub fn quant_product(
     } else {
         None
     };
+    let quantizer = Quantizer::of(a, w.quant);
+    let size = w.quads * MR * 4;
+    let len = m.div_ceil(MR) * size;
     SCRATCH.with_borrow_mut(|(quantized, packed)| -> anyhow::Result<()> {
-        if quantized.len() < a.len() {
-            quantized.resize(a.len(), 0);
-        }
-        let (zero, factor) = quantize(a, w.quant, &mut quantized[..a.len()], pool);
-        let size = w.quads * MR * 4;
-        let len = m.div_ceil(MR) * size;
         if packed.len() < len {
             packed.resize(len, 0);
         }
-        let q = &quantized[..a.len()];
         let packed = &mut packed[..len];
-        match pool {
-            Some(pool) if m > MR => pool.install(|| {
-                packed
-                    .par_chunks_exact_mut(size)
-                    .enumerate()
-                    .for_each(|(t, p)| pack_panel(q, m, k, a_strides, t, p))
-            }),
-            _ => packed
-                .chunks_exact_mut(size)
-                .enumerate()
-                .for_each(|(t, p)| pack_panel(q, m, k, a_strides, t, p)),
+        if a_strides.col == 1 {
+            // Rows contiguous: each panel quantizes its own rows, then packs them.
+            let one = |(t, panel): (usize, &mut [u8])| {
+                ROWS.with_borrow_mut(|rows| {
+                    let count = (m - t * MR).min(MR);
+                    if rows.len() < count * k {
+                        rows.resize(count * k, 0);
+                    }
+                    for r in 0..count {
+                        let x = &a[(t * MR + r) * a_strides.row..][..k];
+                        quantizer.run(x, &mut rows[r * k..(r + 1) * k]);
+                    }
+                    let s = Strides { row: k, col: 1 };
+                    pack_panel(&rows[..count * k], count, k, s, 0, panel);
+                })
+            };
+            match pool {
+                Some(pool) if m > MR => {
+                    pool.install(|| packed.par_chunks_exact_mut(size).enumerate().for_each(one))
+                }
+                _ => packed.chunks_exact_mut(size).enumerate().for_each(one),
+            }
+        } else {
+            if quantized.len() < a.len() {
+                quantized.resize(a.len(), 0);
+            }
+            quantizer.run(a, &mut quantized[..a.len()]);
+            let q = &quantized[..a.len()];
+            let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
+            match pool {
+                Some(pool) if m > MR => {
+                    pool.install(|| packed.par_chunks_exact_mut(size).enumerate().for_each(one))
+                }
+                _ => packed.chunks_exact_mut(size).enumerate().for_each(one),
+            }
         }
         let packed = &*packed;
         let out = Out(c.as_mut_ptr());
         let panels = n.div_ceil(NR);
+        let (zero, factor) = (quantizer.zero, quantizer.factor);
         let run = |p: usize| -> anyhow::Result<()> {
             let cols = (n - p * NR).min(NR);
             let wp = w.panel(p);
@@ -380,21 +493,25 @@ pub fn quant_product(
                 scale[j] = w.scales[p * NR + j] * factor;
                 offset[j] = zero as i32 * w.col_sums[p * NR + j];
             }
-            let bias = &w.bias[p * NR..(p + 1) * NR];
+            let bias: &[f32; NR] = w.bias[p * NR..(p + 1) * NR].try_into().expect("NR values");
+            let scaling = Scaling {
+                offset: &offset,
+                scale: &scale,
+                bias,
+            };
+            // Every value of both is written by each tile before it is read.
+            let mut sums = [[0i32; NR]; MR];
+            let mut acc = [[0f32; NR]; MR];
             for (t, ap) in packed.chunks_exact(size).enumerate() {
                 let rows = (m - t * MR).min(MR);
-                let mut sums = [[0i32; NR]; MR];
                 match tile {
                     #[cfg(target_arch = "x86_64")]
                     // SAFETY: VNNI was checked above; the panels hold quads·MR·4 and
                     // quads·NR·4 values.
-                    QuantTile::Vnni => unsafe { vnni_tile(ap, wp, w.quads, &mut sums) },
-                    _ => portable_tile(ap, wp, w.quads, &mut sums),
-                }
-                let mut acc = [[0f32; NR]; MR];
-                for (row, s) in acc.iter_mut().zip(&sums) {
-                    for j in 0..NR {
-                        row[j] = (s[j] - offset[j]) as f32 * scale[j] + bias[j];
+                    QuantTile::Vnni => unsafe { vnni_tile(ap, wp, w.quads, &scaling, &mut acc) },
+                    _ => {
+                        portable_tile(ap, wp, w.quads, &mut sums);
+                        scaling.apply(&sums, &mut acc);
                     }
                 }
                 if let Some(erf) = &erf {
@@ -408,9 +525,13 @@ pub fn quant_product(
                 };
                 if c_strides.col == 1 {
                     for (r, row) in acc.iter().enumerate().take(rows) {
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), out.at(at(r, 0)), cols)
-                        };
+                        let dst = unsafe { out.at(at(r, 0)) };
+                        if cols == NR {
+                            // A whole row: a copy of known size.
+                            unsafe { (dst as *mut [f32; NR]).write_unaligned(*row) };
+                        } else {
+                            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols) };
+                        }
                     }
                 } else {
                     for j in 0..cols {
@@ -430,6 +551,23 @@ pub fn quant_product(
         }
     })?;
     Ok(())
+}
+
+/// How one panel's integer sums become float32: `(sum − offset[j]) as f32 · scale[j] + bias[j]`.
+struct Scaling<'a> {
+    offset: &'a [i32; NR],
+    scale: &'a [f32; NR],
+    bias: &'a [f32; NR],
+}
+
+impl Scaling<'_> {
+    fn apply(&self, sums: &[[i32; NR]; MR], acc: &mut [[f32; NR]; MR]) {
+        for (row, s) in acc.iter_mut().zip(sums) {
+            for j in 0..NR {
+                row[j] = (s[j] - self.offset[j]) as f32 * self.scale[j] + self.bias[j];
+            }
+        }
+    }
 }
 
 /// [`quant_product`] as a new tensor of `shape`, which holds the product's `m × w.n` values at
@@ -462,6 +600,7 @@ pub fn quant_product_tensor(
 
 /// One tile of integer sums: `sums[r][j] = Σ_kk a[kk][r] · w[kk][j]`.
 fn portable_tile(a: &[u8], w: &[i8], quads: usize, sums: &mut [[i32; NR]; MR]) {
+    *sums = [[0; NR]; MR];
     for (av, wv) in a
         .chunks_exact(MR * 4)
         .zip(w.chunks_exact(NR * 4))
@@ -478,14 +617,21 @@ fn portable_tile(a: &[u8], w: &[i8], quads: usize, sums: &mut [[i32; NR]; MR]) {
 }
 
 /// The same tile with AVX-512 VNNI: `MR × 2` accumulators of 16 lanes, each instruction adding
-/// four products per lane.
+/// four products per lane; the sums leave scaled as [`Scaling::apply`] scales them (the same
+/// operations, unfused, so the same values).
 ///
 /// # Safety
 /// The CPU must have AVX-512F and AVX-512 VNNI; `a` must hold `quads · MR · 4` values and `w`
 /// `quads · NR · 4`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512vnni")]
-unsafe fn vnni_tile(a: &[u8], w: &[i8], quads: usize, sums: &mut [[i32; NR]; MR]) {
+unsafe fn vnni_tile(
+    a: &[u8],
+    w: &[i8],
+    quads: usize,
+    scaling: &Scaling,
+    acc: &mut [[f32; NR]; MR],
+) {
     use std::arch::x86_64::*;
     debug_assert!(a.len() >= quads * MR * 4 && w.len() >= quads * NR * 4);
     let (ap, wp) = (a.as_ptr(), w.as_ptr());
@@ -501,9 +647,18 @@ unsafe fn vnni_tile(a: &[u8], w: &[i8], quads: usize, sums: &mut [[i32; NR]; MR]
             hi[r] = _mm512_dpbusd_epi32(hi[r], x, w1);
         }
     }
+    let at = |v: &[i32; NR], h: usize| _mm512_loadu_si512(v.as_ptr().add(h) as *const __m512i);
+    let atf = |v: &[f32; NR], h: usize| _mm512_loadu_ps(v.as_ptr().add(h));
+    let (o0, o1) = (at(scaling.offset, 0), at(scaling.offset, 16));
+    let (s0, s1) = (atf(scaling.scale, 0), atf(scaling.scale, 16));
+    let (b0, b1) = (atf(scaling.bias, 0), atf(scaling.bias, 16));
     for r in 0..MR {
-        _mm512_storeu_si512(sums[r].as_mut_ptr() as *mut __m512i, lo[r]);
-        _mm512_storeu_si512(sums[r].as_mut_ptr().add(16) as *mut __m512i, hi[r]);
+        let f0 = _mm512_cvtepi32_ps(_mm512_sub_epi32(lo[r], o0));
+        let f1 = _mm512_cvtepi32_ps(_mm512_sub_epi32(hi[r], o1));
+        let y0 = _mm512_add_ps(_mm512_mul_ps(f0, s0), b0);
+        let y1 = _mm512_add_ps(_mm512_mul_ps(f1, s1), b1);
+        _mm512_storeu_ps(acc[r].as_mut_ptr(), y0);
+        _mm512_storeu_ps(acc[r].as_mut_ptr().add(16), y1);
     }
 }
 
@@ -657,6 +812,62 @@ mod tests {
         quant_product(&a, m, s, &w, &mut y, cs, QuantTile::Portable).unwrap();
         assert_eq!(x, y);
         assert!(x.iter().any(|v| v.abs() > 1.0), "outputs near zero");
+    }
+
+    /// Values around every edge of the quantizers: ties, the clamps, zeros of both signs,
+    /// infinities and NaN.
+    fn awkward_values() -> Vec<f32> {
+        let mut v = values(1000, 9);
+        v.iter_mut().for_each(|x| *x *= 300.0);
+        for i in -600..600 {
+            v.push(i as f32 * 0.5);
+        }
+        v.extend([
+            0.0,
+            -0.0,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            f32::NAN,
+            1e30,
+            -1e30,
+        ]);
+        v.extend([f32::MIN_POSITIVE, 127.5, 128.5, -128.5, 255.5, 256.0, -1.0]);
+        v
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
+    fn the_avx512_quantizers_give_the_portable_bytes_and_ranges() {
+        let v = awkward_values();
+        for len in [0, 1, 15, 16, 17, 100, v.len()] {
+            let xs = &v[v.len() - len..];
+            for zero in [0u8, 1, 77, 128, 255] {
+                for scaled in [
+                    Scaled::Times(1.0),
+                    Scaled::Times(0.37),
+                    Scaled::Over(0.5),
+                    Scaled::Over(3.1),
+                ] {
+                    let mut want = vec![0u8; len];
+                    match scaled {
+                        Scaled::Times(f) => quantize_into(xs, &mut want, zero, |x| x * f),
+                        Scaled::Over(d) => quantize_into(xs, &mut want, zero, |x| x / d),
+                    }
+                    let mut got = vec![0u8; len];
+                    unsafe { quantize_avx512(xs, &mut got, zero, scaled) };
+                    assert_eq!(got, want, "{len} values, zero point {zero}");
+                }
+            }
+            let finite: Vec<f32> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+            for xs in [xs, &finite[..]] {
+                let (a, b) = unsafe { range_avx512(xs) };
+                let (c, d) = range_portable(xs);
+                assert_eq!((a.to_bits(), b.to_bits()), (c.to_bits(), d.to_bits()));
+            }
+        }
+        let (lo, hi) = range_portable(&[3.0, -2.0, 7.5, 0.5]);
+        assert_eq!((lo, hi), (-2.0, 7.5));
     }
 
     #[test]
