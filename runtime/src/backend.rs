@@ -280,6 +280,21 @@ mod tract_backend {
             }
         }
 
+        /// Runs the batch on this backend's pool, its products split over the pool's threads
+        /// (or on this thread alone, with one thread).
+        fn run_on_pool(&self, pixels: &[f32], batch: usize) -> anyhow::Result<TVec<TValue>> {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            if let Some(pool) = &self.pool {
+                // On a pool thread, the plan's own thread is one of the pool's: while it runs
+                // the operators tract does not split, no other thread competes for its core.
+                let executor = Executor::MultiThread(pool.clone());
+                pool.install(|| multithread_tract_scope(executor, || self.run_plan(pixels, batch)))
+            } else {
+                // One thread: not another backend's pool either.
+                multithread_tract_scope(Executor::SingleThread, || self.run_plan(pixels, batch))
+            }
+        }
+
         /// Runs the batch as `shares` parts at once, each on its own thread with a
         /// single-threaded executor, and joins their outputs in order.
         fn run_images(
@@ -327,7 +342,9 @@ mod tract_backend {
                 match self.parallel {
                     crate::Parallel::Images => "images",
                     crate::Parallel::Ops => "operators",
-                    crate::Parallel::Auto => "images in batches, operators for one image",
+                    crate::Parallel::Auto => {
+                        "images in batches, operators for one image (and a batch's last odd ones)"
+                    }
                 },
                 match &self.plans {
                     Plans::Image(_) => "a plan for one image, batches run image by image".into(),
@@ -351,19 +368,24 @@ mod tract_backend {
             // A graph with a fixed batch runs whole batches only.
             let fixed = matches!(self.plans, Plans::Whole(_, Some(_)));
             let shares = self.threads.min(batch);
-            let outputs = if by_images && shares >= 2 && !fixed {
+            // With the one-image plan and `auto`, the images past the last whole round over
+            // the threads (3 of 8 on 2 threads: the 3rd) run with the products split over the
+            // threads, instead of one thread running them while the others wait.
+            let rest = match (&self.plans, self.parallel) {
+                (Plans::Image(_), crate::Parallel::Auto) if shares >= 2 => batch % self.threads,
+                _ => 0,
+            };
+            let outputs = if by_images && shares >= 2 && !fixed && rest > 0 && batch > rest {
+                let whole = batch - rest;
+                let per_image = 3 * self.size * self.size;
+                let (first, last) = pixels.split_at(whole * per_image);
+                let a = self.run_images(first, whole, self.threads)?;
+                let b = self.run_on_pool(last, rest)?;
+                join(vec![a, b])?
+            } else if by_images && shares >= 2 && !fixed {
                 self.run_images(pixels, batch, shares)?
-            } else if let Some(pool) = &self.pool {
-                // On a pool thread, the plan's own thread is one of the pool's: while it runs
-                // the operators tract does not split, no other thread competes for its core.
-                // The products split over this backend's pool.
-                use tract_linalg::multithread::{multithread_tract_scope, Executor};
-                let executor = Executor::MultiThread(pool.clone());
-                pool.install(|| multithread_tract_scope(executor, || self.run_plan(pixels, batch)))?
             } else {
-                // One thread: not another backend's pool either.
-                use tract_linalg::multithread::{multithread_tract_scope, Executor};
-                multithread_tract_scope(Executor::SingleThread, || self.run_plan(pixels, batch))?
+                self.run_on_pool(pixels, batch)?
             };
             let take = |i: Option<usize>| -> anyhow::Result<Option<(Vec<f32>, usize)>> {
                 let Some(i) = i else { return Ok(None) };
