@@ -95,7 +95,8 @@ pub struct ModelArgs {
     /// How tract spreads a batch over its threads: `images` gives each thread a share of the
     /// batch's images (a single-threaded plan each: throughput), `ops` splits every matrix
     /// product across the threads (latency), `auto` takes images for batches of two or more
-    /// and ops for one image. ONNX Runtime uses its own intra-op threads.
+    /// and ops for one image (and for a batch's images past its last whole round over the
+    /// threads). ONNX Runtime uses its own intra-op threads.
     #[arg(long, value_enum, default_value_t = Parallel::Auto)]
     pub parallel: Parallel,
     /// libonnxruntime.so to load (default: ORT_DYLIB_PATH, beside the executable, the project
