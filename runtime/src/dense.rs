@@ -181,12 +181,8 @@ pub fn product(
     c_strides: Strides,
     tile: Tile,
 ) -> anyhow::Result<()> {
-    let executor = current_tract_executor();
-    let pool = match &executor {
-        Executor::MultiThread(pool) => Some(&**pool),
-        _ => None,
-    };
-    product_on(a, m, a_strides, w, c, c_strides, tile, pool)
+    let pool = current_pool();
+    product_on(a, m, a_strides, w, c, c_strides, tile, pool.as_deref())
 }
 
 /// As [`product`], its weight panels split over `pool`'s threads, or all on this thread.
@@ -202,33 +198,20 @@ fn product_on(
     pool: Option<&rayon::ThreadPool>,
 ) -> anyhow::Result<()> {
     let (k, n) = (w.k, w.n);
-    let last = |rows: usize, cols: usize, s: Strides| {
-        (rows > 0 && cols > 0).then(|| (rows - 1) * s.row + (cols - 1) * s.col)
-    };
-    if let Some(end) = last(m, k, a_strides) {
-        anyhow::ensure!(
-            end < a.len(),
-            "dense product: input of {} values for {m}×{k}",
-            a.len()
-        );
-    }
-    let Some(end) = last(m, n, c_strides) else {
+    let extents = (m, k, n);
+    if !check_extents(
+        "dense product",
+        (a.len(), a_strides),
+        (c.len(), c_strides),
+        extents,
+    )? {
         return Ok(());
-    };
-    anyhow::ensure!(
-        end < c.len(),
-        "dense product: output of {} values for {m}×{n}",
-        c.len()
-    );
+    }
     anyhow::ensure!(
         tile == Tile::Portable || avx512(),
         "dense product: this CPU has no AVX-512F"
     );
-    let erf = if w.gelu {
-        Some(tract_linalg::routines::Func::Erf.ew_f32()?)
-    } else {
-        None
-    };
+    let erf = gelu_erf(w.gelu)?;
     SCRATCH.with_borrow_mut(|packed| -> anyhow::Result<()> {
         pack_rows(a, m, k, a_strides, packed, pool);
         let packed = &packed[..m.div_ceil(MR) * k * MR];
@@ -250,25 +233,9 @@ fn product_on(
                 if let Some(erf) = &erf {
                     gelu(acc.as_flattened_mut(), &**erf)?;
                 }
-                // SAFETY (each write below): row t·MR + r < m and column p·NR + j < n, so the
-                // index is at most `end`, which is within `c`; no other thread writes this
-                // panel's columns.
-                let at = |r: usize, j: usize| {
-                    (t * MR + r) * c_strides.row + (p * NR + j) * c_strides.col
-                };
-                if c_strides.col == 1 {
-                    for (r, row) in acc.iter().enumerate().take(rows) {
-                        unsafe {
-                            std::ptr::copy_nonoverlapping(row.as_ptr(), out.at(at(r, 0)), cols)
-                        };
-                    }
-                } else {
-                    for j in 0..cols {
-                        for (r, row) in acc.iter().enumerate().take(rows) {
-                            unsafe { *out.at(at(r, j)) = row[j] };
-                        }
-                    }
-                }
+                // SAFETY: rows t·MR.. of m and columns p·NR.. of n lie within `c`, as checked;
+                // no other thread writes this panel's columns.
+                unsafe { store_tile(out, &acc, (t, p), (rows, cols), c_strides) };
             }
             Ok(())
         };
@@ -280,6 +247,82 @@ fn product_on(
         }
     })?;
     Ok(())
+}
+
+/// Checks that an `m × k` input and an `m × n` output (`extents`) lie within slices of
+/// `a.0` and `c.0` values at strides `a.1` and `c.1`; `what` names the product in the errors.
+/// False when the output is empty (nothing to compute).
+pub(crate) fn check_extents(
+    what: &str,
+    a: (usize, Strides),
+    c: (usize, Strides),
+    (m, k, n): (usize, usize, usize),
+) -> anyhow::Result<bool> {
+    let last = |rows: usize, cols: usize, s: Strides| {
+        (rows > 0 && cols > 0).then(|| (rows - 1) * s.row + (cols - 1) * s.col)
+    };
+    if let Some(end) = last(m, k, a.1) {
+        anyhow::ensure!(end < a.0, "{what}: input of {} values for {m}×{k}", a.0);
+    }
+    let Some(end) = last(m, n, c.1) else {
+        return Ok(false);
+    };
+    anyhow::ensure!(end < c.0, "{what}: output of {} values for {m}×{n}", c.0);
+    Ok(true)
+}
+
+/// Writes `rows × cols` of a tile's `acc` as rows `t·MR..` and columns `p·NR..` of the output
+/// at `out`, laid out as `c` says.
+///
+/// # Safety
+/// Every index written must lie within the output, and no other thread may write these
+/// columns meanwhile.
+pub(crate) unsafe fn store_tile(
+    out: Out,
+    acc: &[[f32; NR]; MR],
+    (t, p): (usize, usize),
+    (rows, cols): (usize, usize),
+    c: Strides,
+) {
+    let at = |r: usize, j: usize| (t * MR + r) * c.row + (p * NR + j) * c.col;
+    if c.col == 1 {
+        for (r, row) in acc.iter().enumerate().take(rows) {
+            // SAFETY (each write here): as the caller guarantees.
+            let dst = unsafe { out.at(at(r, 0)) };
+            if cols == NR {
+                // A whole row: a copy of known size.
+                unsafe { (dst as *mut [f32; NR]).write_unaligned(*row) };
+            } else {
+                unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols) };
+            }
+        }
+    } else {
+        for j in 0..cols {
+            for (r, row) in acc.iter().enumerate().take(rows) {
+                // SAFETY: as the caller guarantees.
+                unsafe { *out.at(at(r, j)) = row[j] };
+            }
+        }
+    }
+}
+
+/// The thread pool of tract's current executor, if it has one.
+pub(crate) fn current_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
+    match current_tract_executor() {
+        Executor::MultiThread(pool) => Some(pool),
+        _ => None,
+    }
+}
+
+/// tract's `erf` kernel, for layers that end in GELU (`gelu`), else none.
+pub(crate) fn gelu_erf(
+    gelu: bool,
+) -> anyhow::Result<Option<Box<dyn tract_linalg::element_wise::ElementWise<f32>>>> {
+    Ok(if gelu {
+        Some(tract_linalg::routines::Func::Erf.ew_f32()?)
+    } else {
+        None
+    })
 }
 
 /// `x · ½ · (1 + erf(x / √2))` in place, with tract's vectorised `erf`.
@@ -376,26 +419,38 @@ pub fn product_tensor(
     c_strides: Strides,
     tile: Tile,
 ) -> anyhow::Result<tract_onnx::prelude::Tensor> {
+    // SAFETY: `product` writes every one of the m·n values (it checks the strides first and
+    // fails before writing anything).
+    unsafe {
+        output_tensor("dense product", shape, m * w.n, |c| {
+            product(a, m, a_strides, w, c, c_strides, tile)
+        })
+    }
+}
+
+/// A new float32 tensor of `shape` (of `values` values), filled by `fill`.
+///
+/// # Safety
+/// `fill` must write every value of its slice, or fail; the tensor starts uninitialized (as
+/// float32 has no invalid bit patterns, unwritten values would only be garbage, never unsound
+/// to read, but they must not reach a caller).
+pub(crate) unsafe fn output_tensor(
+    what: &str,
+    shape: &[usize],
+    values: usize,
+    fill: impl FnOnce(&mut [f32]) -> anyhow::Result<()>,
+) -> anyhow::Result<tract_onnx::prelude::Tensor> {
     let volume: usize = shape.iter().product();
     anyhow::ensure!(
-        volume == m * w.n,
-        "dense product: an output of shape {shape:?} for {m}×{} values",
-        w.n
+        volume == values,
+        "{what}: an output of shape {shape:?} for {values} values"
     );
-    // SAFETY: `product` writes every one of the m·n values (it checks the strides first and
-    // fails before writing anything); float32 has no invalid bit patterns besides.
+    // SAFETY: as the caller guarantees, `fill` writes every value before the tensor is
+    // returned.
     let mut out = unsafe { tract_onnx::prelude::Tensor::uninitialized::<f32>(shape)? };
     {
         let mut ram = out.try_as_plain_ram_mut()?;
-        product(
-            a,
-            m,
-            a_strides,
-            w,
-            ram.as_slice_mut::<f32>()?,
-            c_strides,
-            tile,
-        )?;
+        fill(ram.as_slice_mut::<f32>()?)?;
     }
     Ok(out)
 }

@@ -16,9 +16,10 @@
 //! sums on any CPU.
 #![allow(unsafe_code)]
 
-use crate::dense::{Out, Strides, MR, NR};
+use crate::dense::{
+    check_extents, current_pool, gelu_erf, output_tensor, store_tile, Out, Strides, MR, NR,
+};
 use rayon::prelude::*;
-use tract_linalg::multithread::{current_tract_executor, Executor};
 
 /// How the float32 activations become uint8.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -402,39 +403,23 @@ pub fn quant_product(
     c_strides: Strides,
     tile: QuantTile,
 ) -> anyhow::Result<()> {
-    let executor = current_tract_executor();
-    let pool = match &executor {
-        Executor::MultiThread(pool) => Some(&**pool),
-        _ => None,
-    };
+    let pool = current_pool();
+    let pool = pool.as_deref();
     let (k, n) = (w.k, w.n);
-    let last = |rows: usize, cols: usize, s: Strides| {
-        (rows > 0 && cols > 0).then(|| (rows - 1) * s.row + (cols - 1) * s.col)
-    };
-    if let Some(end) = last(m, k, a_strides) {
-        anyhow::ensure!(
-            end < a.len(),
-            "int8 product: input of {} values for {m}×{k}",
-            a.len()
-        );
-    }
-    let Some(end) = last(m, n, c_strides) else {
+    let extents = (m, k, n);
+    if !check_extents(
+        "int8 product",
+        (a.len(), a_strides),
+        (c.len(), c_strides),
+        extents,
+    )? {
         return Ok(());
-    };
-    anyhow::ensure!(
-        end < c.len(),
-        "int8 product: output of {} values for {m}×{n}",
-        c.len()
-    );
+    }
     anyhow::ensure!(
         tile == QuantTile::Portable || vnni(),
         "int8 product: this CPU has no AVX-512 VNNI"
     );
-    let erf = if w.gelu {
-        Some(tract_linalg::routines::Func::Erf.ew_f32()?)
-    } else {
-        None
-    };
+    let erf = gelu_erf(w.gelu)?;
     let quantizer = Quantizer::of(a, w.quant);
     let size = w.quads * MR * 4;
     let len = m.div_ceil(MR) * size;
@@ -517,29 +502,9 @@ pub fn quant_product(
                 if let Some(erf) = &erf {
                     crate::dense::gelu(acc.as_flattened_mut(), &**erf)?;
                 }
-                // SAFETY (each write below): row t·MR + r < m and column p·NR + j < n, so the
-                // index is at most `end`, which is within `c`; no other thread writes this
-                // panel's columns.
-                let at = |r: usize, j: usize| {
-                    (t * MR + r) * c_strides.row + (p * NR + j) * c_strides.col
-                };
-                if c_strides.col == 1 {
-                    for (r, row) in acc.iter().enumerate().take(rows) {
-                        let dst = unsafe { out.at(at(r, 0)) };
-                        if cols == NR {
-                            // A whole row: a copy of known size.
-                            unsafe { (dst as *mut [f32; NR]).write_unaligned(*row) };
-                        } else {
-                            unsafe { std::ptr::copy_nonoverlapping(row.as_ptr(), dst, cols) };
-                        }
-                    }
-                } else {
-                    for j in 0..cols {
-                        for (r, row) in acc.iter().enumerate().take(rows) {
-                            unsafe { *out.at(at(r, j)) = row[j] };
-                        }
-                    }
-                }
+                // SAFETY: rows t·MR.. of m and columns p·NR.. of n lie within `c`, as checked;
+                // no other thread writes this panel's columns.
+                unsafe { store_tile(out, &acc, (t, p), (rows, cols), c_strides) };
             }
             Ok(())
         };
@@ -581,21 +546,13 @@ pub fn quant_product_tensor(
     c_strides: Strides,
     tile: QuantTile,
 ) -> anyhow::Result<tract_onnx::prelude::Tensor> {
-    let volume: usize = shape.iter().product();
-    anyhow::ensure!(
-        volume == m * w.n,
-        "int8 product: an output of shape {shape:?} for {m}×{} values",
-        w.n
-    );
     // SAFETY: `quant_product` writes every one of the m·n values (it checks the strides
-    // first and fails before writing anything); float32 has no invalid bit patterns besides.
-    let mut out = unsafe { tract_onnx::prelude::Tensor::uninitialized::<f32>(shape)? };
-    {
-        let mut ram = out.try_as_plain_ram_mut()?;
-        let c = ram.as_slice_mut::<f32>()?;
-        quant_product(a, m, a_strides, w, c, c_strides, tile)?;
+    // first and fails before writing anything).
+    unsafe {
+        output_tensor("int8 product", shape, m * w.n, |c| {
+            quant_product(a, m, a_strides, w, c, c_strides, tile)
+        })
     }
-    Ok(out)
 }
 
 /// One tile of integer sums: `sums[r][j] = Σ_kk a[kk][r] · w[kk][j]`.
