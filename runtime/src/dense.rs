@@ -369,15 +369,22 @@ fn pack_rows(
         return;
     }
     let packed = &mut packed[..len];
+    for_each_panel(packed, size, pool, |(t, p)| pack_panel(a, m, k, s, t, p));
+}
+
+/// Calls `f((t, panel))` on each panel `t` of `size` values of `packed`: spread over `pool`
+/// when there is one and more than one panel, else in turn on this thread.
+pub(crate) fn for_each_panel<T: Send>(
+    packed: &mut [T],
+    size: usize,
+    pool: Option<&rayon::ThreadPool>,
+    f: impl Fn((usize, &mut [T])) + Send + Sync,
+) {
     match pool {
-        Some(pool) if m > MR => pool.install(|| {
-            let panels = packed.par_chunks_exact_mut(size).enumerate();
-            panels.for_each(|(t, p)| pack_panel(a, m, k, s, t, p))
-        }),
-        _ => packed
-            .chunks_exact_mut(size)
-            .enumerate()
-            .for_each(|(t, p)| pack_panel(a, m, k, s, t, p)),
+        Some(pool) if packed.len() > size => {
+            pool.install(|| packed.par_chunks_exact_mut(size).enumerate().for_each(f))
+        }
+        _ => packed.chunks_exact_mut(size).enumerate().for_each(f),
     }
 }
 

@@ -17,7 +17,8 @@
 #![allow(unsafe_code)]
 
 use crate::dense::{
-    check_extents, current_pool, gelu_erf, output_tensor, store_tile, Out, Strides, MR, NR,
+    check_extents, current_pool, for_each_panel, gelu_erf, output_tensor, store_tile, Out, Strides,
+    MR, NR,
 };
 use rayon::prelude::*;
 
@@ -253,6 +254,8 @@ struct Quantizer {
     zero: u8,
     scaled: Option<Scaled>,
     factor: f32,
+    /// Quantize on AVX-512 (decided once per product).
+    avx512: bool,
 }
 
 impl Quantizer {
@@ -266,6 +269,7 @@ impl Quantizer {
                 zero: zero_point,
                 scaled: Some(Scaled::Times(inv_scale)),
                 factor: 1.0,
+                avx512: crate::dense::avx512(),
             },
             ActivationQuant::Dynamic => {
                 let (scale, zero) = dynamic_range(a);
@@ -274,6 +278,7 @@ impl Quantizer {
                     // A range of zero (all zeros) leaves every value at the zero point.
                     scaled: (scale > 0.0).then_some(Scaled::Over(scale)),
                     factor: scale,
+                    avx512: crate::dense::avx512(),
                 }
             }
         }
@@ -286,8 +291,8 @@ impl Quantizer {
             return;
         };
         #[cfg(target_arch = "x86_64")]
-        if crate::dense::avx512() {
-            // SAFETY: AVX-512F was just checked.
+        if self.avx512 {
+            // SAFETY: `of` checked AVX-512F.
             unsafe { quantize_avx512(xs, ys, self.zero, scaled) };
             return;
         }
@@ -444,12 +449,7 @@ pub fn quant_product(
                     pack_panel(&rows[..count * k], count, k, s, 0, panel);
                 })
             };
-            match pool {
-                Some(pool) if m > MR => {
-                    pool.install(|| packed.par_chunks_exact_mut(size).enumerate().for_each(one))
-                }
-                _ => packed.chunks_exact_mut(size).enumerate().for_each(one),
-            }
+            for_each_panel(packed, size, pool, one);
         } else {
             if quantized.len() < a.len() {
                 quantized.resize(a.len(), 0);
@@ -457,12 +457,7 @@ pub fn quant_product(
             quantizer.run(a, &mut quantized[..a.len()]);
             let q = &quantized[..a.len()];
             let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
-            match pool {
-                Some(pool) if m > MR => {
-                    pool.install(|| packed.par_chunks_exact_mut(size).enumerate().for_each(one))
-                }
-                _ => packed.chunks_exact_mut(size).enumerate().for_each(one),
-            }
+            for_each_panel(packed, size, pool, one);
         }
         let packed = &*packed;
         let out = Out(c.as_mut_ptr());

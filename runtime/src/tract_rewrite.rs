@@ -515,6 +515,41 @@ fn is_gelu_exact(node: &TypedNode) -> bool {
         .is_some_and(|e| e.0.is::<GeluExact>() && e.1.is_none())
 }
 
+/// What a product's tile stores fold in after the product: the addition of a constant bias,
+/// then an exact GELU (the MLP's activation).
+struct Epilogue {
+    /// The last node folded in (the product's own node when none is).
+    last: usize,
+    bias: Option<Vec<f32>>,
+    gelu: bool,
+}
+
+impl Epilogue {
+    /// The bias and GELU that follow node `product` (of output `output_shape`, its `n` columns
+    /// on axis `n_axis`), each only when it is the one successor of the node before.
+    fn after(
+        model: &TypedModel,
+        product: usize,
+        output_shape: &[usize],
+        n: (usize, usize),
+    ) -> TractResult<Self> {
+        let mut tail = Epilogue {
+            last: product,
+            bias: None,
+            gelu: false,
+        };
+        if let Some((add, bias)) = match_bias(model, model.node(product), output_shape, n)? {
+            tail.bias = Some(bias);
+            tail.last = add;
+        }
+        if let Some(gelu) = only_successor(model, tail.last).filter(|n| is_gelu_exact(n)) {
+            tail.gelu = true;
+            tail.last = gelu.id;
+        }
+        Ok(tail)
+    }
+}
+
 /// Puts a [`DenseProduct`] in place of each float32 product of an activation and constant
 /// weights in a decluttered model (before tract's codegen), with the constant it adds next
 /// folded in as its bias; returns how many.
@@ -523,23 +558,16 @@ pub fn dense_products(model: &mut TypedModel, tile: crate::dense::Tile) -> Tract
         let Some((input, mut op)) = match_dense(model, node, tile)? else {
             return Ok(None);
         };
-        let mut replaced = node.id;
-        let n = (op.n_axis, op.weights.n);
-        if let Some((add, bias)) = match_bias(model, node, &op.output_shape, n)? {
-            Arc::get_mut(&mut op.weights)
-                .expect("not shared yet")
-                .add_bias(&bias);
-            replaced = add;
+        let tail = Epilogue::after(model, node.id, &op.output_shape, (op.n_axis, op.weights.n))?;
+        let weights = Arc::get_mut(&mut op.weights).expect("not shared yet");
+        if let Some(bias) = &tail.bias {
+            weights.add_bias(bias);
         }
-        // An exact GELU next (the MLP's activation) is applied to each tile as it is written.
-        if let Some(gelu) = only_successor(model, replaced).filter(|n| is_gelu_exact(n)) {
-            Arc::get_mut(&mut op.weights).expect("not shared yet").gelu = true;
-            replaced = gelu.id;
-        }
+        weights.gelu = tail.gelu;
         Ok(Some(Replacement {
             input,
             ops: vec![Box::new(op)],
-            replaced,
+            replaced: tail.last,
         }))
     })
 }
@@ -835,24 +863,19 @@ pub fn quant_products(
     tile: crate::qdense::QuantTile,
 ) -> TractResult<usize> {
     replace_nodes(model, |model, node| {
-        let Some((input, mut op, mut replaced)) = match_quant(model, node, tile)? else {
+        let Some((input, mut op, scaled)) = match_quant(model, node, tile)? else {
             return Ok(None);
         };
-        let n = (op.n_axis, op.weights.n);
-        if let Some((add, bias)) = match_bias(model, model.node(replaced), &op.output_shape, n)? {
-            Arc::get_mut(&mut op.weights)
-                .expect("not shared yet")
-                .add_bias(&bias);
-            replaced = add;
+        let tail = Epilogue::after(model, scaled, &op.output_shape, (op.n_axis, op.weights.n))?;
+        let weights = Arc::get_mut(&mut op.weights).expect("not shared yet");
+        if let Some(bias) = &tail.bias {
+            weights.add_bias(bias);
         }
-        if let Some(gelu) = only_successor(model, replaced).filter(|n| is_gelu_exact(n)) {
-            Arc::get_mut(&mut op.weights).expect("not shared yet").gelu = true;
-            replaced = gelu.id;
-        }
+        weights.gelu = tail.gelu;
         Ok(Some(Replacement {
             input,
             ops: vec![Box::new(op)],
-            replaced,
+            replaced: tail.last,
         }))
     })
 }
