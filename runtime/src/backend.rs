@@ -51,12 +51,28 @@ impl RawOutputs {
     }
 }
 
-/// An engine with a loaded model. One instance is used from one thread at a time.
-pub trait Backend: Send {
+/// An engine with a loaded model. `run` is used from one thread at a time; a backend with
+/// lanes also runs from several threads at once through `run_shared`.
+pub trait Backend: Send + Sync {
     /// `tract 0.23 (2 threads)`, `onnxruntime (CPUExecutionProvider, 2 threads)`.
     fn describe(&self) -> String;
     /// Runs `pixels` (`[batch, 3, s, s]`, normalised) through the graph.
     fn run(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs>;
+    /// How many threads may each run images through `run_shared` on their own core at once
+    /// (0: the backend runs one batch at a time, through `run`).
+    fn lanes(&self) -> usize {
+        0
+    }
+    /// Runs `pixels` as `run` does (`alone == false`), or on the calling thread alone, beside
+    /// other such calls (`alone`); only for a backend with lanes.
+    fn run_shared(
+        &self,
+        _pixels: &[f32],
+        _batch: usize,
+        _alone: bool,
+    ) -> anyhow::Result<RawOutputs> {
+        bail!("this backend runs one batch at a time")
+    }
 }
 
 /// Options of [`load`].
@@ -360,6 +376,31 @@ mod tract_backend {
         }
 
         fn run(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs> {
+            self.run_shared(pixels, batch, false)
+        }
+
+        fn lanes(&self) -> usize {
+            let fixed = matches!(self.plans, Plans::Whole(_, Some(_)));
+            if self.threads >= 2 && self.parallel != crate::Parallel::Ops && !fixed {
+                self.threads
+            } else {
+                0
+            }
+        }
+
+        fn run_shared(
+            &self,
+            pixels: &[f32],
+            batch: usize,
+            alone: bool,
+        ) -> anyhow::Result<RawOutputs> {
+            use tract_linalg::multithread::{multithread_tract_scope, Executor};
+            if alone {
+                let outputs = multithread_tract_scope(Executor::SingleThread, || {
+                    self.run_plan(pixels, batch)
+                })?;
+                return self.raw_outputs(&outputs);
+            }
             let by_images = match self.parallel {
                 crate::Parallel::Images => true,
                 crate::Parallel::Ops => false,
@@ -387,6 +428,13 @@ mod tract_backend {
             } else {
                 self.run_on_pool(pixels, batch)?
             };
+            self.raw_outputs(&outputs)
+        }
+    }
+
+    impl TractBackend {
+        /// The logits and probabilities among a plan's outputs.
+        fn raw_outputs(&self, outputs: &TVec<TValue>) -> anyhow::Result<RawOutputs> {
             let take = |i: Option<usize>| -> anyhow::Result<Option<(Vec<f32>, usize)>> {
                 let Some(i) = i else { return Ok(None) };
                 let t = outputs

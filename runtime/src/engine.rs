@@ -120,6 +120,36 @@ impl Engine {
     /// of one batch of preprocessed images.
     pub fn scores(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<Scores> {
         let raw = self.run_raw(pixels, batch)?;
+        self.scores_of(raw, batch)
+    }
+
+    /// How many threads may each run images through [`Engine::scores_shared`] on their own
+    /// core at once (0: the engine runs one batch at a time, through [`Engine::scores`]).
+    pub fn lanes(&self) -> usize {
+        self.backend.lanes()
+    }
+
+    /// [`Engine::scores`] from a shared engine with lanes: spread over its threads as
+    /// `scores` does, or on the calling thread `alone`, beside other such calls.
+    pub fn scores_shared(
+        &self,
+        pixels: &[f32],
+        batch: usize,
+        alone: bool,
+    ) -> anyhow::Result<Scores> {
+        if pixels.len() != batch * self.image_len() {
+            bail!(
+                "{} input values for a batch of {batch} (expected {})",
+                pixels.len(),
+                batch * self.image_len()
+            );
+        }
+        let raw = self.backend.run_shared(pixels, batch, alone)?;
+        self.scores_of(raw, batch)
+    }
+
+    /// Rows of probabilities (calibrated) and logits from a batch's raw outputs.
+    fn scores_of(&self, raw: RawOutputs, batch: usize) -> anyhow::Result<Scores> {
         let c = raw.classes;
         if c == 0 {
             bail!("the model returned no class scores");

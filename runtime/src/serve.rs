@@ -15,9 +15,13 @@
 //! without a valid token, before reading its body; the audit log names the key and the caller's
 //! address.
 //!
-//! HTTP worker threads decode and preprocess; one inference thread owns the model and batches
-//! what is queued (up to `--max-batch` images, waiting at most `--max-wait-ms` for more). On
-//! SIGINT/SIGTERM the server stops taking requests, answers every accepted one, and exits.
+//! HTTP worker threads decode and preprocess. With tract on several threads (`--parallel auto`
+//! or `images`), one model worker per thread takes queued requests one at a time: a request
+//! that finds the others idle and nothing else queued runs over every thread (its latency is
+//! bench's at batch 1); under load each worker runs its images on its own thread, with no pause
+//! between batches. Otherwise one inference thread owns the model and batches what is queued (up
+//! to `--max-batch` images, waiting at most `--max-wait-ms` for more). On SIGINT/SIGTERM the
+//! server stops taking requests, answers every accepted one, and exits.
 
 mod transport;
 
@@ -26,9 +30,9 @@ use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -70,7 +74,9 @@ pub struct ServeArgs {
     /// Serve a non-loopback address without authentication (only behind another gate).
     #[arg(long, conflicts_with = "api_keys")]
     pub insecure_no_auth: bool,
-    /// Largest batch the model runs.
+    /// Largest batch the model runs (where requests are batched: ONNX Runtime, or tract with
+    /// one thread or --parallel ops; tract on several threads otherwise runs one worker per
+    /// thread, each taking one request at a time).
     #[arg(long, default_value_t = 8)]
     pub max_batch: usize,
     /// How long the first queued request waits for others to batch with, in milliseconds.
@@ -432,6 +438,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
         [(_, _, e)] => format!("{} ({})", e.file.path.display(), &e.file.sha256[..12]),
         many => format!("{} models", many.len()),
     };
+    let running = match models[0].2.lanes() {
+        0 | 1 => format!("max batch {}", args.max_batch),
+        n => format!("{n} model workers"),
+    };
     let (shared, batchers) = start_models(models, &args, audit, keys)?;
     let secured = shared.keys.is_some();
     let limits = transport::Limits {
@@ -445,8 +455,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     transport::serve(args.listen, tls, limits, shared.clone(), |addr| {
         eprintln!(
-            "mae-run: serving {what} on {scheme}://{addr} with {backend} · max batch {}, queue {}{}",
-            args.max_batch,
+            "mae-run: serving {what} on {scheme}://{addr} with {backend} · {running}, queue {}{}",
             args.queue_size,
             if secured {
                 " · bearer tokens required"
@@ -455,7 +464,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<ExitCode> {
             }
         );
     })?;
-    // Every connection is closed: close the queues; the batchers answer what is left and end.
+    // Every connection is closed: close the queues; the model threads answer what is left and
+    // end.
     for slot in &shared.models {
         if let Ok(mut jobs) = slot.jobs.lock() {
             jobs.take();
@@ -582,20 +592,87 @@ fn start_models(
             timeout: Duration::from_millis(args.timeout_ms),
         },
     });
-    let batchers: Vec<_> = engines
-        .into_iter()
-        .enumerate()
-        .map(|(i, (engine, rx))| {
+    let delay = Duration::from_millis(args.debug_delay_ms);
+    let mut threads = Vec::new();
+    for (i, (engine, rx)) in engines.into_iter().enumerate() {
+        let lanes = engine.lanes();
+        if lanes >= 2 {
+            let engine = Arc::new(engine);
+            let queue = Arc::new(Lanes {
+                rx: Mutex::new(rx),
+                busy: AtomicUsize::new(0),
+                gate: RwLock::new(()),
+            });
+            for _ in 0..lanes {
+                let (engine, queue, shared) = (engine.clone(), queue.clone(), shared.clone());
+                threads.push(std::thread::spawn(move || {
+                    lane_loop(&engine, &queue, &shared, i, delay)
+                }));
+            }
+        } else {
             let shared = shared.clone();
-            let (max_batch, wait, delay) = (
-                args.max_batch,
-                Duration::from_millis(args.max_wait_ms),
-                Duration::from_millis(args.debug_delay_ms),
-            );
-            std::thread::spawn(move || batch_loop(engine, rx, &shared, i, max_batch, wait, delay))
-        })
-        .collect();
-    Ok((shared, batchers))
+            let (max_batch, wait) = (args.max_batch, Duration::from_millis(args.max_wait_ms));
+            threads.push(std::thread::spawn(move || {
+                batch_loop(engine, rx, &shared, i, max_batch, wait, delay)
+            }));
+        }
+    }
+    Ok((shared, threads))
+}
+
+/// What the workers of one model with lanes share: its queue, how many are running, and a
+/// gate that a run over every thread holds alone and one-thread runs hold together.
+struct Lanes {
+    rx: Mutex<Receiver<Job>>,
+    busy: AtomicUsize,
+    gate: RwLock<()>,
+}
+
+/// One worker of a model with lanes: takes queued requests one at a time until the queue
+/// closes. A one-image request that finds nothing else queued and the other workers idle runs
+/// over every thread, for its latency; otherwise each worker runs its image on its own thread,
+/// beside the others. A request of several images runs over every thread, as a batch.
+fn lane_loop(engine: &Engine, lanes: &Lanes, shared: &Shared, slot: usize, delay: Duration) {
+    let slot = &shared.models[slot];
+    loop {
+        let job = {
+            let Ok(rx) = lanes.rx.lock() else { return };
+            match rx.recv() {
+                Ok(job) => job,
+                Err(_) => return,
+            }
+        };
+        let waiting = slot.queued.fetch_sub(1, Ordering::SeqCst).saturating_sub(1);
+        let others = lanes.busy.fetch_add(1, Ordering::SeqCst);
+        let alone = job.images == 1 && (waiting > 0 || others > 0);
+        let result = {
+            // A poisoned gate only means another worker panicked while holding it.
+            let _held = if alone {
+                (
+                    Some(lanes.gate.read().unwrap_or_else(|e| e.into_inner())),
+                    None,
+                )
+            } else {
+                (
+                    None,
+                    Some(lanes.gate.write().unwrap_or_else(|e| e.into_inner())),
+                )
+            };
+            if !delay.is_zero() {
+                std::thread::sleep(delay);
+            }
+            engine.scores_shared(&job.pixels, job.images, alone)
+        };
+        lanes.busy.fetch_sub(1, Ordering::SeqCst);
+        if let Ok(mut m) = shared.metrics.lock() {
+            m.batch(job.images);
+        }
+        slot.images.fetch_add(job.images as u64, Ordering::SeqCst);
+        slot.batches.fetch_add(1, Ordering::SeqCst);
+        let _ = job
+            .reply
+            .send(result.map_err(|e| format!("inference failed: {e:#}")));
+    }
 }
 
 fn batch_loop(

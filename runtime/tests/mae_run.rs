@@ -717,6 +717,8 @@ mod http {
     pub struct Served {
         pub child: Child,
         pub addr: String,
+        /// The line that names the address.
+        pub banner: String,
     }
 
     impl Served {
@@ -730,18 +732,22 @@ mod http {
                 .spawn()
                 .unwrap();
             let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-            let addr = loop {
+            let (addr, banner) = loop {
                 let line = lines
                     .next()
                     .expect("serve exited before listening")
                     .unwrap();
                 if let Some(rest) = line.split("http://").nth(1) {
-                    break rest.split_whitespace().next().unwrap().to_string();
+                    break (rest.split_whitespace().next().unwrap().to_string(), line);
                 }
             };
             // Keep draining stderr so the child never blocks on it.
             std::thread::spawn(move || for _ in lines {});
-            Served { child, addr }
+            Served {
+                child,
+                addr,
+                banner,
+            }
         }
     }
 
@@ -831,9 +837,25 @@ fn json_of(body: &[u8]) -> serde_json::Value {
 }
 
 #[test]
-fn serve_answers_concurrent_clients_and_reports_errors() {
+fn serve_answers_concurrent_clients_and_reports_errors_with_a_worker_per_thread() {
+    serve_answers_concurrent_clients_and_reports_errors(&["--threads", "2"], "2 model workers");
+}
+
+#[test]
+fn serve_answers_concurrent_clients_and_reports_errors_in_batches() {
+    let ops = ["--threads", "2", "--parallel", "ops"];
+    serve_answers_concurrent_clients_and_reports_errors(&ops, "max batch 8");
+    serve_answers_concurrent_clients_and_reports_errors(&["--threads", "1"], "max batch 8");
+}
+
+/// 8 clients at once, several images, bad requests and the metrics, against a server started
+/// with `extra`, whose start-up line says `running` (how it runs the model).
+fn serve_answers_concurrent_clients_and_reports_errors(extra: &[&str], running: &str) {
     let model = fixtures().join("multiclass.onnx");
-    let s = http::Served::start(&["--model", p(&model), "--max-body-bytes", "200000"]);
+    let mut args = vec!["--model", p(&model), "--max-body-bytes", "200000"];
+    args.extend(extra);
+    let s = http::Served::start(&args);
+    assert!(s.banner.contains(running), "{}", s.banner);
     let addr = s.addr.clone();
     let (code, body) = http::request(&addr, "GET", "/healthz", "text/plain", b"");
     assert_eq!(code, 200);
