@@ -4,7 +4,7 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
-say() { printf '\033[1m[setup]\033[0m %s\n' "$*" >&2; }
+say() { printf '\033[1m[setup %s]\033[0m %s\n' "$(date +%T)" "$*" >&2; }
 
 command -v cargo >/dev/null || { say "cargo not found: install Rust (rustup) first"; exit 1; }
 py=${PYTHON:-python3}
