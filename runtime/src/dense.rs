@@ -27,13 +27,73 @@ pub struct Strides {
     pub col: usize,
 }
 
+/// Values of a plain numeric type whose every bit pattern is valid, so a zeroed buffer of
+/// bytes holds zeros of it.
+pub(crate) trait Plain: Copy + Default + std::fmt::Debug + PartialEq + 'static {}
+impl Plain for f32 {}
+impl Plain for i8 {}
+impl Plain for u8 {}
+
+/// One 64-byte cache line.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A zeroed buffer of `len` values that starts on a cache line, so that the tiles' 64-byte
+/// loads of weight panels (each a whole number of lines long) never straddle two lines.
+#[derive(Clone)]
+pub(crate) struct Aligned<T: Plain> {
+    lines: Vec<Line>,
+    len: usize,
+    _values: std::marker::PhantomData<T>,
+}
+
+impl<T: Plain> Aligned<T> {
+    pub(crate) fn zeroed(len: usize) -> Self {
+        let bytes = len * std::mem::size_of::<T>();
+        Self {
+            lines: vec![Line([0; 64]); bytes.div_ceil(64)],
+            len,
+            _values: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<T: Plain> std::ops::Deref for Aligned<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        // SAFETY: the lines hold at least `len` values of `T` (a plain type, valid for any
+        // bytes, whose alignment divides 64), owned by `self` and borrowed with it.
+        unsafe { std::slice::from_raw_parts(self.lines.as_ptr().cast::<T>(), self.len) }
+    }
+}
+
+impl<T: Plain> std::ops::DerefMut for Aligned<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        // SAFETY: as in `deref`, borrowed mutably with `self`.
+        unsafe { std::slice::from_raw_parts_mut(self.lines.as_mut_ptr().cast::<T>(), self.len) }
+    }
+}
+
+impl<T: Plain> std::fmt::Debug for Aligned<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} values on cache lines", self.len)
+    }
+}
+
+impl<T: Plain> PartialEq for Aligned<T> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
 /// A `k × n` weight matrix in panels of [`NR`] columns (the last zero-padded), and its bias
 /// (zero when there is none), padded alike.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PackedWeights {
     pub k: usize,
     pub n: usize,
-    panels: Vec<f32>,
+    panels: Aligned<f32>,
     bias: Vec<f32>,
     /// Exact (erf) GELU applied to the sums, as the layer's activation.
     pub gelu: bool,
@@ -43,7 +103,7 @@ impl PackedWeights {
     /// Packs the weights `at(kk, j)` for `kk < k`, `j < n`.
     pub fn new(k: usize, n: usize, at: impl Fn(usize, usize) -> f32) -> Self {
         let count = n.div_ceil(NR);
-        let mut panels = vec![0f32; count * k * NR];
+        let mut panels = Aligned::zeroed(count * k * NR);
         for (p, panel) in panels.chunks_exact_mut(k * NR.max(1)).enumerate() {
             let cols = (n - p * NR).min(NR);
             for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
@@ -78,7 +138,7 @@ impl PackedWeights {
             );
         }
         let count = n.div_ceil(NR);
-        let mut panels = vec![0f32; count * k * NR];
+        let mut panels = Aligned::zeroed(count * k * NR);
         for (p, panel) in panels.chunks_exact_mut(k * NR.max(1)).enumerate() {
             let cols = (n - p * NR).min(NR);
             if s.col <= s.row {
@@ -514,8 +574,9 @@ pub fn attention(
         for (t, p) in values.chunks_exact_mut(tokens * MR).enumerate() {
             pack_panel(&qkv[2 * width + h * dim..], dim, tokens, by_dim, t, p);
         }
-        let mut queries = vec![0f32; dim * NR];
-        let mut scores = vec![0f32; tokens * NR];
+        // The two weight panels of the tiles, on cache lines.
+        let mut queries = Aligned::<f32>::zeroed(dim * NR);
+        let mut scores = Aligned::<f32>::zeroed(tokens * NR);
         let zero = [0f32; NR];
         let mut acc = [[0f32; NR]; MR];
         for first in (0..tokens).step_by(NR) {
@@ -733,6 +794,27 @@ mod tests {
                     - 1.0
             })
             .collect()
+    }
+
+    #[test]
+    fn aligned_buffers_start_on_a_cache_line_and_hold_zeros() {
+        for len in [0, 1, 15, 16, 17, 100, 4099] {
+            let mut f = Aligned::<f32>::zeroed(len);
+            assert_eq!(f.len(), len);
+            assert_eq!(f.as_ptr() as usize % 64, 0, "{len} floats");
+            assert!(f.iter().all(|&v| v == 0.0));
+            f.iter_mut().enumerate().for_each(|(i, v)| *v = i as f32);
+            let g = f.clone();
+            assert_eq!(f, g);
+            assert_eq!(g.as_ptr() as usize % 64, 0);
+            let b = Aligned::<i8>::zeroed(len * 3);
+            assert_eq!((b.len(), b.as_ptr() as usize % 64), (len * 3, 0));
+        }
+        let w = PackedWeights::new(100, 70, |kk, j| (kk * 70 + j) as f32);
+        for p in 0..3 {
+            assert_eq!(w.panel(p).as_ptr() as usize % 64, 0, "panel {p}");
+            assert_eq!(w.panel(p)[NR + 1], (70 + p * NR + 1) as f32);
+        }
     }
 
     /// Checks `tile` on the sizes around the panels' edges, in both layouts of the input and

@@ -42,7 +42,7 @@ pub struct PackedI8 {
     pub n: usize,
     /// Groups of four rows: `k / 4`, rounded up.
     quads: usize,
-    panels: Vec<i8>,
+    panels: crate::dense::Aligned<i8>,
     col_sums: Vec<i32>,
     scales: Vec<f32>,
     bias: Vec<f32>,
@@ -68,7 +68,7 @@ impl PackedI8 {
         );
         let count = n.div_ceil(NR);
         let quads = k.div_ceil(4);
-        let mut panels = vec![0i8; count * quads * NR * 4];
+        let mut panels = crate::dense::Aligned::zeroed(count * quads * NR * 4);
         let mut col_sums = vec![0i32; count * NR];
         let size = quads * NR * 4;
         for (p, panel) in panels.chunks_exact_mut(size.max(1)).enumerate() {
