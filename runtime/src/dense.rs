@@ -29,10 +29,9 @@ pub struct Strides {
 
 /// Values of a plain numeric type whose every bit pattern is valid, so a zeroed buffer of
 /// bytes holds zeros of it.
-pub(crate) trait Plain: Copy + Default + std::fmt::Debug + PartialEq + 'static {}
+pub(crate) trait Plain: Copy + PartialEq {}
 impl Plain for f32 {}
 impl Plain for i8 {}
-impl Plain for u8 {}
 
 /// One 64-byte cache line.
 #[derive(Clone, Copy)]

@@ -74,8 +74,8 @@ impl Engine {
         3 * s * s
     }
 
-    /// Raw outputs of one batch, split into the graph's fixed batch when it has one.
-    pub fn run_raw(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs> {
+    /// Fails unless `pixels` holds exactly `batch` images.
+    fn check_pixels(&self, pixels: &[f32], batch: usize) -> anyhow::Result<()> {
         if pixels.len() != batch * self.image_len() {
             bail!(
                 "{} input values for a batch of {batch} (expected {})",
@@ -83,6 +83,12 @@ impl Engine {
                 batch * self.image_len()
             );
         }
+        Ok(())
+    }
+
+    /// Raw outputs of one batch, split into the graph's fixed batch when it has one.
+    pub fn run_raw(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs> {
+        self.check_pixels(pixels, batch)?;
         match self.meta.fixed_batch {
             Some(fb) if fb != batch => {
                 // Run one graph-sized batch at a time, padding the last one.
@@ -137,13 +143,7 @@ impl Engine {
         batch: usize,
         alone: bool,
     ) -> anyhow::Result<Scores> {
-        if pixels.len() != batch * self.image_len() {
-            bail!(
-                "{} input values for a batch of {batch} (expected {})",
-                pixels.len(),
-                batch * self.image_len()
-            );
-        }
+        self.check_pixels(pixels, batch)?;
         let raw = self.backend.run_shared(pixels, batch, alone)?;
         self.scores_of(raw, batch)
     }
