@@ -697,8 +697,16 @@ fn trickling_clients_do_not_block_others_and_are_cut_off() {
     );
     // Over the connection cap (2 tricklers + 1 idle): 503.
     let idle = TcpStream::connect(&s.addr).unwrap();
-    std::thread::sleep(Duration::from_millis(100));
-    let (code, _, body) = request(&s.addr, "GET", "/healthz", &[], b"");
+    // Until the server has taken the idle connection in (on a loaded machine, later than at
+    // once), well before the tricklers' timeouts.
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    let (code, body) = loop {
+        std::thread::sleep(Duration::from_millis(100));
+        let (code, _, body) = request(&s.addr, "GET", "/healthz", &[], b"");
+        if code == 503 || std::time::Instant::now() > deadline {
+            break (code, body);
+        }
+    };
     assert_eq!(code, 503, "{}", String::from_utf8_lossy(&body));
     drop(idle);
     // The tricklers are cut off: the slow head by closing, the slow body with 408.
