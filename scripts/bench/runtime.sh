@@ -7,7 +7,9 @@
 # usage: scripts/bench/runtime.sh [MODEL] ; env THREADS (2), ITERS (20), CLIENTS (8), SECONDS_LOAD (30),
 #        BIN (folder of the binaries, default target/release if built there, else target/debug),
 #        SLOW_ITERS (3): iterations of int8 models in tract's own graph (MAE_TRACT_REWRITES=none),
-#        which is slow, ROUNDS (3): alternating tract / ORT batch-1 rounds for the median ratio
+#        which is slow, ROUNDS (3): alternating batch-1 rounds (tract and ORT, fp32 and both
+#        int8 forms; then bench and a 1-client serve) for median ratios that one slow spell of a
+#        shared machine does not decide
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 model=${1:-vit_base_patch16}
@@ -66,10 +68,14 @@ MAE_TRACT_REWRITES=none bench tract-fp32-own-1t "$out/$model.onnx" tract 1 1
 MAE_TRACT_REWRITES=none bench_slow tract-int8-own "$out/$model.int8.onnx" tract "$threads" 1
 MAE_TRACT_REWRITES=none bench_slow tract-int8s-own "$out/$model.int8s.onnx" tract "$threads" 1
 rounds=${ROUNDS:-3}
-say "   batch 1, $rounds alternating rounds of tract and ORT"
+say "   batch 1, $rounds alternating rounds: tract and ORT, fp32, int8 dynamic and int8 static"
 for r in $(seq "$rounds"); do
   bench "round-$r-tract" "$out/$model.onnx" tract "$threads" 1 --parallel ops
   bench "round-$r-ort" "$out/$model.onnx" ort "$threads" 1
+  bench "round-$r-tract-int8" "$out/$model.int8.onnx" tract "$threads" 1 --parallel ops
+  bench "round-$r-ort-int8" "$out/$model.int8.onnx" ort "$threads" 1
+  bench "round-$r-tract-int8s" "$out/$model.int8s.onnx" tract "$threads" 1 --parallel ops
+  bench "round-$r-ort-int8s" "$out/$model.int8s.onnx" ort "$threads" 1
 done
 say "3. ONNX Runtime's Python InferenceSession, same file and threads"
 "$py" "$root/scripts/bench/ort_python.py" "$out/$model.onnx" --threads "$threads" \
@@ -96,6 +102,13 @@ say "   serve, $clients clients: $(cat "$out/serve.json")"
 "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
   --clients 1 --seconds "$seconds" > "$out/serve-1.json"
 say "   serve, 1 client: $(cat "$out/serve-1.json")"
+say "   $rounds alternating rounds: bench at batch 1 ($iters iterations, serve idle), then 1 client sending $iters requests"
+for r in $(seq "$rounds"); do
+  bench "round-$r-bench-b1" "$out/$model.onnx" tract "$threads" 1
+  "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
+    --clients 1 --requests "$iters" > "$out/round-$r-serve-1.json"
+  say "   round-$r-serve-1: $(cat "$out/round-$r-serve-1.json")"
+done
 kill -TERM $pid; wait $pid || true
 
 say "5. the table (every ratio from this run)"

@@ -1,7 +1,8 @@
 """Load test of `mae-run serve`: N concurrent clients POST the same PNG to /v1/predict for a
-fixed time; prints throughput and latency percentiles as JSON.
+fixed time, or until they have sent a number of requests between them; prints throughput and
+latency percentiles as JSON.
 
-usage: serve_load.py URL IMAGE.png [--clients 8] [--seconds 30]
+usage: serve_load.py URL IMAGE.png [--clients 8] [--seconds 30 | --requests N]
 """
 import argparse
 import json
@@ -16,15 +17,29 @@ ap.add_argument("url")
 ap.add_argument("image")
 ap.add_argument("--clients", type=int, default=8)
 ap.add_argument("--seconds", type=float, default=30)
+ap.add_argument("--requests", type=int, help="stop after this many requests in all (not --seconds)")
 a = ap.parse_args()
 body = open(a.image, "rb").read()
-lat, errors = [], [0]
+lat, errors, sent = [], [0], [0]
 lock = threading.Lock()
-stop = time.perf_counter() + a.seconds
+stop = float("inf") if a.requests else time.perf_counter() + a.seconds
+
+
+def take():
+    """Whether this client sends another request (under --requests, one of those left)."""
+    if time.perf_counter() >= stop:
+        return False
+    if a.requests is None:
+        return True
+    with lock:
+        if sent[0] >= a.requests:
+            return False
+        sent[0] += 1
+        return True
 
 
 def client():
-    while time.perf_counter() < stop:
+    while take():
         req = urllib.request.Request(a.url, data=body, headers={"Content-Type": "image/png"})
         t = time.perf_counter()
         try:

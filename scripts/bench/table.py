@@ -64,11 +64,32 @@ serve, serve1 = load("serve"), load("serve-1")
 tqi = load("tract-int8-images")
 town, town1 = load("tract-fp32-own"), load("tract-fp32-own-1t")
 tqown, tqsown = load("tract-int8-own"), load("tract-int8s-own")
-rounds = []
-k = 1
-while load(f"round-{k}-tract") and load(f"round-{k}-ort"):
-    rounds.append((ms(load(f"round-{k}-tract")), ms(load(f"round-{k}-ort"))))
-    k += 1
+
+
+def round_pairs(x, y, fx=ms, fy=ms):
+    """(fx(x), fy(y)) of each alternating round k = 1, 2, ... that has both files."""
+    pairs, k = [], 1
+    while load(f"round-{k}-{x}") and load(f"round-{k}-{y}"):
+        pairs.append((fx(load(f"round-{k}-{x}")), fy(load(f"round-{k}-{y}"))))
+        k += 1
+    return pairs
+
+
+def median_of_ratios(pairs):
+    """'median R× (range A–B×)' of x / y over the rounds, or None without rounds."""
+    rs = sorted(x / y for x, y in pairs if x is not None and y)
+    if not rs:
+        return None
+    mid = len(rs) // 2
+    med = rs[mid] if len(rs) % 2 else (rs[mid - 1] + rs[mid]) / 2
+    return f"median {med:.2f}× (range {rs[0]:.2f}–{rs[-1]:.2f}×)"
+
+
+def each(pairs):
+    return ", ".join(f"{x:.0f}/{y:.0f}" for x, y in pairs if x is not None and y is not None)
+
+
+rounds = round_pairs("tract", "ort")
 model, cores, has, lacks = cpu()
 print(f"**CPU:** {model}, {cores} cores. Has: {', '.join(has) or 'none of the listed'}. "
       f"Lacks: {', '.join(lacks) or 'none'}.\n")
@@ -78,11 +99,8 @@ print("| measure | tract | ONNX Runtime | tract / ORT | goal |")
 print("|---|---|---|---|---|")
 print(f"| batch 1 latency, {a.threads} threads | {f(ms(t), ' ms')} | {f(ms(o), ' ms')} | {ratio(ms(t), ms(o))} | ≤ 1.3× |")
 if rounds:
-    rs = sorted(x / y for x, y in rounds)
-    med = rs[len(rs) // 2] if len(rs) % 2 else (rs[len(rs) // 2 - 1] + rs[len(rs) // 2]) / 2
-    each = ", ".join(f"{x:.0f}/{y:.0f}" for x, y in rounds)
-    print(f"| batch 1 latency, {len(rounds)} alternating rounds (tract/ORT ms: {each}) | – | – | "
-          f"median {med:.2f}× (range {rs[0]:.2f}–{rs[-1]:.2f}×) | ≤ 1.3× |")
+    print(f"| batch 1 latency, {len(rounds)} alternating rounds (tract/ORT ms: {each(rounds)}) | – | – | "
+          f"{median_of_ratios(rounds)} | ≤ 1.3× |")
 print(f"| batch 1 latency, {a.threads} threads, tract's own graph (MAE_TRACT_REWRITES=none) | {f(ms(town), ' ms')} | – | {ratio(ms(town), ms(o))} | – |")
 print(f"| batch 1 latency, 1 thread, tract's own graph | {f(ms(town1), ' ms')} | – | {ratio(ms(town1), ms(o1))} | – |")
 print(f"| batch 1 latency, {a.threads} threads, one symbolic plan (MAE_TRACT_PLANS=symbolic) | {f(ms(ts), ' ms')} | – | {ratio(ms(ts), ms(o))} | – |")
@@ -98,6 +116,15 @@ for name, (tr, orr, own) in {"dynamic": (tq, q, tqown), "static": (tqs, qs, tqso
     print(f"| int8 {name}, batch 1 latency, tract's own graph | {f(ms(own), ' ms')} | – | {ratio(ms(own), ms(orr))} | – |")
     print(f"| int8 {name}, speed-up over fp32, batch 1 | {ratio(ms(t), ms(tr))} | {ratio(ms(o), ms(orr))} | – | ≥ 2× (VNNI) |")
     print(f"| int8 {name}, speed-up over fp32, batch 8 | {ratio(ips(tr, 8), ips(t, 8))} | {ratio(ips(orr, 8), ips(o, 8))} | – | ≥ 2× (VNNI) |")
+    suffix = "int8" if name == "dynamic" else "int8s"
+    vs_ort = round_pairs(f"tract-{suffix}", f"ort-{suffix}")
+    if vs_ort:
+        print(f"| int8 {name}, batch 1 latency, {len(vs_ort)} alternating rounds (tract/ORT ms: {each(vs_ort)}) "
+              f"| – | – | {median_of_ratios(vs_ort)} | – |")
+        up_t = round_pairs("tract", f"tract-{suffix}")
+        up_o = round_pairs("ort", f"ort-{suffix}")
+        print(f"| int8 {name}, speed-up over fp32, batch 1, the same rounds (fp32/int8 ms, tract: {each(up_t)}; "
+              f"ORT: {each(up_o)}) | {median_of_ratios(up_t)} | {median_of_ratios(up_o)} | – | ≥ 2× (VNNI) |")
 print(f"| int8 dynamic, batch 8 throughput, images over threads | {f(ips(tqi, 8), ' img/s', 2)} | {f(ips(q, 8), ' img/s', 2)} | {ratio(ips(q, 8), ips(tqi, 8))} | – |")
 print(f"| peak RSS fp32 / int8 dynamic / int8 static | {f(rss(t), ' MB', 0)} / {f(rss(tq), ' MB', 0)} / {f(rss(tqs), ' MB', 0)} "
       f"| {f(rss(o), ' MB', 0)} / {f(rss(q), ' MB', 0)} / {f(rss(qs), ' MB', 0)} | – | – |")
@@ -110,3 +137,7 @@ if serve:
 if serve1:
     print(f"| serve, 1 client, p99 (tract) | {f(serve1['p99_ms'], ' ms')} | – | "
           f"{ratio(serve1['p99_ms'], p99(t))} of bench p99 at batch 1 | ≤ 1.2× |")
+served = round_pairs("serve-1", "bench-b1", fx=lambda r: r["p99_ms"], fy=p99)
+if served:
+    print(f"| serve, 1 client, p99 (tract), {len(served)} alternating rounds of serve and bench "
+          f"(p99 ms: {each(served)}) | – | – | {median_of_ratios(served)} of bench p99 at batch 1 | ≤ 1.2× |")
