@@ -4,7 +4,8 @@
 //! usage: cargo run --release -p mae-runtime --example tract_profile -- MODEL.onnx
 //!        [BATCH (1)] [THREADS (2)] [SIZE (224)] ; env BY_NODE=1 lists single nodes instead,
 //!        CONCRETE=1 optimises the plan for BATCH itself instead of a symbolic batch, TOP=N
-//!        prints N rows (40)
+//!        prints N rows (40), INSTALL=0 runs the passes on the main thread instead of on one of
+//!        the pool's threads (as `mae-run` runs them)
 use std::collections::HashMap;
 use std::time::Instant;
 use tract_onnx::prelude::*;
@@ -26,8 +27,8 @@ fn main() -> anyhow::Result<()> {
     let (batch, threads, size) = (arg(2, 1)?, arg(3, 2)?, arg(4, 224)?);
     let by_node = std::env::var_os("BY_NODE").is_some();
     let concrete = std::env::var_os("CONCRETE").is_some();
-    // INSTALL=1: passes run inside the pool, on one of its threads.
-    let install = std::env::var("INSTALL").is_ok_and(|v| !v.is_empty());
+    // As mae-run runs a plan: inside the pool, on one of its threads (INSTALL=0: not).
+    let install = threads > 1 && std::env::var("INSTALL").map_or(true, |v| v != "0");
     let pool = std::sync::Arc::new(
         rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
@@ -111,7 +112,7 @@ fn main() -> anyhow::Result<()> {
     let iters = 5;
     let mut spent: HashMap<String, (f64, usize)> = HashMap::new();
     let t = Instant::now();
-    for _ in 0..iters {
+    let mut profile = || -> TractResult<()> {
         let mut state = SimpleState::new(&plan)?;
         state.run_plan_with_eval(tvec!(input.clone().into()), |ctx, st, node, inputs| {
             let t = Instant::now();
@@ -126,18 +127,27 @@ fn main() -> anyhow::Result<()> {
             e.1 += 1;
             out
         })?;
+        Ok(())
+    };
+    for _ in 0..iters {
+        if install {
+            pool.install(&mut profile)?;
+        } else {
+            profile()?;
+        }
     }
     let total = t.elapsed().as_secs_f64() / iters as f64;
     let mut rows: Vec<_> = spent.into_iter().collect();
     rows.sort_by(|a, b| b.1 .0.total_cmp(&a.1 .0));
     println!(
-        "{:.1} ms per pass (batch {batch}{}, {threads} threads)",
+        "{:.1} ms per pass (batch {batch}{}, {threads} threads{})",
         total * 1e3,
         if concrete {
             ", planned for it"
         } else {
             ", symbolic"
-        }
+        },
+        if install { ", inside the pool" } else { "" }
     );
     let top = std::env::var("TOP")
         .ok()
