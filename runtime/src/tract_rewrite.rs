@@ -24,7 +24,9 @@
 //!   ONNX Runtime's speed on an Intel Xeon (Ice Lake) on ViT-B's products
 //!   (`runtime/examples/tract_matmul.rs`). [`dense_products`] puts a [`DenseProduct`] in place of
 //!   each product of an activation and constant weights, on `crate::dense`'s weights packed at
-//!   load, with the bias and an exact GELU that follow folded in.
+//!   load, with the bias and an exact GELU that follow folded in. [`patch_products`] does the
+//!   same for the patch embedding's convolution (stride = kernel), which tract runs through an
+//!   im2col and its own kernel: one [`PatchProduct`] copies each patch into a row and multiplies.
 //! - **Attention** (same CPUs): tract splits the `qkv` product into heads by a reshape, two
 //!   moves and three gathers (copies), then runs two batched products and a softmax;
 //!   [`fuse_attention`] makes it one [`SelfAttention`], heads over the threads, reading `qkv` in
@@ -87,7 +89,8 @@ pub struct Rewritten {
     pub quantizers: usize,
     /// Static QDQ products made integer products ([`qdq_to_integer`], before parsing).
     pub integer_products: usize,
-    /// Float products with constant weights run on [`DenseProduct`] (biases folded in).
+    /// Float products with constant weights run on [`DenseProduct`] (biases folded in), and
+    /// patch embeddings on [`PatchProduct`].
     pub dense_products: usize,
     /// Attentions run as one [`SelfAttention`].
     pub attentions: usize,
@@ -172,6 +175,7 @@ pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedMode
         let tile = crate::dense::Tile::native();
         done.attentions = fuse_attention(&mut model, tile)?;
         done.dense_products = dense_products(&mut model, tile)?;
+        done.dense_products += patch_products(&mut model, tile)?;
     }
     if rewrites == Rewrites::All && crate::qdense::vnni() {
         done.quant_products = quant_products(&mut model, crate::qdense::QuantTile::Vnni)?;
@@ -569,6 +573,237 @@ pub fn dense_products(model: &mut TypedModel, tile: crate::dense::Tile) -> Tract
             ops: vec![Box::new(op)],
             replaced: tail.last,
         }))
+    })
+}
+
+/// A ViT's patch embedding: a float32 convolution whose stride is its kernel (no padding,
+/// dilation or groups, NCHW), as one product of each image's patches, `[patches, c·kh·kw]`,
+/// and the kernel's `[c·kh·kw, out]`, on [`crate::dense`]'s packed weights with the bias folded
+/// in. Shapes are concrete.
+#[derive(Debug, Clone)]
+pub struct PatchProduct {
+    weights: Arc<crate::dense::PackedWeights>,
+    /// `[batch, channels, height, width]`.
+    input_shape: TVec<usize>,
+    /// `[batch, out, height / kh, width / kw]`.
+    output_shape: TVec<usize>,
+    /// `(kh, kw)`.
+    kernel: (usize, usize),
+    tile: crate::dense::Tile,
+}
+
+impl PartialEq for PatchProduct {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.weights, &other.weights)
+            && (
+                &self.input_shape,
+                &self.output_shape,
+                self.kernel,
+                self.tile,
+            ) == (
+                &other.input_shape,
+                &other.output_shape,
+                other.kernel,
+                other.tile,
+            )
+    }
+}
+
+impl Eq for PatchProduct {}
+
+impl Op for PatchProduct {
+    fn name(&self) -> StaticName {
+        "PatchProduct".into()
+    }
+    fn info(&self) -> TractResult<Vec<String>> {
+        let w = &self.weights;
+        Ok(vec![format!(
+            "{}×{} patches, {}×{}, {:?} tile",
+            self.kernel.0, self.kernel.1, w.k, w.n, self.tile
+        )])
+    }
+    op_as_typed_op!();
+}
+
+thread_local! {
+    /// One image's patches, row by row, kept for the next call on this thread.
+    static PATCHES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl EvalOp for PatchProduct {
+    op_out_of_plan!();
+
+    fn eval(&self, _ctx: &EvalContext, inputs: TVec<TValue>) -> TractResult<TVec<TValue>> {
+        let x = args_1!(inputs);
+        ensure!(
+            x.shape() == &*self.input_shape,
+            "PatchProduct: input of shape {:?}, planned for {:?}",
+            x.shape(),
+            self.input_shape
+        );
+        let ram = x.try_as_plain_ram()?;
+        let xs = ram.as_slice::<f32>()?;
+        let [batch, channels, height, width] = self.input_shape[..] else {
+            bail!("PatchProduct: input of rank {}", self.input_shape.len());
+        };
+        let [_, n, rows, cols] = self.output_shape[..] else {
+            bail!("PatchProduct: output of rank {}", self.output_shape.len());
+        };
+        let (kh, kw) = self.kernel;
+        let (patches, k) = (rows * cols, channels * kh * kw);
+        ensure!(
+            self.weights.k == k && self.weights.n == n,
+            "PatchProduct: weights of another shape"
+        );
+        let mut out = Tensor::zero::<f32>(&self.output_shape)?;
+        {
+            let mut out_ram = out.try_as_plain_ram_mut()?;
+            let ys = out_ram.as_slice_mut::<f32>()?;
+            PATCHES.with_borrow_mut(|a| -> TractResult<()> {
+                a.resize(patches * k, 0.0);
+                for (image, y) in xs
+                    .chunks_exact(channels * height * width)
+                    .zip(ys.chunks_exact_mut(n * patches))
+                    .take(batch)
+                {
+                    // Row `r · cols + c` holds patch (r, c): channel by channel, each kernel
+                    // row's `kw` pixels, in the kernel's own order (OIHW).
+                    for (p, row) in a.chunks_exact_mut(k).enumerate() {
+                        let (r, c) = (p / cols, p % cols);
+                        for (ch, dst) in row.chunks_exact_mut(kh * kw).enumerate() {
+                            for (i, line) in dst.chunks_exact_mut(kw).enumerate() {
+                                let at = (ch * height + r * kh + i) * width + c * kw;
+                                line.copy_from_slice(&image[at..at + kw]);
+                            }
+                        }
+                    }
+                    // Output channel j of patch p lies at j · patches + p.
+                    crate::dense::product(
+                        a,
+                        patches,
+                        crate::dense::Strides { row: k, col: 1 },
+                        &self.weights,
+                        y,
+                        crate::dense::Strides {
+                            row: 1,
+                            col: patches,
+                        },
+                        self.tile,
+                    )
+                    .map_err(|e| anyhow!("PatchProduct: {e:#}"))?;
+                }
+                Ok(())
+            })?;
+        }
+        Ok(tvec!(out.into_tvalue()))
+    }
+}
+
+impl TypedOp for PatchProduct {
+    fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        expect_f32(inputs, "PatchProduct")?;
+        Ok(tvec!(f32::fact(&*self.output_shape)))
+    }
+    as_op!();
+}
+
+/// The [`PatchProduct`] for `node` when it is a patch embedding's convolution of a concrete
+/// float32 input with constant weights and bias; its input.
+fn match_patch_product(
+    model: &TypedModel,
+    node: &TypedNode,
+    tile: crate::dense::Tile,
+) -> TractResult<Option<(OutletId, PatchProduct)>> {
+    use tract_onnx::tract_core::ops::cnn::{Conv, KernelFormat, PaddingSpec};
+    use tract_onnx::tract_core::ops::nn::DataFormat;
+    let Some(conv) = node.op_as::<Conv>() else {
+        return Ok(None);
+    };
+    let spec = &conv.pool_spec;
+    let kernel = &spec.kernel_shape;
+    let unpadded = match &spec.padding {
+        PaddingSpec::Valid => true,
+        PaddingSpec::Explicit(before, after) | PaddingSpec::ExplicitOnnxPool(before, after, _) => {
+            before.iter().chain(after).all(|&p| p == 0)
+        }
+        _ => false,
+    };
+    if conv.q_params.is_some()
+        || conv.group != 1
+        || conv.kernel_fmt != KernelFormat::OIHW
+        || spec.data_format != DataFormat::NCHW
+        || kernel.len() != 2
+        || spec.strides.as_deref() != Some(&kernel[..])
+        || spec
+            .dilations
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|&v| v != 1))
+        || !unpadded
+        || node.inputs.len() != 3
+    {
+        return Ok(None);
+    }
+    let facts = model.node_input_facts(node.id)?;
+    let (Some(weights), Some(bias)) = (&facts[1].konst, &facts[2].konst) else {
+        return Ok(None);
+    };
+    if facts[0].datum_type != f32::datum_type() || weights.datum_type() != f32::datum_type() {
+        return Ok(None);
+    }
+    let (Some(input_shape), Some(output_shape)) = (
+        facts[0].shape.as_concrete().map(TVec::from),
+        node.outputs[0].fact.shape.as_concrete().map(TVec::from),
+    ) else {
+        return Ok(None);
+    };
+    let (kh, kw) = (kernel[0], kernel[1]);
+    let [_, channels, height, width] = input_shape[..] else {
+        return Ok(None);
+    };
+    let n = spec.output_channels;
+    // An empty kernel first: the output's extent below divides by it.
+    if kh == 0
+        || kw == 0
+        || weights.shape() != [n, channels, kh, kw]
+        || output_shape[..] != [input_shape[0], n, height / kh, width / kw]
+    {
+        return Ok(None);
+    }
+    let wv = weights.try_as_plain_ram()?;
+    let wv = wv.as_slice::<f32>()?;
+    let k = channels * kh * kw;
+    // Row kk of the product's weights is kernel element kk of every output channel.
+    let mut packed = crate::dense::PackedWeights::new(k, n, |kk, j| wv[j * k + kk]);
+    let bias = bias.cast_to::<f32>()?;
+    let bias = bias.try_as_plain_ram()?;
+    match bias.as_slice::<f32>()? {
+        [] => {}
+        [b] if n != 1 => packed.add_bias(&vec![*b; n]),
+        b if b.len() == n => packed.add_bias(b),
+        _ => return Ok(None),
+    }
+    Ok(Some((
+        node.inputs[0],
+        PatchProduct {
+            weights: Arc::new(packed),
+            input_shape,
+            output_shape,
+            kernel: (kh, kw),
+            tile,
+        },
+    )))
+}
+
+/// Puts a [`PatchProduct`] in place of each patch embedding's convolution; returns how many.
+pub fn patch_products(model: &mut TypedModel, tile: crate::dense::Tile) -> TractResult<usize> {
+    replace_nodes(model, |model, node| {
+        Ok(
+            match_patch_product(model, node, tile)?.map(|(input, op)| Replacement {
+                input,
+                ops: vec![Box::new(op)],
+                replaced: node.id,
+            }),
+        )
     })
 }
 
@@ -2032,6 +2267,64 @@ mod tests {
             "{without:?}"
         );
         assert_eq!(count::<SelfAttention>(&ours), 1);
+    }
+
+    /// A convolution on `[2, 3, 8, 12]` with a `[5, 3, 4, 4]` kernel at `strides` (and its bias).
+    fn patch_embedding(strides: [i64; 2]) -> Vec<u8> {
+        let (oh, ow) = ((8 - 4) / strides[0] + 1, (12 - 4) / strides[1] + 1);
+        let graph = pb::GraphProto {
+            name: "patches".into(),
+            node: vec![node(
+                "Conv",
+                &["x", "w", "b"],
+                "y",
+                vec![
+                    crate::testgraph::ints("kernel_shape", &[4, 4]),
+                    crate::testgraph::ints("strides", &strides),
+                ],
+            )],
+            initializer: vec![init("w", &[5, 3, 4, 4], 41), init("b", &[5], 42)],
+            input: vec![value("x", &[Some(2), Some(3), Some(8), Some(12)])],
+            output: vec![value("y", &[Some(2), Some(5), Some(oh), Some(ow)])],
+            ..Default::default()
+        };
+        model_bytes(graph, 17)
+    }
+
+    /// The patch embedding on the packed kernel with `tile` gives tract's own outputs; a
+    /// convolution whose patches overlap is left to tract.
+    fn check_patch_products(tile: crate::dense::Tile) {
+        let model = typed(&patch_embedding([4, 4]));
+        let mut ours = model.clone().into_decluttered().unwrap();
+        assert_eq!(patch_products(&mut ours, tile).unwrap(), 1, "{ours}");
+        ours.optimize().unwrap();
+        assert_eq!(count::<PatchProduct>(&ours), 1, "{ours}");
+        let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+        let x: Tensor = tract_ndarray::Array4::from_shape_vec((2, 3, 8, 12), floats(43, 576))
+            .unwrap()
+            .into();
+        let (a, b) = (run(ours, &x), run(theirs, &x));
+        // 48 products summed in another order.
+        assert_close(&format!("{tile:?}"), &a, &b, 1e-5);
+        assert_eq!(a.len(), 2 * 5 * 2 * 3);
+        assert!(a.iter().any(|v| v.abs() > 0.5), "outputs near zero");
+        // The second image is its own: not the first's outputs again.
+        assert_ne!(a[..30], a[30..]);
+        let mut overlapping = typed(&patch_embedding([2, 2])).into_decluttered().unwrap();
+        assert_eq!(patch_products(&mut overlapping, tile).unwrap(), 0);
+    }
+
+    #[test]
+    fn patch_embeddings_keep_the_outputs_on_the_portable_tile() {
+        check_patch_products(crate::dense::Tile::Portable);
+    }
+
+    #[test]
+    #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
+    fn patch_embeddings_keep_the_outputs_on_the_avx512_tile() {
+        check_patch_products(crate::dense::Tile::Avx512);
+        let (ours, done) = optimize(typed(&patch_embedding([4, 4])), Rewrites::All).unwrap();
+        assert_eq!((done.dense_products, count::<PatchProduct>(&ours)), (1, 1));
     }
 
     #[test]
