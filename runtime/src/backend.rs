@@ -120,6 +120,96 @@ impl TractPlans {
     }
 }
 
+/// How the threads tract splits a pass's products over wait between products.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TractWait {
+    /// While a pass runs over every thread, the threads other than the plan's look for work
+    /// without sleeping (the default), as ONNX Runtime's do: the operators tract does not split
+    /// (LayerNorm, residual sums, layout) leave gaps between products, long enough for an idle
+    /// thread to fall asleep and to cost a wake-up at the next product.
+    Spin,
+    /// Idle threads sleep as the thread pool decides (they spin only briefly).
+    Sleep,
+}
+
+impl TractWait {
+    /// The environment variable that chooses: `spin` (the default) or `sleep`.
+    pub const ENV: &'static str = "MAE_TRACT_WAIT";
+
+    /// From [`Self::ENV`]; unset or empty is [`Self::Spin`].
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::parse(std::env::var(Self::ENV).ok().as_deref())
+    }
+
+    fn parse(value: Option<&str>) -> anyhow::Result<Self> {
+        match value.map(str::trim).unwrap_or("") {
+            "" | "spin" => Ok(Self::Spin),
+            "sleep" => Ok(Self::Sleep),
+            other => bail!(
+                "{}={other:?}: expected 'spin' (threads stay awake between a pass's products) \
+                 or 'sleep' (idle threads sleep)",
+                Self::ENV
+            ),
+        }
+    }
+}
+
+/// Runs `f` on this thread of `pool` while `helpers` other threads of the pool look for its
+/// work without sleeping, until `f` returns (or unwinds).
+///
+/// A helper is a job of a scope: it returns at once on the thread that runs `f`, and when it
+/// finds no work for [`AWAKE_IDLE`] in a row, so that a helper a thread took up while it
+/// waited for a part of `f`'s work (rayon's threads run other jobs while they wait) lets that
+/// thread go on; it can delay `f` by that much, never stop it.
+pub(crate) fn with_threads_awake<R: Send>(
+    pool: &rayon::ThreadPool,
+    helpers: usize,
+    f: impl FnOnce() -> R + Send,
+) -> R {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Done<'a>(&'a AtomicBool);
+    impl Drop for Done<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+    pool.install(|| {
+        let done = AtomicBool::new(false);
+        let owner = rayon::current_thread_index();
+        rayon::scope(|s| {
+            for _ in 0..helpers {
+                let done = &done;
+                s.spawn(move |_| {
+                    if rayon::current_thread_index() == owner {
+                        return;
+                    }
+                    let mut idle_since: Option<std::time::Instant> = None;
+                    while !done.load(Ordering::Acquire) {
+                        match rayon::yield_now() {
+                            Some(rayon::Yield::Executed) => idle_since = None,
+                            Some(rayon::Yield::Idle) => {
+                                let since = *idle_since.get_or_insert_with(std::time::Instant::now);
+                                if since.elapsed() > AWAKE_IDLE {
+                                    return;
+                                }
+                                std::hint::spin_loop();
+                            }
+                            None => return,
+                        }
+                    }
+                });
+            }
+            let _done = Done(&done);
+            f()
+        })
+    })
+}
+
+/// How long a thread kept awake by [`with_threads_awake`] looks for work in vain before it
+/// gives up: longer than the gaps between a ViT pass's products (LayerNorm, a residual sum:
+/// tenths of a millisecond), short beside a pass.
+pub(crate) const AWAKE_IDLE: std::time::Duration = std::time::Duration::from_millis(2);
+
 /// Loads `path` into the chosen backend.
 pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result<Box<dyn Backend>> {
     match opts.kind {
@@ -151,6 +241,7 @@ pub fn load(path: &Path, meta: &ModelMeta, opts: &LoadOptions) -> anyhow::Result
                 opts.parallel,
                 TractPlans::from_env()?,
                 rewrites,
+                TractWait::from_env()?,
             )?))
         }
         BackendKind::Ort => Ok(Box::new(ort_backend::OrtBackend::load(path, meta, opts)?)),
@@ -193,6 +284,7 @@ mod tract_backend {
         roles: (Option<usize>, Option<usize>),
         threads: usize,
         parallel: crate::Parallel,
+        wait: TractWait,
     }
 
     /// Joins the outputs of consecutive parts of a batch along the batch axis.
@@ -218,6 +310,7 @@ mod tract_backend {
             parallel: crate::Parallel,
             mode: TractPlans,
             rewrites: crate::tract_rewrite::Rewrites,
+            wait: TractWait,
         ) -> anyhow::Result<Self> {
             // tract's matrix products are single-threaded unless given a pool. Each run names
             // its executor (see `run`): the plan runs on one of the pool's threads, so that the
@@ -269,6 +362,7 @@ mod tract_backend {
                 roles: output_roles(&meta.output_names),
                 threads,
                 parallel,
+                wait,
             })
         }
 
@@ -304,7 +398,11 @@ mod tract_backend {
                 // On a pool thread, the plan's own thread is one of the pool's: while it runs
                 // the operators tract does not split, no other thread competes for its core.
                 let executor = Executor::MultiThread(pool.clone());
-                pool.install(|| multithread_tract_scope(executor, || self.run_plan(pixels, batch)))
+                let run = || multithread_tract_scope(executor, || self.run_plan(pixels, batch));
+                match self.wait {
+                    TractWait::Spin => with_threads_awake(pool, self.threads - 1, run),
+                    TractWait::Sleep => pool.install(run),
+                }
             } else {
                 // One thread: not another backend's pool either.
                 multithread_tract_scope(Executor::SingleThread, || self.run_plan(pixels, batch))
@@ -372,7 +470,13 @@ mod tract_backend {
                     ),
                 },
                 self.rewritten.describe(self.rewrites)
-            )
+            ) + match (self.threads > 1, self.wait) {
+                (false, _) => "",
+                (true, TractWait::Spin) => {
+                    " [threads stay awake during a pass; MAE_TRACT_WAIT=sleep lets them sleep]"
+                }
+                (true, TractWait::Sleep) => " [idle threads sleep: MAE_TRACT_WAIT=sleep]",
+            }
         }
 
         fn run(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<RawOutputs> {
@@ -734,6 +838,87 @@ mod tests {
     }
 
     #[test]
+    fn wait_mode_values() {
+        assert_eq!(TractWait::parse(None).unwrap(), TractWait::Spin);
+        assert_eq!(TractWait::parse(Some(" spin")).unwrap(), TractWait::Spin);
+        assert_eq!(TractWait::parse(Some("sleep")).unwrap(), TractWait::Sleep);
+        let err = TractWait::parse(Some("busy")).unwrap_err().to_string();
+        assert!(
+            err.contains(TractWait::ENV) && err.contains("sleep"),
+            "{err}"
+        );
+    }
+
+    /// Runs `f` on another thread and fails if it has not returned within 60 s (a hang).
+    fn within_a_minute<R: Send + 'static>(what: &str, f: impl FnOnce() -> R + Send + 'static) -> R {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("{what}: no answer within 60 s"))
+    }
+
+    /// Sums 0..n over the current pool, split as finely as rayon splits (joins within joins,
+    /// whose waiting threads run other jobs: the helpers among them).
+    fn pool_sum(n: u32) -> u64 {
+        use rayon::prelude::*;
+        (0..n)
+            .into_par_iter()
+            .with_max_len(1)
+            .map(|i| u64::from(i) * u64::from(i))
+            .sum()
+    }
+
+    #[test]
+    fn threads_kept_awake_end_with_the_work_they_serve() {
+        use std::sync::Arc;
+        let expect: u64 = (0..20_000u64).map(|i| i * i).sum();
+        for (threads, helpers) in [(2, 1), (2, 5), (3, 2), (4, 3), (1, 2)] {
+            let what = format!("{threads} threads, {helpers} helpers");
+            let pool = Arc::new(
+                rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap(),
+            );
+            let (p, w) = (pool.clone(), what.clone());
+            let sums = within_a_minute(&what, move || {
+                (0..20)
+                    .map(|_| with_threads_awake(&p, helpers, || pool_sum(20_000)))
+                    .collect::<Vec<_>>()
+            });
+            assert!(sums.iter().all(|&s| s == expect), "{w}: {sums:?}");
+            // A pass that sleeps past the helpers' patience, then works: they gave up (the
+            // call returns) and the work is still done.
+            let p = pool.clone();
+            let sum = within_a_minute(&what, move || {
+                with_threads_awake(&p, helpers, || {
+                    std::thread::sleep(AWAKE_IDLE * 3);
+                    pool_sum(20_000)
+                })
+            });
+            assert_eq!(sum, expect, "{what}");
+            // A pass that panics: the panic reaches the caller, the helpers stop, and the
+            // pool runs the next pass.
+            let p = pool.clone();
+            let caught = within_a_minute(&what, move || {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    with_threads_awake(&p, helpers, || {
+                        let _ = pool_sum(1000);
+                        panic!("a failing pass")
+                    })
+                }))
+                .is_err()
+            });
+            assert!(caught, "{what}: the panic was lost");
+            let p = pool.clone();
+            let sum = within_a_minute(&what, move || p.install(|| pool_sum(20_000)));
+            assert_eq!(sum, expect, "{what}: after a panic");
+        }
+    }
+
+    #[test]
     fn the_one_image_plan_matches_the_symbolic_plan() {
         let dir = tempfile::tempdir().unwrap();
         let (path, meta) = write_model(dir.path(), None);
@@ -741,6 +926,8 @@ mod tests {
             (1, Parallel::Ops),
             (2, Parallel::Images),
             (2, Parallel::Auto),
+            (2, Parallel::Ops),
+            (3, Parallel::Ops),
         ] {
             let mut one = TractBackend::load(
                 &path,
@@ -749,8 +936,10 @@ mod tests {
                 parallel,
                 TractPlans::Image,
                 Rewrites::All,
+                TractWait::Spin,
             )
             .unwrap();
+            // The two wait modes too: the threads' waiting changes no number.
             let mut sym = TractBackend::load(
                 &path,
                 &meta,
@@ -758,6 +947,7 @@ mod tests {
                 parallel,
                 TractPlans::Symbolic,
                 Rewrites::All,
+                TractWait::Sleep,
             )
             .unwrap();
             assert!(matches!(one.plans, Plans::Image(_)));
@@ -786,6 +976,7 @@ mod tests {
             Parallel::Ops,
             TractPlans::Image,
             Rewrites::All,
+            TractWait::Spin,
         )
         .unwrap();
         let x = images(9, 3);
@@ -810,6 +1001,7 @@ mod tests {
             Parallel::Images,
             TractPlans::Symbolic,
             Rewrites::All,
+            TractWait::Spin,
         )
         .unwrap();
         // A file with a fixed batch of 2: one plan, and the batch is not split over the threads.
@@ -821,6 +1013,7 @@ mod tests {
             Parallel::Images,
             TractPlans::Image,
             Rewrites::All,
+            TractWait::Spin,
         )
         .unwrap();
         assert!(matches!(fixed.plans, Plans::Whole(_, Some(2))));
