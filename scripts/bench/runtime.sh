@@ -102,11 +102,11 @@ say "   serve, $clients clients: $(cat "$out/serve.json")"
 "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
   --clients 1 --seconds "$seconds" > "$out/serve-1.json"
 say "   serve, 1 client: $(cat "$out/serve-1.json")"
-say "   $rounds alternating rounds: bench at batch 1 ($iters iterations, serve idle), then 1 client sending $iters requests"
+say "   $rounds alternating rounds: bench at batch 1 ($iters iterations after its 3 warm-up passes, serve idle), then 1 client sending 3 untimed requests and $iters timed"
 for r in $(seq "$rounds"); do
   bench "round-$r-bench-b1" "$out/$model.onnx" tract "$threads" 1
   "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
-    --clients 1 --requests "$iters" > "$out/round-$r-serve-1.json"
+    --clients 1 --warmup 3 --requests "$iters" > "$out/round-$r-serve-1.json"
   say "   round-$r-serve-1: $(cat "$out/round-$r-serve-1.json")"
 done
 kill -TERM $pid; wait $pid || true

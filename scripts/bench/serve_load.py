@@ -2,7 +2,11 @@
 fixed time, or until they have sent a number of requests between them; prints throughput and
 latency percentiles as JSON.
 
-usage: serve_load.py URL IMAGE.png [--clients 8] [--seconds 30 | --requests N]
+usage: serve_load.py URL IMAGE.png [--clients 8] [--seconds 30 | --requests N] [--warmup W]
+
+--warmup sends W requests one after another before the clock starts, untimed, as
+`mae-run bench --warmup` runs untimed passes first: the first requests after an idle spell (or
+after another process has filled the caches) pay for waking the server's threads and memory.
 """
 import argparse
 import json
@@ -18,8 +22,25 @@ ap.add_argument("image")
 ap.add_argument("--clients", type=int, default=8)
 ap.add_argument("--seconds", type=float, default=30)
 ap.add_argument("--requests", type=int, help="stop after this many requests in all (not --seconds)")
+ap.add_argument("--warmup", type=int, default=0, help="untimed requests first, one at a time")
 a = ap.parse_args()
 body = open(a.image, "rb").read()
+
+
+def send():
+    """One request; whether it was answered with 200."""
+    req = urllib.request.Request(a.url, data=body, headers={"Content-Type": "image/png"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+            return r.status == 200
+    except Exception:
+        return False
+
+
+for _ in range(a.warmup):
+    if not send():
+        raise SystemExit(f"serve_load.py: a warm-up request to {a.url} failed")
 lat, errors, sent = [], [0], [0]
 lock = threading.Lock()
 stop = float("inf") if a.requests else time.perf_counter() + a.seconds
@@ -40,14 +61,8 @@ def take():
 
 def client():
     while take():
-        req = urllib.request.Request(a.url, data=body, headers={"Content-Type": "image/png"})
         t = time.perf_counter()
-        try:
-            with urllib.request.urlopen(req, timeout=120) as r:
-                r.read()
-                ok = r.status == 200
-        except Exception:
-            ok = False
+        ok = send()
         dt = (time.perf_counter() - t) * 1e3
         with lock:
             if ok:
@@ -64,7 +79,8 @@ for t in threads:
     t.join()
 elapsed = time.perf_counter() - t0
 lat = np.array(lat) if lat else np.array([float("nan")])
-print(json.dumps({"clients": a.clients, "seconds": elapsed, "requests": int(len(lat)),
+print(json.dumps({"clients": a.clients, "warmup": a.warmup, "seconds": elapsed,
+                  "requests": int(len(lat)),
                   "errors": errors[0], "images_per_s": len(lat) / elapsed,
                   "p50_ms": float(np.percentile(lat, 50)), "p95_ms": float(np.percentile(lat, 95)),
                   "p99_ms": float(np.percentile(lat, 99))}))

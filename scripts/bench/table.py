@@ -139,5 +139,7 @@ if serve1:
           f"{ratio(serve1['p99_ms'], p99(t))} of bench p99 at batch 1 | ≤ 1.2× |")
 served = round_pairs("serve-1", "bench-b1", fx=lambda r: r["p99_ms"], fy=p99)
 if served:
-    print(f"| serve, 1 client, p99 (tract), {len(served)} alternating rounds of serve and bench "
+    warm = [(load(f"round-{r}-serve-1") or {}).get("warmup", 0) for r in range(1, len(served) + 1)]
+    after = f", each after {warm[0]} untimed requests" if warm and min(warm) == max(warm) > 0 else ""
+    print(f"| serve, 1 client, p99 (tract), {len(served)} alternating rounds of serve and bench{after} "
           f"(p99 ms: {each(served)}) | – | – | {median_of_ratios(served)} of bench p99 at batch 1 | ≤ 1.2× |")
