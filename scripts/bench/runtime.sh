@@ -9,7 +9,8 @@
 #        SLOW_ITERS (3): iterations of int8 models in tract's own graph (MAE_TRACT_REWRITES=none),
 #        which is slow, ROUNDS (3): alternating batch-1 rounds (tract and ORT, fp32 and both
 #        int8 forms; then bench and a 1-client serve) for median ratios that one slow spell of a
-#        shared machine does not decide
+#        shared machine does not decide, P99_ITERS (100): iterations and requests of each side
+#        of the bench / 1-client serve rounds
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 model=${1:-vit_base_patch16}
@@ -102,11 +103,15 @@ say "   serve, $clients clients: $(cat "$out/serve.json")"
 "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
   --clients 1 --seconds "$seconds" > "$out/serve-1.json"
 say "   serve, 1 client: $(cat "$out/serve-1.json")"
-say "   $rounds alternating rounds: bench at batch 1 ($iters iterations after its 3 warm-up passes, serve idle), then 1 client sending 3 untimed requests and $iters timed"
+# A p99 of 20 samples is their slowest one: these rounds take P99_ITERS (default 100) each side.
+p99_iters=${P99_ITERS:-100}
+say "   $rounds alternating rounds: bench at batch 1 ($p99_iters iterations after its 3 warm-up passes, serve idle), then 1 client sending 3 untimed requests and $p99_iters timed"
 for r in $(seq "$rounds"); do
+  iters_all=$iters; iters=$p99_iters
   bench "round-$r-bench-b1" "$out/$model.onnx" tract "$threads" 1
+  iters=$iters_all
   "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
-    --clients 1 --warmup 3 --requests "$iters" > "$out/round-$r-serve-1.json"
+    --clients 1 --warmup 3 --requests "$p99_iters" > "$out/round-$r-serve-1.json"
   say "   round-$r-serve-1: $(cat "$out/round-$r-serve-1.json")"
 done
 kill -TERM $pid; wait $pid || true
