@@ -773,15 +773,12 @@ fn match_patch_product(
     let wv = wv.as_slice::<f32>()?;
     let k = channels * kh * kw;
     // Row kk of the product's weights is kernel element kk of every output channel.
+    // The bias: one value per output channel, or one for all of them.
+    let Some(bias) = along_n(bias, 1, (0, n))? else {
+        return Ok(None);
+    };
     let mut packed = crate::dense::PackedWeights::new(k, n, |kk, j| wv[j * k + kk]);
-    let bias = bias.cast_to::<f32>()?;
-    let bias = bias.try_as_plain_ram()?;
-    match bias.as_slice::<f32>()? {
-        [] => {}
-        [b] if n != 1 => packed.add_bias(&vec![*b; n]),
-        b if b.len() == n => packed.add_bias(b),
-        _ => return Ok(None),
-    }
+    packed.add_bias(&bias);
     Ok(Some((
         node.inputs[0],
         PatchProduct {
