@@ -107,9 +107,7 @@ say "   serve, 1 client: $(cat "$out/serve-1.json")"
 p99_iters=${P99_ITERS:-100}
 say "   $rounds alternating rounds: bench at batch 1 ($p99_iters iterations after its 3 warm-up passes, serve idle), then 1 client sending 3 untimed requests and $p99_iters timed"
 for r in $(seq "$rounds"); do
-  iters_all=$iters; iters=$p99_iters
-  bench "round-$r-bench-b1" "$out/$model.onnx" tract "$threads" 1
-  iters=$iters_all
+  iters=$p99_iters bench "round-$r-bench-b1" "$out/$model.onnx" tract "$threads" 1
   "$py" "$root/scripts/bench/serve_load.py" "http://127.0.0.1:$port/v1/predict" "$out/probe.png" \
     --clients 1 --warmup 3 --requests "$p99_iters" > "$out/round-$r-serve-1.json"
   say "   round-$r-serve-1: $(cat "$out/round-$r-serve-1.json")"
