@@ -89,8 +89,9 @@ pub struct PretrainArgs {
 /// Where a training command reads its images.
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct DataArgs {
-    /// ImageFolder root (`train/`, `val/`, optional `test/`), a MedMNIST `.npz` file, or (for
-    /// `pretrain`) a flat folder of images.
+    /// ImageFolder root (`train/`, `val/`, optional `test/`), a `.zip` holding that tree (at
+    /// its top or inside one top folder, read in place), a MedMNIST `.npz` file, or (for
+    /// `pretrain`) a flat folder or `.zip` of images.
     #[arg(long, alias = "data_path")]
     pub data_path: PathBuf,
     /// Decoding and augmentation threads.
@@ -347,7 +348,7 @@ pub struct EvalArgs {
     /// Autocast precision of the forward passes: bf16 by default on CUDA, fp32 on the CPU.
     #[arg(long, value_enum)]
     pub precision: Option<Autocast>,
-    /// ImageFolder root or MedMNIST `.npz` file.
+    /// ImageFolder root, a `.zip` holding that tree, or a MedMNIST `.npz` file.
     #[arg(long, alias = "data_path")]
     pub data_path: PathBuf,
     /// Split to evaluate.

@@ -12,10 +12,18 @@
 //!
 //! Unlike torchvision, files with other extensions are not dropped silently: they are listed in
 //! [`ImageFolder::skipped`] for the tools to report.
+//!
+//! A tree packed in a zip archive is read in place by the same rules ([`ImageFolder::open_split`]),
+//! its folders being those its entries' names imply; it gives the samples and labels of the
+//! unzipped tree.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
+use image::RgbImage;
+
+use super::archive::{is_zip, Archive};
 use crate::error::{Error, Result};
 
 /// torchvision's `IMG_EXTENSIONS`, then DICOM.
@@ -39,19 +47,28 @@ pub fn is_image_file(path: &Path) -> bool {
 /// One ImageFolder split: class names in label order, samples in torchvision's order.
 #[derive(Debug, Clone)]
 pub struct ImageFolder {
+    /// The split's folder; inside a zip archive, the archive's path joined with the folder's
+    /// (`data.zip/mednist/train`).
     pub root: PathBuf,
     /// Class folder names, sorted; a class's label is its index.
     pub classes: Vec<String>,
-    /// Every sample and its class index.
+    /// Every sample and its class index. Read a sample's bytes with [`ImageFolder::read`]
+    /// (or decode it with [`ImageFolder::load`]), which also reads samples of an archive.
     pub samples: Vec<(PathBuf, usize)>,
-    /// Files in the class folders that are not images (another extension).
+    /// Files in the class folders that are not images (another extension; in an archive,
+    /// also links).
     pub skipped: Vec<PathBuf>,
     /// Files directly in the root, outside any class folder.
     pub outside: Vec<PathBuf>,
+    /// The zip archive the tree is read from, or `None` for a folder on disk.
+    pub archive: Option<Arc<Archive>>,
 }
 
+/// One class folder's files in torchvision's order, each with whether it is a regular file.
+type ClassFiles = Vec<(PathBuf, bool)>;
+
 impl ImageFolder {
-    /// Reads the tree under `root`.
+    /// Reads the tree under the folder `root`.
     pub fn open(root: &Path) -> Result<Self> {
         let mut classes = Vec::new();
         let mut outside = Vec::new();
@@ -62,6 +79,93 @@ impl ImageFolder {
                 outside.push(entry);
             }
         }
+        let mut files = Vec::with_capacity(classes.len());
+        for class in &classes {
+            let walked = walk_sorted(&root.join(class))?;
+            files.push(
+                walked
+                    .into_iter()
+                    .flat_map(|(_, fs)| fs)
+                    .map(|f| (f, true))
+                    .collect(),
+            );
+        }
+        Self::check(root.to_path_buf(), classes, files, outside, None)
+    }
+
+    /// Reads split `split` of the data set at `data`: the folder `data/split`, or, when
+    /// `data` is a `.zip` file, the `split/` folder at the top of the archive or inside its
+    /// one top folder. Either gives the samples and labels of the unzipped tree.
+    pub fn open_split(data: &Path, split: &str) -> Result<Self> {
+        if is_zip(data) && !data.is_dir() {
+            Self::open_archive(Arc::new(Archive::open(data)?), split)
+        } else {
+            Self::open(&data.join(split))
+        }
+    }
+
+    /// Reads split `split` of an open zip archive (see [`ImageFolder::open_split`]).
+    pub fn open_archive(archive: Arc<Archive>, split: &str) -> Result<Self> {
+        let mut prefix = archive.split_parent(split)?;
+        prefix.push(split.to_string());
+        let root = archive.entry_path(&prefix);
+        // class → (folder below the class's, file name, path, regular file)
+        let mut by_class: BTreeMap<&str, Vec<(String, &str, PathBuf, bool)>> = BTreeMap::new();
+        let mut outside = Vec::new();
+        for e in archive.entries() {
+            let Some(rel) = e.parts.strip_prefix(&prefix[..]) else {
+                continue;
+            };
+            let Some((name, folders)) = rel.split_last() else {
+                continue;
+            };
+            if e.is_dir {
+                if let Some(class) = rel.first() {
+                    by_class.entry(class).or_default();
+                }
+                continue;
+            }
+            let Some((class, below)) = folders.split_first() else {
+                outside.push((name.as_str(), archive.entry_path(&e.parts)));
+                continue;
+            };
+            let mut folder = class.clone();
+            for f in below {
+                folder.push('/');
+                folder.push_str(f);
+            }
+            let path = archive.entry_path(&e.parts);
+            by_class
+                .entry(class)
+                .or_default()
+                .push((folder, name, path, !e.is_symlink));
+        }
+        // The order of `sorted(os.walk(class))`: folders by their path, files by name.
+        let mut classes = Vec::with_capacity(by_class.len());
+        let mut files = Vec::with_capacity(by_class.len());
+        for (class, mut fs) in by_class {
+            fs.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+            classes.push(class.to_string());
+            files.push(
+                fs.into_iter()
+                    .map(|(_, _, p, regular)| (p, regular))
+                    .collect(),
+            );
+        }
+        outside.sort_by(|a, b| a.0.cmp(b.0));
+        let outside = outside.into_iter().map(|(_, p)| p).collect();
+        Self::check(root, classes, files, outside, Some(archive))
+    }
+
+    /// The samples and what was skipped, from the classes' files in order; a tree without
+    /// classes, or with a class without images, is an error.
+    fn check(
+        root: PathBuf,
+        classes: Vec<String>,
+        files: Vec<ClassFiles>,
+        outside: Vec<PathBuf>,
+        archive: Option<Arc<Archive>>,
+    ) -> Result<Self> {
         if classes.is_empty() {
             return Err(Error::format(
                 root,
@@ -71,15 +175,13 @@ impl ImageFolder {
         let mut samples = Vec::new();
         let mut skipped = Vec::new();
         let mut empty = Vec::new();
-        for (label, class) in classes.iter().enumerate() {
+        for (label, (class, fs)) in classes.iter().zip(files).enumerate() {
             let before = samples.len();
-            for (_, files) in walk_sorted(&root.join(class))? {
-                for f in files {
-                    if is_image_file(&f) {
-                        samples.push((f, label));
-                    } else {
-                        skipped.push(f);
-                    }
+            for (f, regular) in fs {
+                if regular && is_image_file(&f) {
+                    samples.push((f, label));
+                } else {
+                    skipped.push(f);
                 }
             }
             if samples.len() == before {
@@ -99,12 +201,27 @@ impl ImageFolder {
             ));
         }
         Ok(Self {
-            root: root.to_path_buf(),
+            root,
             classes,
             samples,
             skipped,
             outside,
+            archive,
         })
+    }
+
+    /// The bytes of a sample (a path of [`ImageFolder::samples`]): from its file, or from the
+    /// archive the tree is read from. Errors name the sample.
+    pub fn read(&self, sample: &Path) -> Result<Vec<u8>> {
+        match &self.archive {
+            Some(a) => a.read(sample),
+            None => std::fs::read(sample).map_err(|e| Error::io(sample, e)),
+        }
+    }
+
+    /// A sample decoded as 8-bit RGB, through the same decoder as any file.
+    pub fn load(&self, sample: &Path) -> Result<RgbImage> {
+        super::decode_rgb(&self.read(sample)?, sample)
     }
 
     /// What was left out, for the tools to print: `skipped 3 files with other extensions:

@@ -1,8 +1,10 @@
 //! The input layer of every tool: image files (PNG, JPEG, BMP, TIFF, PPM/PGM, WebP) and DICOM
-//! decoded to the same 8-bit RGB image, and ImageFolder trees read by torchvision's rules.
+//! decoded to the same 8-bit RGB image, and ImageFolder trees read by torchvision's rules, from
+//! folders or in place from zip archives.
 //! `mae-train`, `mae-export` and `mae-run` all read their inputs through here, so a file gives
 //! the same pixels, and a tree the same samples and labels, in every tool.
 
+pub mod archive;
 pub mod dicom;
 mod dicom_lengths;
 pub mod folder;
@@ -11,6 +13,7 @@ use std::path::Path;
 
 use image::RgbImage;
 
+pub use archive::{is_zip, Archive};
 pub use folder::{is_image_file, is_image_name, ImageFolder, EXTENSIONS};
 
 use crate::error::{Error, Result};

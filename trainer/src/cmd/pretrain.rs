@@ -15,7 +15,7 @@ use tch::{nn, Kind, Tensor};
 use crate::cli::PretrainArgs;
 use crate::cmd::visualize::{render_grid, save_grid};
 use crate::data::transform::TrainAug;
-use crate::data::{self, Dataset, Item, Pixels};
+use crate::data::{self, Dataset};
 use crate::engine::setup::Setup;
 use crate::engine::to_input;
 use crate::engine::{train_epoch, TrainBatches};
@@ -24,31 +24,21 @@ use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, AdamW};
 use crate::rng::Rng;
 
-/// Images of a pretraining set: the train split of an ImageFolder tree or `.npz`, or every
-/// image under a flat folder (labels are not used).
+/// Images of a pretraining set: the train split of an ImageFolder tree (in a folder or a zip
+/// archive) or `.npz`, or every image under a flat folder or in a zip archive (labels are not
+/// used).
 pub fn open_unlabeled(path: &Path) -> anyhow::Result<Dataset> {
-    let is_npz = path.extension().is_some_and(|e| e == "npz");
-    if is_npz || path.join("train").is_dir() {
+    if data::has_split(path, "train")? {
         return data::open(path, "train");
     }
-    let mut files = Vec::new();
-    data::collect_images(path, &mut files)?;
-    files.sort();
-    if files.is_empty() {
+    let items = data::unlabeled_items(path)?;
+    if items.is_empty() {
         bail!(
             "no images ({}) under {}",
             data::IMAGE_EXTENSIONS.join(", "),
             path.display()
         );
     }
-    let items = files
-        .into_iter()
-        .map(|p| Item {
-            name: p.display().to_string(),
-            pixels: Pixels::File(p),
-            labels: vec![0],
-        })
-        .collect();
     Ok(Dataset {
         items,
         class_names: vec!["image".into()],

@@ -1,5 +1,5 @@
-//! Data sets (ImageFolder trees and MedMNIST `.npz` files), subsets, transforms and a
-//! multi-threaded batch loader that decodes and augments ahead of the model.
+//! Data sets (ImageFolder trees, in folders or zip archives, and MedMNIST `.npz` files), subsets,
+//! transforms and a multi-threaded batch loader that decodes and augments ahead of the model.
 
 pub mod erasing;
 pub mod loader;
@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use image::RgbImage;
 use mae_models::checkpoint::Task;
-use mae_models::input::ImageFolder;
+use mae_models::input::{is_zip, Archive, ImageFolder};
 
 use crate::rng::Rng;
 
@@ -25,6 +25,8 @@ pub const IMAGE_EXTENSIONS: [&str; 10] = mae_models::input::EXTENSIONS;
 #[derive(Debug, Clone)]
 pub enum Pixels {
     File(PathBuf),
+    /// An entry of a zip archive, by its path below the archive's.
+    Archived(Arc<Archive>, PathBuf),
     Memory(Arc<RgbImage>),
 }
 
@@ -38,11 +40,12 @@ pub struct Item {
 }
 
 impl Item {
-    /// Decodes the pixels (an image or DICOM file through the shared input layer); errors
-    /// name the file.
+    /// Decodes the pixels (an image or DICOM file, or such an entry of a zip archive, through
+    /// the shared input layer); errors name the file.
     pub fn image(&self) -> anyhow::Result<RgbImage> {
         match &self.pixels {
             Pixels::File(p) => Ok(mae_models::input::load_rgb(p)?),
+            Pixels::Archived(a, p) => Ok(a.load(p)?),
             Pixels::Memory(img) => Ok((**img).clone()),
         }
     }
@@ -77,23 +80,23 @@ impl Dataset {
     }
 }
 
-/// Opens split `split` of `data_path`: a MedMNIST `.npz` file or an ImageFolder root holding
-/// `{split}/{class}/image`.
+/// Opens split `split` of `data_path`: a MedMNIST `.npz` file, an ImageFolder root holding
+/// `{split}/{class}/image`, or a `.zip` holding that tree (at its top or inside one top folder).
 pub fn open(data_path: &Path, split: &str) -> anyhow::Result<Dataset> {
     if data_path.extension().is_some_and(|e| e == "npz") {
         open_npz(data_path, split)
     } else {
-        open_image_folder(&data_path.join(split))
+        open_image_folder(ImageFolder::open_split(data_path, split)?)
     }
 }
 
 /// An ImageFolder split read by the shared rules (torchvision's): sorted class folders, their
 /// images and DICOM files found recursively; other files are reported on standard error.
-fn open_image_folder(root: &Path) -> anyhow::Result<Dataset> {
-    let folder = ImageFolder::open(root)?;
+fn open_image_folder(folder: ImageFolder) -> anyhow::Result<Dataset> {
     if let Some(note) = folder.skipped_note() {
         eprintln!("mae-train: {note}");
     }
+    let root = folder.root;
     if folder.classes.len() < 2 {
         bail!(
             "{} must hold one folder per class (found {})",
@@ -101,12 +104,16 @@ fn open_image_folder(root: &Path) -> anyhow::Result<Dataset> {
             folder.classes.len()
         );
     }
+    let archive = folder.archive;
     let items = folder
         .samples
         .into_iter()
         .map(|(p, label)| Item {
             name: p.display().to_string(),
-            pixels: Pixels::File(p),
+            pixels: match &archive {
+                Some(a) => Pixels::Archived(a.clone(), p),
+                None => Pixels::File(p),
+            },
             labels: vec![label as i64],
         })
         .collect();
@@ -121,6 +128,43 @@ fn open_image_folder(root: &Path) -> anyhow::Result<Dataset> {
         task,
         source: root.display().to_string(),
     })
+}
+
+/// Every image of a data set without labels (each labelled 0), sorted by path: under the
+/// folder `path` (recursively, links followed), or every image entry of the zip archive `path`.
+pub fn unlabeled_items(path: &Path) -> anyhow::Result<Vec<Item>> {
+    let item = |p: &Path, pixels| Item {
+        name: p.display().to_string(),
+        pixels,
+        labels: vec![0],
+    };
+    if is_zip(path) && !path.is_dir() {
+        let archive = Arc::new(Archive::open(path)?);
+        return Ok(archive
+            .image_paths()
+            .into_iter()
+            .map(|p| item(&p, Pixels::Archived(archive.clone(), p.clone())))
+            .collect());
+    }
+    let mut files = Vec::new();
+    collect_images(path, &mut files)?;
+    files.sort();
+    Ok(files
+        .into_iter()
+        .map(|p| item(&p, Pixels::File(p.clone())))
+        .collect())
+}
+
+/// Whether the data set at `path` has split `split`: a `.npz` file (its splits are checked
+/// when read), a folder holding `split/`, or a zip archive holding it.
+pub fn has_split(path: &Path, split: &str) -> anyhow::Result<bool> {
+    if path.extension().is_some_and(|e| e == "npz") {
+        return Ok(true);
+    }
+    if is_zip(path) && !path.is_dir() {
+        return Ok(Archive::open(path)?.split_parent(split).is_ok());
+    }
+    Ok(path.join(split).is_dir())
 }
 
 /// Every image or DICOM file under `dir`, recursively (links followed).
