@@ -24,6 +24,8 @@ const MAX_ARRAY_BYTES: u64 = 64 << 30;
 #[derive(Debug, Clone, PartialEq)]
 pub struct NpzSplit {
     pub images: Vec<RgbImage>,
+    /// Channels of the stored images: 1 (grayscale, `[N, H, W]` or `[N, H, W, 1]`) or 3.
+    pub channels: usize,
     /// One row per image: the class index (`[c]`) or the multi-label 0/1 vector.
     pub labels: Vec<Vec<i64>>,
 }
@@ -76,7 +78,7 @@ fn read_split_of<R: Read + Seek>(
 ) -> Result<NpzSplit> {
     let images = read_array(zip, path, &format!("{split}_images"))?;
     let labels = read_array(zip, path, &format!("{split}_labels"))?;
-    let images = images_of(&images, path)?;
+    let (images, channels) = images_of(&images, path)?;
     let labels = labels_of(&labels, path)?;
     if images.len() != labels.len() {
         return Err(Error::format(
@@ -88,7 +90,11 @@ fn read_split_of<R: Read + Seek>(
             ),
         ));
     }
-    Ok(NpzSplit { images, labels })
+    Ok(NpzSplit {
+        images,
+        channels,
+        labels,
+    })
 }
 
 fn open(path: &Path) -> Result<ZipArchive<BufReader<File>>> {
@@ -325,7 +331,8 @@ impl Array {
     }
 }
 
-fn images_of(a: &Array, path: &Path) -> Result<Vec<RgbImage>> {
+/// The images of an array, as RGB, and the array's channels.
+fn images_of(a: &Array, path: &Path) -> Result<(Vec<RgbImage>, usize)> {
     if a.dtype != Some(Dtype::U8) {
         return Err(a.err(
             path,
@@ -362,7 +369,7 @@ fn images_of(a: &Array, path: &Path) -> Result<Vec<RgbImage>> {
             .ok_or_else(|| a.err(path, format!("image {i} has the wrong size")))?;
         images.push(img);
     }
-    Ok(images)
+    Ok((images, c))
 }
 
 fn labels_of(a: &Array, path: &Path) -> Result<Vec<Vec<i64>>> {

@@ -23,6 +23,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Generate a small labelled image set (ImageFolder layout) for trying the tools.
     Synth(SynthArgs),
+    /// Write the splits of a MedMNIST .npz file as an ImageFolder tree of PNG files
+    /// (`OUTPUT/{split}/{class}/NNNNNN.png`).
+    ExportNpz(ExportNpzArgs),
     /// Fine-tune a ViT classifier (from scratch, an MAE pretrain checkpoint or a classifier).
     Finetune(Box<FinetuneArgs>),
     /// Evaluate a classifier checkpoint on a split of a data set.
@@ -407,6 +410,24 @@ pub struct InspectArgs {
     /// List every tensor with its dtype and shape.
     #[arg(long)]
     pub tensors: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportNpzArgs {
+    /// The MedMNIST `.npz` file.
+    #[arg(long, alias = "data_path", value_name = "FILE.npz")]
+    pub data_path: PathBuf,
+    /// Output folder, which must not exist or be empty; it is written beside and renamed into
+    /// place when complete.
+    #[arg(long, short)]
+    pub output: PathBuf,
+    /// Splits to write (default: every split of the file).
+    #[arg(long, value_delimiter = ',', value_name = "SPLIT,...")]
+    pub splits: Vec<String>,
+    /// Folder names of the classes in label order, which must sort in that order (default:
+    /// the labels, zero-padded to one width).
+    #[arg(long, value_delimiter = ',', value_name = "NAME,...")]
+    pub class_names: Option<Vec<String>>,
 }
 
 #[derive(Debug, Args)]

@@ -21,6 +21,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Models(a) => cmd::models::models(&a),
         Command::Inspect(a) => cmd::inspect::inspect(&a),
         Command::Synth(a) => cmd::synth::synth(&a),
+        Command::ExportNpz(a) => cmd::export_npz::export_npz(&a),
         Command::Finetune(a) => cmd::finetune::finetune(&a),
         Command::Eval(a) => cmd::eval::eval(&a),
         Command::Linprobe(a) => cmd::linprobe::linprobe(&a),

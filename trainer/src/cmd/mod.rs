@@ -3,6 +3,7 @@
 
 pub mod bench;
 pub mod eval;
+pub mod export_npz;
 pub mod finetune;
 pub mod info;
 pub mod inspect;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::{bail, Context};
 
 use crate::cli::SynthArgs;
+use crate::data::export::atomic_dir;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -96,37 +97,12 @@ pub fn generate(root: &Path, per_class: usize, size: u32, seed: u64) -> anyhow::
     if !(8..=1024).contains(&size) {
         bail!("--size {size} is out of range 8..=1024");
     }
-    if root.exists() {
-        let empty = std::fs::read_dir(root)
-            .with_context(|| format!("cannot read {}", root.display()))?
-            .next()
-            .is_none();
-        if !empty {
-            bail!("{} already exists and is not empty", root.display());
-        }
-        std::fs::remove_dir(root).with_context(|| format!("cannot replace {}", root.display()))?;
-    }
-    let name = root
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = root.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = write_all(&tmp, per_class, size, seed).and_then(|counts| {
-        std::fs::rename(&tmp, root)
-            .with_context(|| format!("cannot move the image set to {}", root.display()))?;
-        Ok(counts)
-    });
-    match result {
-        Ok(counts) => Ok(Summary {
-            root: root.to_path_buf(),
-            counts,
-            size,
-        }),
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            Err(e)
-        }
-    }
+    let counts = atomic_dir(root, |tmp| write_all(tmp, per_class, size, seed))?;
+    Ok(Summary {
+        root: root.to_path_buf(),
+        counts,
+        size,
+    })
 }
 
 fn write_all(tmp: &Path, per_class: usize, size: u32, seed: u64) -> anyhow::Result<[usize; 3]> {

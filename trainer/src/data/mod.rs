@@ -2,6 +2,7 @@
 //! transforms and a multi-threaded batch loader that decodes and augments ahead of the model.
 
 pub mod erasing;
+pub mod export;
 pub mod loader;
 pub mod mixup;
 pub mod randaug;
