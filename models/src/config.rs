@@ -611,6 +611,17 @@ mod tests {
     }
 
     #[test]
+    fn every_size_to_base_has_a_64_pixel_preset_and_its_mae_form() {
+        for size in ["tiny", "small", "base"] {
+            let vit = VitConfig::preset(&format!("vit_{size}_patch8_64")).unwrap();
+            let mae = MaeConfig::preset(&format!("mae_vit_{size}_patch8_64")).unwrap();
+            assert_eq!((vit.img_size, vit.patch_size), (64, 8), "{size}");
+            assert_eq!((mae.img_size, mae.patch_size), (64, 8), "{size}");
+            assert_eq!(mae.encoder(2, true).embed_dim, vit.embed_dim, "{size}");
+        }
+    }
+
+    #[test]
     fn rejects_bad_combinations_naming_values() {
         let err = ModelConfig::preset("vit_base_patch16")
             .unwrap()

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::mae_train;
+use common::{mae_train, npz_split, write_npz};
 
 use std::path::Path;
 use std::process::Command;
@@ -203,6 +203,65 @@ fn pneumoniamnist_run_stops_resumes_and_evaluates() {
     // The stratified subset is recorded.
     let subset = std::fs::read_to_string(d.join("full/train_subset.txt")).unwrap();
     assert_eq!(subset.lines().count(), 256);
+}
+
+#[test]
+fn a_28_pixel_npz_trains_and_evaluates_at_input_size_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    write_npz(
+        &d.join("small.npz"),
+        &[
+            npz_split("train", 32, 28, 28, 1, 2, 1),
+            npz_split("val", 8, 28, 28, 1, 2, 2),
+            npz_split("test", 8, 28, 28, 1, 2, 3),
+        ],
+    );
+    let out = mae_train(
+        d,
+        &[
+            "finetune",
+            "--data-path",
+            "small.npz",
+            "--model",
+            "vit_tiny_patch4_28",
+            "--input-size",
+            "64",
+            "--depth",
+            "1",
+            "--batch-size",
+            "16",
+            "--epochs",
+            "1",
+            "--warmup-epochs",
+            "0",
+            "--device",
+            "cpu",
+            "--output-dir",
+            "run",
+        ],
+    );
+    assert!(out.contains("32 train / 8 val images"), "{out}");
+    let ck = d.join("run/checkpoint-0.safetensors");
+    let meta = checkpoint::load(&ck).unwrap().meta.unwrap();
+    assert_eq!(
+        (meta.config.img_size(), meta.preprocess.input_size),
+        (64, 64)
+    );
+    // The 28×28 images are resized to 64 for evaluation, as in training.
+    let out = mae_train(
+        d,
+        &[
+            "eval",
+            "--resume",
+            ck.to_str().unwrap(),
+            "--data-path",
+            "small.npz",
+            "--device",
+            "cpu",
+        ],
+    );
+    assert!(out.contains("8 samples"), "{out}");
 }
 
 fn mae_train_synth(d: &Path) {
