@@ -43,7 +43,7 @@ fn plan(
     let c = model.wire_node("matmul", EinSum::new(axes, f32::datum_type()), &[a, w])?;
     model.select_output_outlets(&c)?;
     let optimized = if ours {
-        mae_runtime::tract_rewrite::optimize(model, mae_runtime::tract_rewrite::Rewrites::All)?.0
+        mae_runtime::accel::optimize(model, mae_runtime::accel::Rewrites::All)?.0
     } else {
         model.into_optimized()?
     };

@@ -41,9 +41,8 @@ fn main() -> anyhow::Result<()> {
     }
     // As the runtime loads models: symbolic batch (or, with CONCRETE, this batch), concrete
     // image size.
-    let rewrites = mae_runtime::tract_rewrite::Rewrites::from_env()?;
-    let (mut model, integer) =
-        mae_runtime::tract_rewrite::parse(std::path::Path::new(&path), rewrites)?;
+    let rewrites = mae_runtime::engine::settings::TractSettings::from_env()?.rewrites;
+    let (mut model, integer) = mae_runtime::accel::parse(std::path::Path::new(&path), rewrites)?;
     let b: TDim = if concrete {
         (batch as i64).into()
     } else {
@@ -53,8 +52,7 @@ fn main() -> anyhow::Result<()> {
     model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
     let t = Instant::now();
     // With mae-run's load-time rewrites unless MAE_TRACT_REWRITES=none.
-    let (optimized, mut done) =
-        mae_runtime::tract_rewrite::optimize(model.into_typed()?, rewrites)?;
+    let (optimized, mut done) = mae_runtime::accel::optimize(model.into_typed()?, rewrites)?;
     done.integer_products = integer;
     println!("rewrites: {done:?}");
     if let Ok(pat) = std::env::var("FACTS") {

@@ -8,10 +8,9 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::*;
-use mae_runtime::backend::{BackendKind, Device, LoadOptions};
+use mae_runtime::engine::model::MetaOverrides;
+use mae_runtime::engine::settings::{BackendKind, Device, LoadOptions, Parallel, TractSettings};
 use mae_runtime::engine::Engine;
-use mae_runtime::model::MetaOverrides;
-use mae_runtime::Parallel;
 
 const MODELS: [&str; 3] = ["multiclass", "binary", "multilabel"];
 const BACKENDS: [BackendKind; 2] = [BackendKind::Tract, BackendKind::Ort];
@@ -23,6 +22,7 @@ fn options(kind: BackendKind) -> LoadOptions {
         threads: 2,
         parallel: Parallel::Auto,
         ort_lib: Some(ort_lib()),
+        tract: TractSettings::default(),
     }
 }
 
@@ -108,7 +108,8 @@ fn file_predictions_match_pytorch() {
         for model in MODELS {
             let mut e = engine(model, kind);
             let (rows, failures) =
-                mae_runtime::predict::predict_all(&mut e, &inputs, "test", None, 3, 2, 2).unwrap();
+                mae_runtime::cmd::predict::predict_all(&mut e, &inputs, "test", None, 3, 2, 2)
+                    .unwrap();
             assert!(failures.is_empty(), "{failures:?}");
             assert_eq!(rows.len(), files.len());
             for row in rows {
@@ -434,7 +435,7 @@ fn calibrate_writes_temperature_and_threshold() {
         report.contains("temperature") && report.contains("Youden"),
         "{report}"
     );
-    let file = mae_runtime::model::ModelFile::read(&out).unwrap();
+    let file = mae_runtime::engine::model::ModelFile::read(&out).unwrap();
     let t: f64 = file.prop("temperature").unwrap().parse().unwrap();
     let thr: f64 = file.prop("threshold").unwrap().parse().unwrap();
     assert!(t > 0.0 && (0.0..=1.0).contains(&thr), "{t} {thr}");
@@ -690,6 +691,7 @@ fn cuda_matches_cpu() {
                 threads: 2,
                 parallel: Parallel::Auto,
                 ort_lib: Some(lib.clone()),
+                tract: TractSettings::default(),
             },
         )
         .unwrap();

@@ -54,9 +54,9 @@ pub fn http(data: &[u8]) -> bool {
     let split = data.iter().position(|&b| b == b'\n').unwrap_or(data.len());
     let head = String::from_utf8_lossy(&data[..split]);
     let body = data.get(split + 1..).unwrap_or(&[]);
-    let uploads = mae_runtime::serve::uploads(Some(head.trim()), body);
+    let uploads = mae_runtime::serve::v1::uploads(Some(head.trim()), body);
     let header_len = head.trim().parse::<usize>().ok();
-    let infer = mae_runtime::oip::parse_request(body, header_len);
+    let infer = mae_runtime::serve::oip::parse_request(body, header_len);
     match head.trim() {
         h if h.starts_with("multipart/") => uploads.is_ok_and(|p| p.len() > 1),
         h if h.starts_with("image/") => uploads.is_ok(),
@@ -66,12 +66,12 @@ pub fn http(data: &[u8]) -> bool {
 
 /// An ONNX file's signature and `mae.*` metadata, as `mae-run info` and every command read it.
 pub fn onnx_meta(data: &[u8]) -> bool {
-    match mae_runtime::model::ModelFile::from_bytes(Path::new("fuzz.onnx"), data) {
+    match mae_runtime::engine::model::ModelFile::from_bytes(Path::new("fuzz.onnx"), data) {
         Ok(file) => {
             // A model without mae metadata is still a model (its meta is refused or defaulted).
-            let _ = mae_runtime::model::ModelMeta::from_file(
+            let _ = mae_runtime::engine::model::ModelMeta::from_file(
                 &file,
-                &mae_runtime::model::MetaOverrides::default(),
+                &mae_runtime::engine::model::MetaOverrides::default(),
             );
             true
         }

@@ -33,12 +33,12 @@ use tokio::sync::{watch, Semaphore};
 use tokio_rustls::rustls;
 use tokio_rustls::TlsAcceptor;
 
-use super::{error_response, gate, handle, route_error, route_label, takes_body};
-use super::{Caller, Reply, Req, Shared};
+use crate::serve::routes::{gate, handle, route_label, takes_body};
+use crate::serve::state::{error_response, route_error, Caller, Reply, Req, Shared};
 
 /// The limits of the HTTP side.
 #[derive(Debug, Clone)]
-pub(super) struct Limits {
+pub struct Limits {
     pub max_body: usize,
     pub max_header: usize,
     pub header_timeout: Duration,
@@ -55,7 +55,7 @@ const MAX_CONNECTIONS: usize = 1 << 20;
 const DRAIN_LIMIT: usize = 64 << 20;
 
 /// A rustls server configuration from PEM files.
-pub(super) fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
+pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
@@ -86,7 +86,7 @@ struct Ctx {
 
 /// Listens on `listen` and serves until SIGINT/SIGTERM; then stops accepting, lets every open
 /// connection finish the request it is on, and returns. `on_listen` gets the bound address.
-pub(super) fn serve(
+pub(crate) fn serve(
     listen: SocketAddr,
     tls: Option<Arc<rustls::ServerConfig>>,
     limits: Limits,
@@ -242,13 +242,11 @@ async fn respond(req: Request<Incoming>, peer: SocketAddr, ctx: &Ctx) -> Respons
             }
         }
     };
-    if let Ok(mut m) = ctx.shared.metrics.lock() {
-        m.request(
-            route_label(&path),
-            reply.status,
-            start.elapsed().as_secs_f64(),
-        );
-    }
+    ctx.shared.metrics.request(
+        route_label(&path),
+        reply.status,
+        start.elapsed().as_secs_f64(),
+    );
     let mut b = Response::builder().status(reply.status);
     for (k, v) in &reply.headers {
         b = b.header(*k, v);

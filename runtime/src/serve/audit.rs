@@ -1,5 +1,7 @@
 //! `--audit-log FILE`: one JSON line per prediction, appended (time, input, input SHA-256, model
-//! SHA-256 and architecture, outputs), for clinical traceability.
+//! SHA-256 and architecture, outputs), for clinical traceability. Every line is an
+//! [`AuditRecord`], with the same fields whichever way the prediction was asked for
+//! (`mae-run predict`, `/v1`, `/v2`); what does not apply is `null`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -8,6 +10,59 @@ use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
+
+use crate::engine::model::ModelMeta;
+use crate::engine::Prediction;
+
+/// One line of the audit log.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct AuditRecord {
+    /// `prediction`, or `unauthorized` for a request refused for its token.
+    pub event: &'static str,
+    /// How it was asked for: `cli` (`mae-run predict`), `v1` or `v2`.
+    pub api: Option<&'static str>,
+    /// The request's id (`X-Request-Id`, the Open Inference Protocol's `id`, or the server's).
+    pub request_id: Option<String>,
+    /// The route of a refused request.
+    pub route: Option<&'static str>,
+    /// The model: its served name, or its file for `mae-run predict`.
+    pub model: Option<String>,
+    pub model_version: Option<String>,
+    pub model_sha256: Option<String>,
+    pub arch: Option<String>,
+    pub backend: Option<String>,
+    /// The input: a file, an upload's name, or a tensor's name and index.
+    pub input: Option<String>,
+    pub input_sha256: Option<String>,
+    pub class: Option<String>,
+    pub labels: Option<Vec<String>>,
+    pub probabilities: Option<Vec<f32>>,
+    pub temperature: Option<f64>,
+    pub threshold: Option<f64>,
+    /// The name of the caller's API key, and its address.
+    pub key: Option<String>,
+    pub client: Option<String>,
+}
+
+impl AuditRecord {
+    /// The prediction `p` for `input` (of SHA-256 `input_sha256`) by the model `meta`
+    /// describes; the caller fills in how it was asked for.
+    pub fn prediction(meta: &ModelMeta, input: String, input_sha256: &str, p: &Prediction) -> Self {
+        Self {
+            event: "prediction",
+            model_sha256: Some(meta.sha256.clone()),
+            arch: meta.arch.clone(),
+            input: Some(input),
+            input_sha256: Some(input_sha256.to_string()),
+            class: p.class.clone(),
+            labels: Some(p.labels.clone()),
+            probabilities: Some(p.probabilities.clone()),
+            temperature: meta.temperature,
+            threshold: Some(meta.decision_threshold()),
+            ..Default::default()
+        }
+    }
+}
 
 /// An append-only JSON-lines log.
 #[derive(Debug)]
@@ -30,11 +85,12 @@ impl AuditLog {
     }
 
     /// Appends `record` with a `time` field, as one line written with one call, and syncs it.
-    pub fn append(&self, mut record: serde_json::Value) -> anyhow::Result<()> {
-        if let Some(o) = record.as_object_mut() {
+    pub fn append(&self, record: &AuditRecord) -> anyhow::Result<()> {
+        let mut value = serde_json::to_value(record)?;
+        if let Some(o) = value.as_object_mut() {
             o.insert("time".into(), now_rfc3339().into());
         }
-        let mut line = record.to_string();
+        let mut line = value.to_string();
         line.push('\n');
         let mut f = self
             .file
@@ -94,8 +150,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("audit.jsonl");
         let log = AuditLog::open(&p).unwrap();
-        log.append(serde_json::json!({"input": "a"})).unwrap();
-        log.append(serde_json::json!({"input": "b"})).unwrap();
+        for input in ["a", "b"] {
+            let record = AuditRecord {
+                event: "prediction",
+                input: Some(input.into()),
+                ..Default::default()
+            };
+            log.append(&record).unwrap();
+        }
         let text = std::fs::read_to_string(&p).unwrap();
         let lines: Vec<serde_json::Value> = text
             .lines()
@@ -104,5 +166,7 @@ mod tests {
         assert_eq!(lines.len(), 2);
         assert_eq!(lines[1]["input"], "b");
         assert!(lines[0]["time"].as_str().unwrap().ends_with('Z'));
+        // Every field, whether it applies or not.
+        assert!(lines[0]["key"].is_null() && lines[0]["model_sha256"].is_null());
     }
 }

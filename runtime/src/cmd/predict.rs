@@ -8,10 +8,10 @@ use anyhow::bail;
 use mae_models::predictions::csv_field;
 use serde_json::json;
 
-use crate::audit::AuditLog;
+use crate::engine::settings::ModelArgs;
 use crate::engine::{Engine, Prediction};
 use crate::inputs::{self, Failure};
-use crate::ModelArgs;
+use crate::serve::audit::{AuditLog, AuditRecord};
 
 /// Arguments of `mae-run predict`.
 #[derive(Debug, clap::Args)]
@@ -83,7 +83,7 @@ pub fn predict_all(
     }
     let (items, mut failures) = inputs::collect(inputs, split, frames);
     let total = items.len() as u64;
-    let bar = progress(total);
+    let bar = crate::output::progress(total);
     let rx = inputs::pipeline(
         items,
         engine.meta.preprocess.clone(),
@@ -121,22 +121,11 @@ pub fn predict_all(
     Ok((rows, failures))
 }
 
-/// A progress bar on standard error (hidden when it is not a terminal).
-pub fn progress(total: u64) -> indicatif::ProgressBar {
-    let bar = indicatif::ProgressBar::new(total);
-    if let Ok(style) = indicatif::ProgressStyle::with_template(
-        "{spinner} {pos}/{len} images [{elapsed_precise}, {per_sec}] {wide_bar}",
-    ) {
-        bar.set_style(style);
-    }
-    bar
-}
-
 /// Runs `mae-run predict`.
 pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
     let mut engine = args.model.load()?;
-    crate::note_calibration(&engine);
+    engine.note_calibration();
     let (rows, failures) = predict_all(
         &mut engine,
         &args.inputs,
@@ -148,23 +137,21 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     )?;
     if let Some(log) = &audit {
         for r in &rows {
-            log.append(json!({
-                "input": r.input,
-                "input_sha256": r.input_sha256,
-                "model": engine.file.path,
-                "model_sha256": engine.file.sha256,
-                "arch": engine.meta.arch,
-                "backend": engine.describe_backend(),
-                "class": r.prediction.class,
-                "labels": r.prediction.labels,
-                "probabilities": r.prediction.probabilities,
-                "temperature": engine.meta.temperature,
-                "threshold": engine.meta.decision_threshold(),
-            }))?;
+            log.append(&AuditRecord {
+                api: Some("cli"),
+                model: Some(engine.file.path.display().to_string()),
+                backend: Some(engine.describe_backend()),
+                ..AuditRecord::prediction(
+                    &engine.meta,
+                    r.input.clone(),
+                    &r.input_sha256,
+                    &r.prediction,
+                )
+            })?;
         }
     }
     let text = render(&engine, &rows, &failures, args.format);
-    crate::emit(args.output.as_deref(), &text)?;
+    crate::output::emit(args.output.as_deref(), &text)?;
     for f in &failures {
         eprintln!("mae-run: failed: {}: {}", f.input, f.error);
     }

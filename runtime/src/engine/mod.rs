@@ -1,5 +1,20 @@
 //! A loaded model: a backend plus what the metadata says about preprocessing and labels; turns
 //! batches of images into probabilities and labelled predictions.
+//!
+//! - `model.rs`: the ONNX file and its metadata; `protoedit.rs` writes metadata into a copy;
+//! - `settings.rs`: flags and environment as one set of load options;
+//! - `backend.rs`: the trait of the backends, `tract.rs` and `ort.rs` (found by `ortlib.rs`).
+
+pub mod backend;
+pub mod model;
+pub mod ort;
+pub mod ortlib;
+pub mod protoedit;
+pub mod settings;
+pub mod tract;
+
+#[cfg(test)]
+mod tests;
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -9,8 +24,10 @@ use mae_models::checkpoint::Task;
 use mae_models::metrics::top_k;
 use serde::Serialize;
 
-use crate::backend::{self, Backend, LoadOptions, RawOutputs};
-use crate::model::{MetaOverrides, ModelFile, ModelMeta};
+use self::backend::{Backend, RawOutputs};
+use self::model::{MetaOverrides, ModelFile, ModelMeta};
+use self::settings::{BackendKind, Device, LoadOptions, ModelArgs};
+use crate::accel::Rewrites;
 
 /// A model ready to run.
 pub struct Engine {
@@ -55,7 +72,7 @@ impl Engine {
             }
         }
         let meta = ModelMeta::from_file(&file, overrides)?;
-        let backend = backend::load(path, &meta, opts)?;
+        let backend = load_backend(path, &meta, opts)?;
         Ok(Self {
             file,
             meta,
@@ -275,32 +292,86 @@ pub struct Prediction {
     pub probabilities: Vec<f32>,
 }
 
+/// Loads `path` into the chosen backend.
+fn load_backend(
+    path: &Path,
+    meta: &ModelMeta,
+    opts: &LoadOptions,
+) -> anyhow::Result<Box<dyn Backend>> {
+    match opts.kind {
+        BackendKind::Tract => {
+            match opts.device {
+                Device::Cpu => {}
+                Device::Auto => {
+                    tracing::info!("tract runs on the CPU (use --backend ort for CUDA)")
+                }
+                Device::Cuda => {
+                    bail!("the tract backend runs on the CPU only; use --backend ort --device cuda")
+                }
+            }
+            if meta.precision.as_deref() == Some("int8") && opts.tract.rewrites == Rewrites::None {
+                tracing::warn!(
+                    "{}: int8 models run several times slower in tract's own graph ({}=none) \
+                     than their float32 export",
+                    path.display(),
+                    Rewrites::ENV
+                );
+            }
+            Ok(Box::new(tract::TractBackend::load(
+                path,
+                meta,
+                opts.threads,
+                opts.parallel,
+                opts.tract,
+            )?))
+        }
+        BackendKind::Ort => Ok(Box::new(ort::OrtBackend::load(path, meta, opts)?)),
+    }
+}
+
+impl ModelArgs {
+    /// Loads the model, reporting what was loaded on standard error.
+    pub fn load(&self) -> anyhow::Result<Engine> {
+        let engine = Engine::load(
+            &self.model,
+            self.expect_sha256.as_deref(),
+            &self.overrides,
+            &self.load_options()?,
+        )?;
+        tracing::info!(
+            "loaded {} ({}) in {:.0} ms on {}",
+            self.model.display(),
+            &engine.file.sha256[..12],
+            engine.load_time.as_secs_f64() * 1e3,
+            engine.describe_backend()
+        );
+        Ok(engine)
+    }
+}
+
+impl Engine {
+    /// Says on standard error that a calibration stored in the model is in force.
+    pub fn note_calibration(&self) {
+        let m = &self.meta;
+        if m.temperature.is_some() || m.threshold.is_some() {
+            let mut parts = Vec::new();
+            if let Some(t) = m.temperature {
+                parts.push(format!("temperature {t:.4}"));
+            }
+            if let Some(t) = m.threshold {
+                parts.push(format!("threshold {t:.4}"));
+            }
+            eprintln!(
+                "mae-run: applying the model's calibration: {} (--no-calibration to ignore)",
+                parts.join(", ")
+            );
+        }
+    }
+}
+
 /// Runs `f` and returns its value with the time it took.
 pub fn timed<T>(f: impl FnOnce() -> T) -> (T, Duration) {
     let start = Instant::now();
     let v = f();
     (v, start.elapsed())
-}
-
-/// Number of threads to use: `requested`, else every core.
-pub fn threads(requested: Option<usize>) -> usize {
-    requested
-        .filter(|&n| n > 0)
-        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn softmax_and_temperature() {
-        let p = activate(&[0.0, 0.0, 2.0f32.ln()], 3, Task::MultiClass, 1.0);
-        assert!((p[2] - 0.5).abs() < 1e-6 && (p[0] - 0.25).abs() < 1e-6);
-        let p = activate(&[0.0, 2.0], 2, Task::Binary, 2.0);
-        let want = 1.0 / (1.0 + (-1.0f32).exp());
-        assert!((p[1] - want).abs() < 1e-6);
-        let p = activate(&[0.0, 100.0], 2, Task::MultiLabel, 1.0);
-        assert!((p[0] - 0.5).abs() < 1e-6 && p[1] > 0.999);
-    }
 }

@@ -1,18 +1,16 @@
 //! `mae-run eval`: metrics on labelled data, through the shared implementation
 //! (`mae_models::metrics`) that `mae-train eval` uses.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::bail;
-use mae_models::input::ImageFolder;
 use mae_models::metrics::{evaluate_with, EvalOptions, Metrics};
 use serde_json::json;
 
+use crate::engine::settings::ModelArgs;
 use crate::engine::Engine;
-use crate::inputs::{self, Failure, Item, Source};
-use crate::predict::progress;
-use crate::ModelArgs;
+use crate::inputs::{self, labelled_items, Failure, Item};
 
 /// Arguments of `mae-run eval`.
 #[derive(Debug, clap::Args)]
@@ -58,91 +56,6 @@ pub enum EvalFormat {
     Json,
 }
 
-/// Labelled samples of a data set: `.npz` split, an ImageFolder root whose `<split>/` holds the
-/// class folders (as `mae-train eval --data-path ROOT --split test` reads it), or class folders.
-///
-/// Class folders are read by the shared ImageFolder rules (torchvision's) and labelled by the
-/// model's class names: a folder the model does not name is an error. A model without class
-/// names takes the folders in sorted order, with a note.
-pub fn labelled_items(
-    path: &Path,
-    split: &str,
-    class_names: &[String],
-) -> anyhow::Result<Vec<Item>> {
-    let split_dir = path.join(split);
-    let path = if path.is_dir() && split_dir.is_dir() {
-        split_dir.as_path()
-    } else {
-        path
-    };
-    if path.is_dir() {
-        let folder = ImageFolder::open(path)?;
-        if let Some(note) = folder.skipped_note() {
-            eprintln!("mae-run: {note}");
-        }
-        let labels = folder_labels(path, &folder.classes, class_names)?;
-        Ok(folder
-            .samples
-            .into_iter()
-            .map(|(file, k)| Item {
-                name: file.display().to_string(),
-                source: Source::File(file),
-                label: Some(vec![labels[k] as i64]),
-            })
-            .collect())
-    } else {
-        let split_data = mae_models::npz::read_split(path, split)?;
-        Ok(split_data
-            .images
-            .into_iter()
-            .zip(split_data.labels)
-            .enumerate()
-            .map(|(i, (img, label))| Item {
-                name: format!("{}:{split}[{i}]", path.display()),
-                source: Source::Image(std::sync::Arc::new(img)),
-                label: Some(label),
-            })
-            .collect())
-    }
-}
-
-/// The model's class index of each class folder (in the folders' sorted order).
-fn folder_labels(
-    root: &Path,
-    folders: &[String],
-    class_names: &[String],
-) -> anyhow::Result<Vec<usize>> {
-    if class_names.is_empty() {
-        eprintln!(
-            "mae-run: note: the model does not name its classes; the class folders of {} are \
-             taken in sorted order as classes 0..{}: {}",
-            root.display(),
-            folders.len(),
-            folders.join(", ")
-        );
-        return Ok((0..folders.len()).collect());
-    }
-    let unknown: Vec<&String> = folders
-        .iter()
-        .filter(|f| !class_names.contains(f))
-        .collect();
-    if !unknown.is_empty() {
-        let list: Vec<String> = unknown.iter().map(|f| format!("'{f}'")).collect();
-        bail!(
-            "{}: class folder{} {} {} not among the model's classes ({})",
-            root.display(),
-            if unknown.len() == 1 { "" } else { "s" },
-            list.join(", "),
-            if unknown.len() == 1 { "is" } else { "are" },
-            class_names.join(", ")
-        );
-    }
-    Ok(folders
-        .iter()
-        .filter_map(|f| class_names.iter().position(|c| c == f))
-        .collect())
-}
-
 /// Probabilities and labels of every sample that could be read.
 #[derive(Debug, Default)]
 pub struct Scored {
@@ -162,7 +75,7 @@ pub fn score(
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
-    let bar = progress(items.len() as u64);
+    let bar = crate::output::progress(items.len() as u64);
     let rx = inputs::pipeline(
         items,
         engine.meta.preprocess.clone(),
@@ -213,7 +126,7 @@ pub fn metrics(engine: &Engine, scored: &Scored) -> anyhow::Result<Metrics> {
 /// Runs `mae-run eval`.
 pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     let mut engine = args.model.load()?;
-    crate::note_calibration(&engine);
+    engine.note_calibration();
     let items = labelled_items(&args.data_path, &args.split, &engine.meta.class_names)?;
     let (mut items, unreadable) = inputs::with_frames(items, args.frame);
     if let Some(n) = args.limit {
@@ -252,7 +165,7 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
             }))? + "\n"
         }
     };
-    crate::emit(args.output.as_deref(), &text)?;
+    crate::output::emit(args.output.as_deref(), &text)?;
     if let Some(p) = &args.predictions {
         let mut csv = mae_models::predictions::PredictionsCsv::new(m.num_classes, true);
         for (i, ((name, label), probs)) in scored
@@ -276,38 +189,4 @@ pub fn run(args: EvalArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-    use super::*;
-
-    fn names(xs: &[&str]) -> Vec<String> {
-        xs.iter().map(|s| s.to_string()).collect()
-    }
-
-    #[test]
-    fn folders_take_the_models_labels() {
-        let root = Path::new("data/test");
-        let folders = names(&["10_x", "Normal", "abnormal"]);
-        let model = names(&["abnormal", "Normal", "2_y", "10_x"]);
-        assert_eq!(folder_labels(root, &folders, &model).unwrap(), [3, 1, 0]);
-        // Without names: the sorted order.
-        assert_eq!(folder_labels(root, &folders, &[]).unwrap(), [0, 1, 2]);
-    }
-
-    #[test]
-    fn an_unknown_folder_is_refused_by_name() {
-        let folders = names(&["Normal", "renamed", "other"]);
-        let model = names(&["Normal", "abnormal"]);
-        let err = folder_labels(Path::new("d"), &folders, &model)
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("class folders 'renamed', 'other' are not among the model's classes"),
-            "{err}"
-        );
-        assert!(err.contains("(Normal, abnormal)"), "{err}");
-    }
 }

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::model::{MetaOverrides, ModelFile, ModelMeta};
+use crate::engine::model::{MetaOverrides, ModelFile, ModelMeta};
 
 /// Arguments of `mae-run info`.
 #[derive(Debug, clap::Args)]
@@ -59,7 +59,7 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         };
         let text = mae_models::card::model_card(&facts);
         let to = (card.as_os_str() != "-").then_some(card.as_path());
-        crate::emit(to, &text)?;
+        crate::output::emit(to, &text)?;
         return Ok(ExitCode::SUCCESS);
     }
     let meta = ModelMeta::from_file(&file, &MetaOverrides::default());
@@ -152,6 +152,6 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
             s
         }
     };
-    crate::emit(None, &text)?;
+    crate::output::emit(None, &text)?;
     Ok(ExitCode::SUCCESS)
 }

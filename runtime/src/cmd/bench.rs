@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::bail;
 use serde::Serialize;
 
-use crate::ModelArgs;
+use crate::engine::settings::ModelArgs;
 
 /// Arguments of `mae-run bench`.
 #[derive(Debug, clap::Args)]
@@ -93,7 +93,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             engine.run_raw(&pixels, b)?;
         }
         let mut ms = Vec::with_capacity(args.iterations);
-        let bar = crate::predict::progress(args.iterations as u64);
+        let bar = crate::output::progress(args.iterations as u64);
         for _ in 0..args.iterations {
             let t = Instant::now();
             engine.run_raw(&pixels, b)?;
@@ -154,7 +154,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
             s
         }
     };
-    crate::emit(args.output.as_deref(), &text)?;
+    crate::output::emit(args.output.as_deref(), &text)?;
     Ok(ExitCode::SUCCESS)
 }
 

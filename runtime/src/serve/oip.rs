@@ -21,9 +21,9 @@ use image::RgbImage;
 use mae_models::imaging::{preprocess_eval, to_chw_normalized};
 use serde_json::{json, Map, Value};
 
+use crate::engine::model::{Dim, IoInfo, ModelMeta};
 use crate::engine::Scores;
 use crate::inputs::decode_bytes;
-use crate::model::{Dim, IoInfo, ModelMeta};
 
 /// An error answered as `{"error": message}` with an HTTP status.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -10,9 +10,9 @@ use anyhow::{bail, Context};
 use mae_models::checkpoint::Task;
 
 use crate::engine::activate;
-use crate::eval::labelled_items;
+use crate::engine::settings::ModelArgs;
 use crate::inputs;
-use crate::ModelArgs;
+use crate::inputs::labelled_items;
 
 /// Arguments of `mae-run calibrate`.
 #[derive(Debug, clap::Args)]
@@ -232,7 +232,7 @@ pub fn run(mut args: CalibrateArgs) -> anyhow::Result<ExitCode> {
     });
     let bytes = std::fs::read(&args.model.model)
         .with_context(|| format!("cannot read {}", args.model.model.display()))?;
-    let edited = crate::protoedit::set_metadata(&bytes, &props)?;
+    let edited = crate::engine::protoedit::set_metadata(&bytes, &props)?;
     mae_models::io::atomic_write(&out, &edited)?;
     report += &format!("wrote {}\n", out.display());
     print!("{report}");
