@@ -253,10 +253,11 @@ fn npz_errors_name_the_file_and_the_array() {
 #[test]
 #[cfg_attr(
     not(has_shared_data),
-    ignore = "needs ../shared/data/pneumoniamnist.npz"
+    ignore = "needs ../shared/data/medmnist/pneumoniamnist.npz"
 )]
 fn pneumoniamnist() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/pneumoniamnist.npz");
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/medmnist/pneumoniamnist.npz");
     assert_eq!(splits(&path).unwrap(), ["train", "val", "test"]);
     let test = read_split(&path, "test").unwrap();
     assert_eq!(test.images.len(), 624);

@@ -7,7 +7,7 @@
 #        SEED (0), BIN (folder of the binaries, default target/debug)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-data=${1:-"$root/../shared/data/pneumoniamnist.npz"}
+data=${1:-"$root/../shared/data/medmnist/pneumoniamnist.npz"}
 out=${OUT:-"$root/runs/pneumonia-scratch"}
 bin=${BIN:-"$root/target/debug"}
 [ -f "$data" ] || { echo "no PneumoniaMNIST file at $data" >&2; exit 2; }

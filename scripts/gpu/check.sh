@@ -10,8 +10,9 @@
 #   --bin      folder of mae-train, mae-run, mae-export (default: carried/bin, else
 #              target/release, else target/debug)
 #   --data     PneumoniaMNIST .npz (default on the GPU: carried/data/pneumoniamnist.npz,
-#              shared/data/ or ../shared/data/, a generated two-class set when none is found;
-#              in the dry run a small generated set, or a 128-image subset of --data)
+#              shared/data/medmnist/ or ../shared/data/medmnist/, a generated two-class set
+#              when none is found; in the dry run a small generated set, or a 128-image subset
+#              of --data)
 #   env PYTHON: the Python with torch (default: .venv/bin/python when present, else python3)
 #
 # Steps, in order, each under its own time budget (defaults 20,110,85,165,80,90 s on the GPU,
@@ -106,8 +107,9 @@ export LD_LIBRARY_PATH="$torch_lib${nv_libs:+:$nv_libs}${LD_LIBRARY_PATH:+:$LD_L
 # The dry run trains on a small generated set (a clear signal: its loss falls in a few steps)
 # unless --data is given; the GPU run on PneumoniaMNIST, generated data only when it is absent.
 if [ -z "$data" ] && [ ${#dry[@]} -eq 0 ]; then
-  for f in "$root/carried/data/pneumoniamnist.npz" "$root/shared/data/pneumoniamnist.npz" \
-    "$root/../shared/data/pneumoniamnist.npz"; do
+  for f in "$root/carried/data/pneumoniamnist.npz" \
+    "$root/shared/data/medmnist/pneumoniamnist.npz" \
+    "$root/../shared/data/medmnist/pneumoniamnist.npz"; do
     if [ -f "$f" ]; then data=$f; break; fi
   done
 fi

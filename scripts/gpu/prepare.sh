@@ -9,7 +9,7 @@
 #   --debug     carry target/debug's binaries instead (no build): checks this script's logic
 #               quickly; not for the GPU, where debug builds are too slow
 #   --no-build  use target/release as it is
-# env DATA (PneumoniaMNIST .npz, default ../shared/data/pneumoniamnist.npz), LIMIT_MIB (64)
+# env DATA (PneumoniaMNIST .npz, default ../shared/data/medmnist/pneumoniamnist.npz), LIMIT_MIB (64)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 cd "$root"
@@ -60,7 +60,7 @@ xz -T0 -6 "$stage"/*
 rm -rf carried/bin
 mv "$stage" carried/bin
 
-data=${DATA:-"$root/../shared/data/pneumoniamnist.npz"}
+data=${DATA:-"$root/../shared/data/medmnist/pneumoniamnist.npz"}
 mkdir -p carried/data
 if [ -f "$data" ]; then
   cp "$data" carried/data/pneumoniamnist.npz

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does MAE pretraining pay on medical images? PneumoniaMNIST (28×28 chest X-rays), on the CPU:
 #   1. MAE pretraining of a 6-block vit_tiny_patch4_28 on the training images (labels unused);
-#   2. `mae-train sweep`: fine-tuning at 100, 300, 600, 1200 and all (3882) labels × 3 seeds,
+#   2. `mae-train sweep`: fine-tuning at 100, 300, 600, 1200 and all (4708) labels × 3 seeds,
 #      from scratch and from that pretraining, with the same recipe and epochs per cell, each
 #      cell's best-validation checkpoint tested on the official test split;
 #   3. the table and the plot copied to docs/results/.
@@ -13,7 +13,7 @@
 #        FT_EPOCHS (16), SIZES (100,300,600,1200,all), SEEDS (0,1,2)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-data=${1:-"$root/../shared/data/pneumoniamnist.npz"}
+data=${1:-"$root/../shared/data/medmnist/pneumoniamnist.npz"}
 out=${OUT:-"$root/runs/results-pneumoniamnist"}
 bin=${BIN:-"$root/target/debug"}
 pt_epochs=${PT_EPOCHS:-100}

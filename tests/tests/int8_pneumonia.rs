@@ -1,7 +1,8 @@
 //! `mae-export --int8` on real images: a small ViT trained by `mae-train` on PneumoniaMNIST,
 //! exported in fp32, dynamic int8 and static int8 (calibrated on 64 training X-rays), gives the
 //! same top-1 class on at least 99% of 256 test X-rays and a test AUC within 0.005 of fp32's, in
-//! ONNX Runtime and in tract. Needs `../shared/data/pneumoniamnist.npz` (ignored without it).
+//! ONNX Runtime and in tract. Needs `../shared/data/medmnist/pneumoniamnist.npz` (ignored
+//! without it).
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -22,12 +23,12 @@ fn predictions(path: &Path) -> Vec<String> {
 #[test]
 #[cfg_attr(
     not(has_shared_data),
-    ignore = "needs ../shared/data/pneumoniamnist.npz"
+    ignore = "needs ../shared/data/medmnist/pneumoniamnist.npz"
 )]
 fn int8_keeps_the_top1_class_on_real_xrays() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let data = workspace_root().join("../shared/data/pneumoniamnist.npz");
+    let data = workspace_root().join("../shared/data/medmnist/pneumoniamnist.npz");
     TestCommand::new("mae-train", dir)
         .args([
             "finetune",

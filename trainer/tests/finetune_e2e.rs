@@ -168,12 +168,13 @@ fn imagefolder_run_stops_resumes_and_evaluates() {
 #[test]
 #[cfg_attr(
     not(has_shared_data),
-    ignore = "needs ../shared/data/pneumoniamnist.npz"
+    ignore = "needs ../shared/data/medmnist/pneumoniamnist.npz"
 )]
 fn pneumoniamnist_run_stops_resumes_and_evaluates() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let npz = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/pneumoniamnist.npz");
+    let npz =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/data/medmnist/pneumoniamnist.npz");
     let npz = npz.to_str().unwrap();
     let args = [
         "finetune",
