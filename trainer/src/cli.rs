@@ -393,6 +393,21 @@ pub struct ArchArgs {
     pub depth: Option<usize>,
 }
 
+impl ArchArgs {
+    /// The preset named by `--model`, with the overrides applied and validated, and its name.
+    pub fn preset(&self) -> anyhow::Result<(String, mae_models::ModelConfig)> {
+        let name = self.model.clone().unwrap_or_default();
+        let overrides = mae_models::Overrides {
+            img_size: self.input_size,
+            patch_size: self.patch_size,
+            num_classes: self.nb_classes,
+            depth: self.depth,
+        };
+        let cfg = mae_models::ModelConfig::preset(&name)?.with_overrides(&overrides)?;
+        Ok((name, cfg))
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ModelsArgs {
     #[command(flatten)]

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod model;
 pub mod optim;
 pub mod plot;
+pub mod recon;
 pub mod rng;
 
 use std::process::ExitCode;

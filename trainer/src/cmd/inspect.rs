@@ -7,7 +7,6 @@ use mae_models::checkpoint::{self, Source};
 use mae_models::LoadReport;
 
 use crate::cli::InspectArgs;
-use crate::cmd::models::model_config;
 
 pub fn inspect(a: &InspectArgs) -> anyhow::Result<ExitCode> {
     let ck = checkpoint::load(&a.checkpoint).context("cannot read checkpoint")?;
@@ -30,7 +29,7 @@ pub fn inspect(a: &InspectArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let cfg = match (&a.model.model, &ck.meta) {
-        (Some(_), _) => Some(model_config(&a.model, "")?.1),
+        (Some(_), _) => Some(a.model.preset()?.1),
         (None, Some(meta)) => Some(meta.config.clone()),
         (None, None) => None,
     };

@@ -3,22 +3,9 @@
 use std::process::ExitCode;
 
 use mae_models::config::{count_params, mae_presets, vit_presets};
-use mae_models::{ModelConfig, Overrides};
+use mae_models::ModelConfig;
 
-use crate::cli::{ArchArgs, ModelsArgs};
-
-/// The preset named by `--model`, with the overrides applied and validated.
-pub fn model_config(a: &ArchArgs, default: &str) -> anyhow::Result<(String, ModelConfig)> {
-    let name = a.model.as_deref().unwrap_or(default).to_string();
-    let overrides = Overrides {
-        img_size: a.input_size,
-        patch_size: a.patch_size,
-        num_classes: a.nb_classes,
-        depth: a.depth,
-    };
-    let cfg = ModelConfig::preset(&name)?.with_overrides(&overrides)?;
-    Ok((name, cfg))
-}
+use crate::cli::ModelsArgs;
 
 pub fn models(a: &ModelsArgs) -> anyhow::Result<ExitCode> {
     if a.model.model.is_none() {
@@ -29,7 +16,7 @@ pub fn models(a: &ModelsArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::SUCCESS);
     }
-    let (name, cfg) = model_config(&a.model, "")?;
+    let (name, cfg) = a.model.preset()?;
     let params = cfg.parameters();
     println!("{name}: {}", serde_json::to_string(&cfg)?);
     for p in &params {

@@ -13,7 +13,6 @@ use mae_models::{ModelConfig, Overrides};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::PretrainArgs;
-use crate::cmd::visualize::{render_grid, save_grid};
 use crate::data::transform::TrainAug;
 use crate::data::{self, Dataset};
 use crate::engine::setup::Setup;
@@ -22,6 +21,7 @@ use crate::engine::{train_epoch, TrainBatches};
 use crate::model::load::state_dict;
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, AdamW};
+use crate::recon::{render_grid, save_grid};
 use crate::rng::Rng;
 
 /// Images of a pretraining set: the train split of an ImageFolder tree (in a folder or a zip

@@ -128,7 +128,7 @@ fn write_all(tmp: &Path, per_class: usize, size: u32, seed: u64) -> anyhow::Resu
 }
 
 pub fn synth(a: &SynthArgs) -> anyhow::Result<ExitCode> {
-    let summary = crate::cmd::synth::generate(&a.output, a.per_class, a.size, a.seed)?;
+    let summary = generate(&a.output, a.per_class, a.size, a.seed)?;
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
 }
