@@ -69,7 +69,7 @@ pub fn load_images(
         let picks = spread(available, src.images);
         used = picks.len();
         for i in picks {
-            let img = mae_models::input::load_rgb(&files[i])?;
+            let img = mae_models::input::load(&files[i])?;
             pixels.extend(preprocess_eval(&img, spec));
         }
     } else if path.extension().is_some_and(|e| e == "npz") {

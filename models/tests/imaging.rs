@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
-use mae_models::imaging::{decode_rgb, load_rgb, preprocess_eval};
+use mae_models::imaging::preprocess_eval;
+use mae_models::input::{decode, load};
 use mae_models::npz::{read_split, splits};
 use mae_models::preprocess::{Interpolation, PreprocessSpec};
 use mae_models::Error;
@@ -106,7 +107,7 @@ fn preprocessing_matches_torchvision() {
             crop_pct: case.crop_pct,
             interpolation: case.interpolation,
         };
-        let img = load_rgb(&dir.join(&case.file)).unwrap();
+        let img = load(&dir.join(&case.file)).unwrap();
         let ours = preprocess_eval(&img, &spec);
         let want = read_f32(&dir.join(format!("{}.f32", case.name)));
         let (max, mean, at) = diff(&ours, &want);
@@ -142,7 +143,7 @@ fn damaged_and_foreign_files_are_errors() {
     let dir = fixtures();
     let png = std::fs::read(dir.join("rgb_up.png")).unwrap();
     for cut in [8, 40, png.len() / 2, png.len() - 13] {
-        let err = decode_rgb(&png[..cut], Path::new("cut.png")).unwrap_err();
+        let err = decode(&png[..cut], Path::new("cut.png")).unwrap_err();
         assert!(err.to_string().contains("cut.png"), "{err}");
     }
     let jpg = std::fs::read(dir.join("jpeg.jpg")).unwrap();
@@ -151,11 +152,11 @@ fn damaged_and_foreign_files_are_errors() {
     for i in (600..bad.len() - 2).step_by(97) {
         bad[i] ^= 0x5a;
     }
-    let _ = decode_rgb(&bad, Path::new("bad.jpg"));
-    let err = load_rgb(&dir.join("missing.png")).unwrap_err();
+    let _ = decode(&bad, Path::new("bad.jpg"));
+    let err = load(&dir.join("missing.png")).unwrap_err();
     assert!(matches!(err, Error::Io { .. }), "{err}");
     assert!(err.to_string().contains("missing.png"));
-    let err = load_rgb(&dir.join("cases.json")).unwrap_err();
+    let err = load(&dir.join("cases.json")).unwrap_err();
     assert!(matches!(err, Error::Format { .. }), "{err}");
 }
 

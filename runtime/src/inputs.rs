@@ -247,7 +247,7 @@ fn push_file(path: &Path, split: &str, items: &mut Vec<Item>, failures: &mut Vec
 
 /// Decodes image or DICOM bytes to RGB through the shared input layer; errors name `name`.
 pub fn decode_bytes(bytes: &[u8], name: &Path) -> anyhow::Result<RgbImage> {
-    Ok(mae_models::input::decode_rgb(bytes, name)?)
+    Ok(mae_models::input::decode(bytes, name)?)
 }
 
 /// Reads and decodes one item; also returns the SHA-256 of its bytes (of its file for a frame,

@@ -473,7 +473,7 @@ fn calibrate_writes_temperature_and_threshold() {
     );
     // The calibrated probabilities are softmax(logits / T) of the original logits.
     let mut e = engine("binary", BackendKind::Tract);
-    let img = mae_models::imaging::load_rgb(&fixtures().join("images/rgb.png")).unwrap();
+    let img = mae_models::input::load(&fixtures().join("images/rgb.png")).unwrap();
     let x = mae_models::imaging::preprocess_eval(&img, &e.meta.preprocess);
     let raw = e.run_raw(&x, 1).unwrap();
     let want = mae_runtime::engine::activate(

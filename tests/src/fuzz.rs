@@ -44,7 +44,7 @@ pub fn dicom(data: &[u8]) -> bool {
 
 /// Any image file through the input layer, as the tools read files.
 pub fn image(data: &[u8]) -> bool {
-    mae_models::input::decode_rgb(data, Path::new("fuzz.bin")).is_ok()
+    mae_models::input::decode(data, Path::new("fuzz.bin")).is_ok()
 }
 
 /// A request body of `mae-run serve`: the first line is the Content-Type (a multipart form

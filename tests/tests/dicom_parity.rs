@@ -61,7 +61,7 @@ fn every_encoding_decodes_as_pydicom_reads_it() {
             );
             let got = if k == 0 {
                 // The first frame, as every tool reads a file by default.
-                mae_models::input::load_rgb(&path)
+                mae_models::input::load(&path)
             } else {
                 mae_models::input::dicom::decode_frame(&bytes, &path, k)
             };
@@ -157,7 +157,7 @@ fn files_pydicom_cannot_read_end_in_an_answer() {
     assert!(!broken.is_empty());
     for b in broken {
         let name = b["name"].as_str().unwrap();
-        match mae_models::input::load_rgb(&dir.path().join(format!("{name}.dcm"))) {
+        match mae_models::input::load(&dir.path().join(format!("{name}.dcm"))) {
             Ok(img) => eprintln!(
                 "{name}: decoded ({}×{}); pydicom: {}",
                 img.width(),
@@ -203,7 +203,7 @@ fn broken_files_are_refused_with_the_file_and_the_problem() {
     for (name, bytes) in cases {
         let path = dir.path().join(name);
         std::fs::write(&path, &bytes).unwrap();
-        let err = match mae_models::input::load_rgb(&path) {
+        let err = match mae_models::input::load(&path) {
             Ok(img) => panic!("{name} decoded as {}×{}", img.width(), img.height()),
             Err(e) => e.to_string(),
         };

@@ -92,7 +92,7 @@ fn decoder_findings_are_refused_for_their_reason() {
             let err = if dir == "dicom" {
                 mae_models::input::dicom::decode_unguarded(&bytes).unwrap_err()
             } else {
-                mae_models::input::decode_rgb(&bytes, &f)
+                mae_models::input::decode(&bytes, &f)
                     .unwrap_err()
                     .to_string()
             };

@@ -201,7 +201,7 @@ impl Archive {
     /// Reads and decodes the image or DICOM entry at `path` as 8-bit RGB, through the same
     /// decoder as files.
     pub fn load(&self, path: &Path) -> Result<RgbImage> {
-        super::decode_rgb(&self.read(path)?, path)
+        super::decode(&self.read(path)?, path)
     }
 }
 

@@ -221,7 +221,7 @@ impl ImageFolder {
 
     /// A sample decoded as 8-bit RGB, through the same decoder as any file.
     pub fn load(&self, sample: &Path) -> Result<RgbImage> {
-        super::decode_rgb(&self.read(sample)?, sample)
+        super::decode(&self.read(sample)?, sample)
     }
 
     /// What was left out, for the tools to print: `skipped 3 files with other extensions:

@@ -8,29 +8,34 @@ pub mod archive;
 pub mod dicom;
 mod dicom_lengths;
 pub mod folder;
+mod image;
 
 use std::path::Path;
 
-use image::RgbImage;
+use ::image::RgbImage;
 
+pub use self::image::{check_size, MAX_PIXELS};
 pub use archive::{is_zip, Archive};
 pub use folder::{is_image_file, is_image_name, ImageFolder, EXTENSIONS};
 
 use crate::error::{Error, Result};
 
-/// Reads and decodes an image or DICOM file as 8-bit RGB; errors name the file once.
-pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+/// Reads and decodes an image or DICOM file as 8-bit RGB (see [`decode`]); errors name the
+/// file once.
+pub fn load(path: &Path) -> Result<RgbImage> {
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode_rgb(&bytes, path)
+    decode(&bytes, path)
 }
 
-/// Decodes image or DICOM bytes as 8-bit RGB. DICOM is recognised by its `DICM` magic or a
-/// `.dcm`/`.dicom` name, images by their content; `name` names the source in errors.
-pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+/// Decodes image or DICOM bytes as 8-bit RGB: the one decoder of every tool. DICOM is
+/// recognised by its `DICM` magic or a `.dcm`/`.dicom` name, images (PNG, JPEG, BMP, TIFF,
+/// PPM/PGM, WebP) by their content; grayscale is replicated to three channels, alpha dropped
+/// and 16-bit samples scaled to 8 bits. `name` names the source in errors.
+pub fn decode(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     if dicom::is_dicom(bytes) || is_dicom_name(name) {
         dicom::decode(bytes, name)
     } else {
-        crate::imaging::decode_rgb(bytes, name)
+        self::image::decode(bytes, name)
     }
 }
 
@@ -45,7 +50,7 @@ pub fn is_dicom_name(name: &Path) -> bool {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use image::{DynamicImage, ImageFormat, Rgb};
+    use ::image::{DynamicImage, ImageFormat, Rgb};
     use std::io::Cursor;
 
     fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -65,24 +70,24 @@ mod tests {
             ImageFormat::Pnm,
             ImageFormat::WebP,
         ] {
-            let got = decode_rgb(&encode(&img, format), Path::new("x")).unwrap();
+            let got = decode(&encode(&img, format), Path::new("x")).unwrap();
             assert_eq!(got, rgb, "{format:?}");
         }
         // Grey (PGM, 16-bit TIFF) is replicated to three channels; RGBA loses its alpha.
         let grey = DynamicImage::ImageLuma8(img.to_luma8());
         let want = grey.to_rgb8();
         assert_eq!(
-            decode_rgb(&encode(&grey, ImageFormat::Pnm), Path::new("x.pgm")).unwrap(),
+            decode(&encode(&grey, ImageFormat::Pnm), Path::new("x.pgm")).unwrap(),
             want
         );
         let grey16 = DynamicImage::ImageLuma16(grey.to_luma16());
         assert_eq!(
-            decode_rgb(&encode(&grey16, ImageFormat::Tiff), Path::new("x.tif")).unwrap(),
+            decode(&encode(&grey16, ImageFormat::Tiff), Path::new("x.tif")).unwrap(),
             want
         );
         let rgba = DynamicImage::ImageRgba8(img.to_rgba8());
         assert_eq!(
-            decode_rgb(&encode(&rgba, ImageFormat::Png), Path::new("x.png")).unwrap(),
+            decode(&encode(&rgba, ImageFormat::Png), Path::new("x.png")).unwrap(),
             rgb
         );
     }
@@ -92,7 +97,7 @@ mod tests {
         assert!(is_dicom_name(Path::new("a/B.DCM")));
         assert!(is_dicom_name(Path::new("b.dicom")));
         assert!(!is_dicom_name(Path::new("b.png")));
-        let err = decode_rgb(b"garbage", Path::new("x.dcm")).unwrap_err();
+        let err = decode(b"garbage", Path::new("x.dcm")).unwrap_err();
         assert!(err.to_string().contains("cannot read DICOM image"), "{err}");
     }
 }

@@ -51,7 +51,7 @@ pub fn visualize(a: &VisualizeArgs) -> anyhow::Result<ExitCode> {
         bail!("--mask-ratio {} must be in [0, 1)", a.mask_ratio);
     }
     let (model, spec, _vs) = load_mae(&a.checkpoint, Device::Cpu)?;
-    let img = mae_models::imaging::load_rgb(&a.image)?;
+    let img = mae_models::input::load(&a.image)?;
     let s = spec.input_size as i64;
     let xs = Tensor::from_slice(&mae_models::imaging::preprocess_eval(&img, &spec))
         .reshape([1, 3, s, s]);

@@ -45,7 +45,7 @@ impl Item {
     /// the shared input layer); errors name the file.
     pub fn image(&self) -> anyhow::Result<RgbImage> {
         match &self.pixels {
-            Pixels::File(p) => Ok(mae_models::input::load_rgb(p)?),
+            Pixels::File(p) => Ok(mae_models::input::load(p)?),
             Pixels::Archived(a, p) => Ok(a.load(p)?),
             Pixels::Memory(img) => Ok((**img).clone()),
         }
