@@ -160,7 +160,7 @@ fn check_attention_and_products(tile: F32Tile) {
         .nodes()
         .iter()
         .filter_map(|n| n.op_as::<DenseProduct>())
-        .filter(|d| d.weights().gelu)
+        .filter(|d| d.weights().end.gelu)
         .count();
     assert_eq!((gelus, folded), (0, 1), "{ours}");
     let (theirs, _) = optimize(model, Rewrites::None).unwrap();
@@ -790,7 +790,7 @@ fn check_quant_products(tile: I8Tile) {
         .nodes()
         .iter()
         .filter_map(|n| n.op_as::<QuantProduct>())
-        .all(|q| q.weights().gelu);
+        .all(|q| q.weights().end.gelu);
     assert!(folded && !ours.nodes().iter().any(is_gelu_exact), "{ours}");
     let (theirs, _) = optimize(model, Rewrites::None).unwrap();
     for (case, x) in int8_inputs(5, k as usize).iter().enumerate() {

@@ -83,6 +83,46 @@ impl<T: Plain> PartialEq for Aligned<T> {
     }
 }
 
+/// What a product's tiles fold in after the sums: each column's bias (zero where there is none,
+/// padded to whole panels) and an exact GELU, the layer's activation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ending {
+    bias: Vec<f32>,
+    pub gelu: bool,
+}
+
+impl Ending {
+    /// No bias and no GELU, for `n` columns.
+    pub fn new(n: usize) -> Self {
+        Self {
+            bias: vec![0f32; n.div_ceil(NR) * NR],
+            gelu: false,
+        }
+    }
+
+    /// Adds `bias[j]` to column `j`.
+    pub fn add_bias(&mut self, bias: &[f32]) {
+        for (b, v) in self.bias.iter_mut().zip(bias) {
+            *b += v;
+        }
+    }
+
+    /// Adds `bias`, if any, and sets the GELU.
+    pub fn fold(&mut self, bias: Option<&[f32]>, gelu: bool) {
+        if let Some(bias) = bias {
+            self.add_bias(bias);
+        }
+        self.gelu = gelu;
+    }
+
+    /// The bias of panel `p`'s columns.
+    pub fn bias(&self, p: usize) -> &[f32; NR] {
+        self.bias[p * NR..(p + 1) * NR]
+            .try_into()
+            .expect("whole panels")
+    }
+}
+
 /// What one kind of tile computes: from a packed activation panel and one weight panel, an
 /// `MR × NR` block of float32 outputs.
 pub trait Tile: Sync {

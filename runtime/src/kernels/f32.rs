@@ -6,7 +6,7 @@
 //! AVX-512 tile (`x86_64/avx512.rs`) and the portable one here give the same sums, in the same
 //! order.
 
-use crate::kernels::driver::{self, Acc, Aligned, Strides, Tile, MR, NR};
+use crate::kernels::driver::{self, Acc, Aligned, Ending, Strides, Tile, MR, NR};
 
 /// A `k × n` weight matrix in panels of [`NR`] columns (the last zero-padded), and its bias
 /// (zero when there is none), padded alike.
@@ -15,9 +15,8 @@ pub struct PackedWeights {
     pub k: usize,
     pub n: usize,
     panels: Aligned<f32>,
-    bias: Vec<f32>,
-    /// Exact (erf) GELU applied to the sums, as the layer's activation.
-    pub gelu: bool,
+    /// The bias and GELU the tiles fold in.
+    pub end: Ending,
 }
 
 impl PackedWeights {
@@ -37,8 +36,7 @@ impl PackedWeights {
             k,
             n,
             panels,
-            bias: vec![0f32; count * NR],
-            gelu: false,
+            end: Ending::new(n),
         }
     }
 
@@ -82,26 +80,12 @@ impl PackedWeights {
             k,
             n,
             panels,
-            bias: vec![0f32; count * NR],
-            gelu: false,
+            end: Ending::new(n),
         })
-    }
-
-    /// Adds `bias[j]` to every row's column `j`.
-    pub fn add_bias(&mut self, bias: &[f32]) {
-        for (b, v) in self.bias.iter_mut().zip(bias) {
-            *b += v;
-        }
     }
 
     pub(crate) fn panel(&self, p: usize) -> &[f32] {
         &self.panels[p * self.k * NR..(p + 1) * self.k * NR]
-    }
-
-    fn bias(&self, p: usize) -> &[f32; NR] {
-        self.bias[p * NR..(p + 1) * NR]
-            .try_into()
-            .expect("NR values")
     }
 }
 
@@ -187,7 +171,7 @@ impl<'w> Tile for Panels<'w> {
     }
 
     fn panel(&self, p: usize) -> Self::Panel<'_> {
-        (self.w.panel(p), self.w.bias(p))
+        (self.w.panel(p), self.w.end.bias(p))
     }
 
     fn tile<'a>(&'a self, (wp, bias): &Self::Panel<'a>, a: &[f32], acc: &mut Acc) {
@@ -200,7 +184,7 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `c = a · w + bias`, then GELU if `w.gelu`: `a` is `m × w.k` laid out as `a_strides` says,
+/// `c = a · w + bias`, then GELU if `w.end.gelu`: `a` is `m × w.k` laid out as `a_strides` says,
 /// `c` is `m × w.n` laid out as `c_strides` says. Every element of `c` is written. Fails
 /// (instead of reading or writing out of bounds) when a slice is too short for its shape and
 /// strides.
@@ -215,7 +199,7 @@ pub fn product(
 ) -> anyhow::Result<()> {
     let (k, n) = (w.k, w.n);
     let (a_at, c_at) = ((a.len(), a_strides), (c.len(), c_strides));
-    let Some(start) = driver::start("dense product", a_at, c_at, (m, k, n), w.gelu)? else {
+    let Some(start) = driver::start("dense product", a_at, c_at, (m, k, n), w.end.gelu)? else {
         return Ok(());
     };
     let (pool, erf) = (start.pool.as_deref(), start.erf.as_deref());

@@ -13,7 +13,7 @@
 //! int8 weights of each of 16 columns and adds the four products to the column's sum. The
 //! portable tile gives the same sums on any CPU.
 
-use crate::kernels::driver::{self, Acc, Aligned, Strides, Tile, MR, NR};
+use crate::kernels::driver::{self, Acc, Aligned, Ending, Strides, Tile, MR, NR};
 use crate::kernels::quantize::{ActivationQuant, Quantizer};
 
 /// A `k × n` int8 weight matrix in panels of [`NR`] columns and groups of four rows (the last
@@ -27,9 +27,8 @@ pub struct PackedI8 {
     panels: Aligned<i8>,
     col_sums: Vec<i32>,
     scales: Vec<f32>,
-    bias: Vec<f32>,
-    /// Exact (erf) GELU applied to the scaled sums, as the layer's activation.
-    pub gelu: bool,
+    /// The bias and GELU the tiles fold in after scaling.
+    pub end: Ending,
     pub quant: ActivationQuant,
 }
 
@@ -74,17 +73,9 @@ impl PackedI8 {
             panels,
             col_sums,
             scales: padded,
-            bias: vec![0f32; count * NR],
-            gelu: false,
+            end: Ending::new(n),
             quant,
         })
-    }
-
-    /// Adds `bias` (`n` values) to the columns.
-    pub fn add_bias(&mut self, bias: &[f32]) {
-        for (b, v) in self.bias.iter_mut().zip(bias) {
-            *b += v;
-        }
     }
 
     fn panel(&self, p: usize) -> &[i8] {
@@ -192,7 +183,7 @@ impl<'w> Tile for Panels<'w> {
             scale[j] = w.scales[p * NR + j] * self.factor;
             offset[j] = self.zero as i32 * w.col_sums[p * NR + j];
         }
-        let bias: &[f32; NR] = w.bias[p * NR..(p + 1) * NR].try_into().expect("NR values");
+        let bias = w.end.bias(p);
         (
             w.panel(p),
             Scaling {
@@ -264,7 +255,7 @@ fn pack_panel(q: &[u8], m: usize, k: usize, s: Strides, t: usize, panel: &mut [u
     }
 }
 
-/// `c = (quantized a) · w`, scaled per column, plus the bias, then GELU if `w.gelu`: `a` is
+/// `c = (quantized a) · w`, scaled per column, plus the bias, then GELU if `w.end.gelu`: `a` is
 /// `m × w.k` laid out as `a_strides` says (a dynamic quantization takes the range of all of
 /// `a`), `c` is `m × w.n` laid out as `c_strides` says. Every element of `c` is written. Fails
 /// (instead of reading or writing out of bounds) when a slice is too short for its shape and
@@ -280,7 +271,7 @@ pub fn quant_product(
 ) -> anyhow::Result<()> {
     let (k, n) = (w.k, w.n);
     let (a_at, c_at) = ((a.len(), a_strides), (c.len(), c_strides));
-    let Some(start) = driver::start("int8 product", a_at, c_at, (m, k, n), w.gelu)? else {
+    let Some(start) = driver::start("int8 product", a_at, c_at, (m, k, n), w.end.gelu)? else {
         return Ok(());
     };
     let (pool, erf) = (start.pool.as_deref(), start.erf.as_deref());

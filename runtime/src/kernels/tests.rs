@@ -117,7 +117,7 @@ fn products_match_a_direct_sum_and_the_portable_tile(tile: F32Tile) {
         let wv = values(k * n, 2);
         let bias = values(n, 3);
         let mut w = PackedWeights::new(k, n, |kk, j| wv[kk * n + j]);
-        w.add_bias(&bias);
+        w.end.add_bias(&bias);
         for (a_strides, laid) in both_layouts(&a, m, k) {
             for c_strides in outputs(m, n) {
                 let mut c = vec![f32::NAN; m * n];
@@ -164,8 +164,8 @@ fn products_over_threads_match_one_thread(tile: F32Tile) {
         let a = values(m * k, 5);
         let wv = values(k * n, 6);
         let mut w = PackedWeights::new(k, n, |kk, j| wv[kk * n + j]);
-        w.add_bias(&values(n, 7));
-        w.gelu = true;
+        w.end.add_bias(&values(n, 7));
+        w.end.gelu = true;
         for (a_strides, laid) in both_layouts(&a, m, k) {
             for cs in outputs(m, n) {
                 let mut one = vec![f32::NAN; m * n];
@@ -321,7 +321,7 @@ fn int8_products_give_onnxs_numbers(tile: I8Tile) {
             let scales: Vec<f32> = values(n, 3).iter().map(|v| 0.01 + v.abs() * 0.02).collect();
             let bias = values(n, 4);
             let mut w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &scales, quant).unwrap();
-            w.add_bias(&bias);
+            w.end.add_bias(&bias);
             let want = direct(&a, (m, k, n), &wv, &scales, &bias, quant);
             for (a_strides, laid) in both_layouts(&a, m, k) {
                 for c_strides in outputs(m, n) {
@@ -370,8 +370,8 @@ fn int8_products_over_threads_match_one_thread(tile: I8Tile) {
             let a = values(m * k, 8);
             let wv: Vec<i8> = values(k * n, 9).iter().map(|v| (v * 127.0) as i8).collect();
             let mut w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &[0.02], quant).unwrap();
-            w.add_bias(&values(n, 10));
-            w.gelu = true;
+            w.end.add_bias(&values(n, 10));
+            w.end.gelu = true;
             for (a_strides, laid) in both_layouts(&a, m, k) {
                 for cs in outputs(m, n) {
                     let mut one = vec![f32::NAN; m * n];
@@ -460,7 +460,7 @@ fn a_dynamic_input_of_zeros_gives_the_bias() {
     let (m, k, n) = (3, 8, 5);
     let dynamic = ActivationQuant::Dynamic;
     let mut w = PackedI8::new(k, n, |kk, j| (kk + j) as i8, &[0.1], dynamic).unwrap();
-    w.add_bias(&[1.0, 2.0, 3.0, 4.0, 5.0]);
+    w.end.add_bias(&[1.0, 2.0, 3.0, 4.0, 5.0]);
     let mut c = vec![f32::NAN; m * n];
     let (s, cs) = (Strides { row: k, col: 1 }, Strides { row: n, col: 1 });
     quant_product(&[0.0; 24], m, s, &w, &mut c, cs, I8Tile::Portable).unwrap();

@@ -210,7 +210,7 @@ fn match_patch_product(
         return Ok(None);
     };
     let mut packed = PackedWeights::new(k, n, |kk, j| wv[j * k + kk]);
-    packed.add_bias(&bias);
+    packed.end.add_bias(&bias);
     Ok(Some((
         node.inputs[0],
         PatchProduct {

@@ -14,6 +14,7 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::QuantizeLinearU8;
 
 use crate::accel::graph::{self, Epilogue, Replacement};
+use crate::kernels::driver::Ending;
 use crate::kernels::f32::{F32Tile, PackedWeights};
 use crate::kernels::i8::{I8Tile, PackedI8};
 use crate::kernels::quantize::ActivationQuant;
@@ -29,8 +30,8 @@ pub trait Packed: std::fmt::Debug + Clone + PartialEq + Send + Sync + 'static {
     fn extents(&self) -> (usize, usize);
     /// What the op's description says besides its extents and tile.
     fn detail(&self) -> Option<String>;
-    /// Adds `bias` to the columns and sets the GELU after them.
-    fn fold(&mut self, bias: Option<&[f32]>, gelu: bool);
+    /// The bias and GELU folded into the tiles.
+    fn end(&mut self) -> &mut Ending;
     /// The product of `xs` (`m × k` at `a`) as a tensor of `shape` holding `m × n` at `c`.
     fn run(
         &self,
@@ -55,11 +56,8 @@ impl Packed for PackedWeights {
         None
     }
 
-    fn fold(&mut self, bias: Option<&[f32]>, gelu: bool) {
-        if let Some(bias) = bias {
-            self.add_bias(bias);
-        }
-        self.gelu = gelu;
+    fn end(&mut self) -> &mut Ending {
+        &mut self.end
     }
 
     fn run(
@@ -87,11 +85,8 @@ impl Packed for PackedI8 {
         Some(format!("{:?}", self.quant))
     }
 
-    fn fold(&mut self, bias: Option<&[f32]>, gelu: bool) {
-        if let Some(bias) = bias {
-            self.add_bias(bias);
-        }
-        self.gelu = gelu;
+    fn end(&mut self) -> &mut Ending {
+        &mut self.end
     }
 
     fn run(
@@ -238,6 +233,7 @@ impl<W: Packed> Product<W> {
         let tail = Epilogue::after(model, last_product, &self.output_shape, (self.n_axis, n))?;
         Arc::get_mut(&mut self.weights)
             .expect("not shared yet")
+            .end()
             .fold(tail.bias.as_deref(), tail.gelu);
         Ok(Replacement::one(input, self, tail.last))
     }
