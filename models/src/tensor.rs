@@ -127,6 +127,9 @@ fn arr<const N: usize>(c: &[u8]) -> [u8; N] {
     a
 }
 
+/// Tensors by their dotted upstream names.
+pub type StateDict = std::collections::BTreeMap<String, TensorData>;
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

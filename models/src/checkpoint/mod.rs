@@ -5,7 +5,6 @@ pub mod pickle;
 pub mod pth;
 pub mod safetensors;
 
-use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -16,10 +15,8 @@ pub use meta::{
 pub use pth::{read_pth, read_pth_bytes, PthFile};
 
 use crate::error::{Error, Result};
+pub use crate::tensor::StateDict;
 use crate::tensor::TensorData;
-
-/// Tensors by their dotted upstream names.
-pub type StateDict = BTreeMap<String, TensorData>;
 
 /// The container a checkpoint came in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

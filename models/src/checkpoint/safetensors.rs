@@ -8,9 +8,9 @@ use std::path::Path;
 use safetensors::tensor::{Dtype, SafeTensors, View};
 
 use super::meta::{CheckpointMeta, FORMAT_VERSION, METADATA_KEY};
-use super::StateDict;
 use crate::error::{Error, Result};
 use crate::io::atomic_write;
+use crate::tensor::StateDict;
 use crate::tensor::{DType, TensorData};
 
 struct Entry<'a>(&'a TensorData);

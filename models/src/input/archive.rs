@@ -161,7 +161,11 @@ impl Archive {
             .entries
             .iter()
             .filter(|e| !e.is_dir && !e.is_symlink)
-            .filter(|e| e.parts.last().is_some_and(|n| super::is_image_name(n)))
+            .filter(|e| {
+                e.parts
+                    .last()
+                    .is_some_and(|n| super::names::is_image_name(n))
+            })
             .map(|e| self.entry_path(&e.parts))
             .collect();
         out.sort();
@@ -201,7 +205,7 @@ impl Archive {
     /// Reads and decodes the image or DICOM entry at `path` as 8-bit RGB, through the same
     /// decoder as files.
     pub fn load(&self, path: &Path) -> Result<RgbImage> {
-        super::decode(&self.read(path)?, path)
+        super::decode::decode(&self.read(path)?, path)
     }
 }
 

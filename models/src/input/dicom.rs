@@ -106,7 +106,7 @@ fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, Strin
     }
     let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<u32>().ok());
     if let (Some(rows), Some(columns)) = (int(tags::ROWS), int(tags::COLUMNS)) {
-        super::check_size(columns, rows)?;
+        super::image::check_size(columns, rows)?;
     }
     let frames = frames_of(&obj);
     if frame >= frames {

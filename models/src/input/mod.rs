@@ -5,53 +5,26 @@
 //! the same pixels, and a tree the same samples and labels, in every tool.
 
 pub mod archive;
+mod decode;
 pub mod dicom;
 mod dicom_lengths;
 pub mod folder;
 mod image;
+mod names;
 
-use std::path::Path;
-
-use ::image::RgbImage;
-
+pub use self::decode::{decode, is_dicom_name, load};
 pub use self::image::{check_size, MAX_PIXELS};
 pub use archive::{is_zip, Archive};
-pub use folder::{is_image_file, is_image_name, ImageFolder, EXTENSIONS};
-
-use crate::error::{Error, Result};
-
-/// Reads and decodes an image or DICOM file as 8-bit RGB (see [`decode`]); errors name the
-/// file once.
-pub fn load(path: &Path) -> Result<RgbImage> {
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    decode(&bytes, path)
-}
-
-/// Decodes image or DICOM bytes as 8-bit RGB: the one decoder of every tool. DICOM is
-/// recognised by its `DICM` magic or a `.dcm`/`.dicom` name, images (PNG, JPEG, BMP, TIFF,
-/// PPM/PGM, WebP) by their content; grayscale is replicated to three channels, alpha dropped
-/// and 16-bit samples scaled to 8 bits. `name` names the source in errors.
-pub fn decode(bytes: &[u8], name: &Path) -> Result<RgbImage> {
-    if dicom::is_dicom(bytes) || is_dicom_name(name) {
-        dicom::decode(bytes, name)
-    } else {
-        self::image::decode(bytes, name)
-    }
-}
-
-/// Whether the file name ends with `.dcm` or `.dicom`, in any case.
-pub fn is_dicom_name(name: &Path) -> bool {
-    name.extension()
-        .and_then(|e| e.to_str())
-        .is_some_and(|e| e.eq_ignore_ascii_case("dcm") || e.eq_ignore_ascii_case("dicom"))
-}
+pub use folder::ImageFolder;
+pub use names::{is_image_file, is_image_name, EXTENSIONS};
 
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-    use ::image::{DynamicImage, ImageFormat, Rgb};
+    use ::image::{DynamicImage, ImageFormat, Rgb, RgbImage};
     use std::io::Cursor;
+    use std::path::Path;
 
     fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
         let mut bytes = Vec::new();
