@@ -38,6 +38,8 @@ pub enum Source {
     /// One frame (from 0) of a DICOM file.
     Frame(PathBuf, u32),
     Image(Arc<RgbImage>),
+    /// A file inside a zip archive (its path: the archive's joined with the member's).
+    Archived(Arc<mae_models::input::Archive>, PathBuf),
 }
 
 /// Which frames of multi-frame DICOM files are read (`--frame`). Without the option, the first
@@ -266,6 +268,10 @@ pub fn load(item: &Item) -> anyhow::Result<(RgbImage, String)> {
             let img = mae_models::input::dicom::decode_frame(&bytes, p, *k)?;
             Ok((img, sha256_hex(&bytes)))
         }
+        Source::Archived(archive, p) => {
+            let bytes = archive.read(p)?;
+            Ok((decode_bytes(&bytes, p)?, sha256_hex(&bytes)))
+        }
     }
 }
 
@@ -336,7 +342,8 @@ fn parallel_map<T: Sync, R: Send>(xs: &[T], workers: usize, f: impl Fn(&T) -> R 
 }
 
 /// Labelled samples of a data set: `.npz` split, an ImageFolder root whose `<split>/` holds the
-/// class folders (as `mae-train eval --data-path ROOT --split test` reads it), or class folders.
+/// class folders (as `mae-train eval --data-path ROOT --split test` reads it), a `.zip` of such
+/// a root (read in place, as `mae-train` reads it), or class folders.
 ///
 /// Class folders are read by the shared ImageFolder rules (torchvision's) and labelled by the
 /// model's class names: a folder the model does not name is an error. A model without class
@@ -352,18 +359,27 @@ pub fn labelled_items(
     } else {
         path
     };
-    if path.is_dir() {
-        let folder = ImageFolder::open(path)?;
+    let zipped = mae_models::input::is_zip(path) && !path.is_dir();
+    if path.is_dir() || zipped {
+        let folder = if zipped {
+            ImageFolder::open_split(path, split)?
+        } else {
+            ImageFolder::open(path)?
+        };
         if let Some(note) = folder.skipped_note() {
             eprintln!("mae-run: {note}");
         }
-        let labels = folder_labels(path, &folder.classes, class_names)?;
+        let labels = folder_labels(&folder.root, &folder.classes, class_names)?;
+        let archive = folder.archive.clone();
         Ok(folder
             .samples
             .into_iter()
             .map(|(file, k)| Item {
                 name: file.display().to_string(),
-                source: Source::File(file),
+                source: match &archive {
+                    Some(a) => Source::Archived(a.clone(), file),
+                    None => Source::File(file),
+                },
                 label: Some(vec![labels[k] as i64]),
             })
             .collect())

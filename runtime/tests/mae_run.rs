@@ -386,6 +386,63 @@ fn eval_on_npz_matches_pytorch_metrics() {
     assert!(out.contains("pneumonia"), "{out}");
 }
 
+/// `eval --data-path TREE.zip` reads an ImageFolder tree in place from its zip (here inside one
+/// top folder, as downloaded archives hold it) and gives what the unzipped tree gives.
+#[test]
+fn eval_reads_a_zipped_imagefolder_tree_as_the_tree() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("binary.onnx");
+    let split = mae_models::npz::read_split(&fixtures().join("data.npz"), "test").unwrap();
+    let root = dir.path().join("tree");
+    let zipped = dir.path().join("tree.zip");
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(&zipped).unwrap());
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated);
+    for (i, (img, label)) in split.images.iter().zip(&split.labels).enumerate() {
+        let class = ["normal", "pneumonia"][label[0] as usize];
+        let rel = format!("test/{class}/{i:03}.png");
+        let file = root.join(&rel);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        img.save(&file).unwrap();
+        zip.start_file(format!("data/{rel}"), options).unwrap();
+        zip.write_all(&std::fs::read(&file).unwrap()).unwrap();
+    }
+    zip.finish().unwrap();
+    let eval = |data: &Path, preds: &Path| {
+        let o = mae_run(
+            dir.path(),
+            &[
+                "eval",
+                "--model",
+                p(&model),
+                "--data-path",
+                p(data),
+                "--split",
+                "test",
+                "--format",
+                "json",
+                "--predictions",
+                p(preds),
+            ],
+        );
+        assert!(o.status.success(), "{}", stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        // Each prediction row from its input's file name on (the folder differs).
+        let rows: Vec<String> = std::fs::read_to_string(preds)
+            .unwrap()
+            .lines()
+            .skip(1)
+            .map(|l| l.rsplit_once('/').unwrap().1.to_string())
+            .collect();
+        (v["summary"].clone(), v["metrics"].clone(), rows)
+    };
+    let tree = eval(&root, &dir.path().join("tree.csv"));
+    let from_zip = eval(&zipped, &dir.path().join("zip.csv"));
+    assert_eq!(tree.2.len(), split.images.len());
+    assert_eq!(tree, from_zip);
+}
+
 #[test]
 fn predict_on_npz_splits() {
     let dir = tempfile::tempdir().unwrap();
