@@ -25,7 +25,7 @@ mkdir -p "$out"
 say() { printf '\033[1m[ab %s]\033[0m %s\n' "$(date +%T)" "$*"; }
 
 say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-say "CPU: $("$py" "$root/scripts/bench/cpuinfo.py" 2>/dev/null || grep -o -m1 'avx512f\|avx2' /proc/cpuinfo)"
+say "CPU: $("$py" -c "import sys; sys.path.insert(0, '$root/scripts/bench'); from cpuinfo import cpu; m, n, has, lacks = cpu(); print(f'{m}; has {\", \".join(has)}; lacks {\", \".join(lacks)}')")"
 say "A: $a; B: $b"
 if [ ! -f "$out/$model.int8s.onnx" ]; then
   say "random $model weights, exported fp32, int8 (dynamic) and int8 (static) by A's mae-export"
