@@ -42,8 +42,8 @@ pub enum Command {
     Slurm(SlurmArgs),
     /// Write an MAE reconstruction grid (original | masked | reconstruction | pasted) as PNG.
     Visualize(VisualizeArgs),
-    /// The data-efficiency experiment: fine-tune and test every training-set size × seed ×
-    /// initialisation, then tabulate and plot (sweep.csv, sweep.md, sweep.png).
+    /// The data-efficiency experiment: fine-tune (and linear-probe) and test every training-set
+    /// size × seed × initialisation, then tabulate and plot (sweep.csv, sweep.md, sweep.png).
     Sweep(SweepArgs),
 }
 
@@ -727,10 +727,12 @@ pub struct LaunchArgs {
 ///
 /// Example: `mae-train sweep --train-samples 600,6000,all --seeds 0,1,2 --init
 /// scratch,mae=pt/checkpoint-best.safetensors --init-args 'scratch=--layer-decay 1.0'
-/// --output-dir runs/sweep -- --data-path data.npz --model vit_tiny_patch4_28 --epochs 20`.
-/// Each cell is `DIR/cells/{init}/n{size}/seed{seed}/`, a complete fine-tune run folder with
-/// `train.log`, `eval.log`, `test.json` and, once finished, `cell.json`; run the same command
-/// again to resume: finished cells are skipped, an unfinished one starts again.
+/// --kinds finetune,linprobe --kind-args 'linprobe=--epochs 90 --blr 0.1' --output-dir runs/sweep
+/// -- --data-path data.npz --model vit_tiny_patch4_28 --epochs 20`.
+/// Each fine-tune cell is `DIR/cells/{init}/n{size}/seed{seed}/`, each linear-probe cell
+/// `DIR/cells/{init}/linprobe/n{size}/seed{seed}/`: a complete run folder with `train.log`,
+/// `eval.log`, `test.json` and, once finished, `cell.json`; run the same command again to
+/// resume: finished cells are skipped, an unfinished one starts again.
 #[derive(Debug, Clone, Args)]
 #[command(trailing_var_arg = true)]
 pub struct SweepArgs {
@@ -741,14 +743,25 @@ pub struct SweepArgs {
     /// Seeds, comma-separated: each picks the subset, the initial head and the data order.
     #[arg(long, value_delimiter = ',', default_value = "0")]
     pub seeds: Vec<u64>,
-    /// Initialisations, comma-separated: `scratch`, or a checkpoint to fine-tune from
+    /// Initialisations, comma-separated: `scratch`, or a checkpoint to start from
     /// (`PATH`, named after its file stem, or `NAME=PATH`).
     #[arg(long, value_delimiter = ',', required = true)]
     pub init: Vec<String>,
     /// Extra fine-tune flags of one init, `NAME=FLAGS` (e.g. 'scratch=--layer-decay 1.0'),
-    /// for where its recipe really differs; repeat for several inits.
+    /// for where its recipe really differs; repeat for several inits. They go to that init's
+    /// fine-tune cells only, and replace the same flags given shared or in --kind-args.
     #[arg(long = "init-args", alias = "init_args", value_name = "NAME=FLAGS")]
     pub init_args: Vec<String>,
+    /// Kinds of cell, comma-separated: `finetune` (`mae-train finetune`) and `linprobe`
+    /// (`mae-train linprobe`: a BatchNorm + linear head on the frozen encoder, LARS). Every
+    /// kind runs every size × seed × init.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "finetune")]
+    pub kinds: Vec<SweepKind>,
+    /// Flags of one kind's cells, `KIND=FLAGS` (e.g. 'linprobe=--epochs 90 --blr 0.1
+    /// --batch-size 512'): its own recipe. A flag given here replaces the same shared flag in
+    /// that kind's cells; repeat for several kinds.
+    #[arg(long = "kind-args", alias = "kind_args", value_name = "KIND=FLAGS")]
+    pub kind_args: Vec<String>,
     /// Folder of the sweep: its cells, sweep.csv, sweep.md and sweep.png.
     #[arg(long, alias = "output_dir")]
     pub output_dir: PathBuf,
@@ -758,17 +771,34 @@ pub struct SweepArgs {
     /// Run every cell data-parallel as N processes on this node (through `mae-train launch`).
     #[arg(long, alias = "nproc_per_node", default_value_t = 1)]
     pub nproc_per_node: usize,
-    /// Print the cells and their commands; run nothing.
+    /// Print the cells of every kind and their commands; run nothing.
     #[arg(long)]
     pub dry_run: bool,
-    /// The fine-tune flags every cell shares (after `--`); the sweep sets `--output-dir`,
-    /// `--seed`, `--train-samples` and `--finetune` itself.
-    #[arg(
-        required = true,
-        allow_hyphen_values = true,
-        value_name = "FINETUNE_FLAGS"
-    )]
-    pub finetune: Vec<String>,
+    /// The flags every cell of every kind shares (after `--`): data, model, device, and the
+    /// recipe where the kinds agree. Each must be a flag of every kind in --kinds (a flag of
+    /// one kind only is refused before any cell runs; give it in --kind-args). The sweep sets
+    /// `--output-dir`, `--seed`, `--train-samples` and `--finetune` itself.
+    #[arg(required = true, allow_hyphen_values = true, value_name = "CELL_FLAGS")]
+    pub shared: Vec<String>,
+}
+
+/// A kind of sweep cell: the training command it runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SweepKind {
+    /// `mae-train finetune`.
+    Finetune,
+    /// `mae-train linprobe`.
+    Linprobe,
+}
+
+impl SweepKind {
+    /// The subcommand, and the kind's name in folders, tables and `--kind-args`.
+    pub fn command(self) -> &'static str {
+        match self {
+            SweepKind::Finetune => "finetune",
+            SweepKind::Linprobe => "linprobe",
+        }
+    }
 }
 
 /// `mae-train slurm`.

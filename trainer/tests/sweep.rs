@@ -1,6 +1,7 @@
 //! `mae-train sweep` end to end on generated data: 2 sizes × 2 seeds × 2 inits (scratch and an
 //! MAE pretraining checkpoint), interrupted after its first cell and resumed without running
-//! that cell again; `sweep.csv`, `sweep.md` and `sweep.png` hold every cell. Also the `eval`
+//! that cell again; `sweep.csv`, `sweep.md` and `sweep.png` hold every cell. A sweep of both
+//! kinds (fine-tuning and linear probing) from the same inits, run twice. Also the `eval`
 //! refusal of a head trained for other classes.
 #![allow(clippy::unwrap_used)]
 
@@ -172,7 +173,7 @@ fn sweep_runs_every_cell_resumes_after_interruption_and_summarises() {
     let mut lines = csv.lines();
     assert_eq!(
         lines.next().unwrap(),
-        "size,train_images,seed,init,best_epoch,val_auc,val_acc,test_auc,test_acc,train_seconds"
+        "size,train_images,seed,init,best_epoch,val_auc,val_acc,test_auc,test_acc,train_seconds,kind"
     );
     let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
     assert_eq!(rows.len(), 8, "{csv}");
@@ -278,6 +279,208 @@ fn sweep_refuses_bad_flags_before_running_anything() {
     let err = run(&["--train-samples", "4000"], &["--data-path", "data"]);
     assert!(err.contains("more than the 12 training images"), "{err}");
     assert!(!d.join("sw").exists());
+}
+
+/// Shared flags of the two-kind sweep: both commands take every one of them.
+const SHARED: &[&str] = &[
+    "--data-path",
+    "data",
+    "--model",
+    "vit_tiny_patch4_28",
+    "--depth",
+    "1",
+    "--batch-size",
+    "8",
+    "--epochs",
+    "2",
+    "--warmup-epochs",
+    "1",
+    "--num-workers",
+    "1",
+];
+
+#[test]
+fn sweep_fine_tunes_and_linear_probes_from_the_same_inits() {
+    let d = tmp_dir("sweep-kinds");
+    setup(&d);
+    let mut args: Vec<&str> = vec![
+        "sweep",
+        "--train-samples",
+        "16",
+        "--init",
+        "scratch,mae=pt/checkpoint-0.safetensors",
+        "--kinds",
+        "finetune,linprobe",
+        "--kind-args",
+        "finetune=--aa none --blr 5e-3",
+        "--kind-args",
+        "linprobe=--epochs 1 --warmup-epochs 0 --blr 0.1",
+        "--output-dir",
+        "sw",
+        "--",
+    ];
+    args.extend_from_slice(SHARED);
+
+    // --dry-run lists the cells of both kinds.
+    let mut dry = args.clone();
+    dry.insert(1, "--dry-run");
+    let out = mae_train(&d, &dry);
+    assert!(
+        out.contains("4 cells (1 sizes × 1 seeds × 2 inits × 2 kinds)"),
+        "{out}"
+    );
+    for name in [
+        "# init scratch · 16 images · seed 0",
+        "# init scratch · linprobe · 16 images · seed 0",
+        "# init mae · 16 images · seed 0",
+        "# init mae · linprobe · 16 images · seed 0",
+    ] {
+        assert!(out.lines().any(|l| l == name), "{name:?} in\n{out}");
+    }
+    let lp_line = out
+        .lines()
+        .find(|l| l.contains(" linprobe ") && l.contains("cells/mae/linprobe/n16/seed0"))
+        .unwrap_or_else(|| panic!("no linprobe command in\n{out}"));
+    assert!(
+        lp_line.contains("--blr 0.1") && !lp_line.contains("--aa") && !lp_line.contains("5e-3"),
+        "{lp_line}"
+    );
+    assert!(!d.join("sw").exists(), "a dry run writes nothing");
+
+    let out = mae_train(&d, &args);
+    assert_eq!(out.matches(": training (").count(), 4, "{out}");
+    let cell = |init: &str, kind: &str| {
+        let k = if kind == "linprobe" { "linprobe/" } else { "" };
+        d.join(format!("sw/cells/{init}/{k}n16/seed0"))
+    };
+    for init in ["scratch", "mae"] {
+        for kind in ["finetune", "linprobe"] {
+            let dir = cell(init, kind);
+            for f in ["cell.json", "test.json", "checkpoint-best.safetensors"] {
+                assert!(dir.join(f).is_file(), "{}/{f}", dir.display());
+            }
+        }
+    }
+    // Each kind ran its own command with its own recipe, on the same 16 images.
+    let args_of = |init: &str, kind: &str| {
+        let t = std::fs::read_to_string(cell(init, kind).join("args.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&t).unwrap()
+    };
+    let lp = args_of("mae", "linprobe");
+    assert_eq!(
+        (lp["epochs"].as_u64(), lp["blr"].as_f64()),
+        (Some(1), Some(0.1))
+    );
+    assert!(lp.get("aa").is_none(), "{lp}");
+    assert!(lp["finetune"]
+        .as_str()
+        .unwrap()
+        .ends_with("pt/checkpoint-0.safetensors"));
+    let ft = args_of("mae", "finetune");
+    assert_eq!(
+        (ft["epochs"].as_u64(), ft["blr"].as_f64()),
+        (Some(2), Some(5e-3))
+    );
+    assert_eq!(ft["aa"], "none");
+    let subset =
+        |kind: &str| std::fs::read_to_string(cell("mae", kind).join("train_subset.txt")).unwrap();
+    assert_eq!(subset("finetune"), subset("linprobe"));
+
+    // sweep.csv: a row per cell with its kind; sweep.md: a table per kind.
+    let csv = std::fs::read_to_string(d.join("sw/sweep.csv")).unwrap();
+    let mut lines = csv.lines();
+    assert!(
+        lines.next().unwrap().ends_with(",train_seconds,kind"),
+        "{csv}"
+    );
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), 4, "{csv}");
+    for init in ["scratch", "mae"] {
+        for kind in ["finetune", "linprobe"] {
+            let r = rows
+                .iter()
+                .find(|r| r[3] == init && r[10] == kind)
+                .unwrap_or_else(|| panic!("no row {init} {kind}:\n{csv}"));
+            let acc: f64 = r[8].parse().unwrap();
+            assert!((0.0..=1.0).contains(&acc), "{r:?}");
+        }
+    }
+    let md = std::fs::read_to_string(d.join("sw/sweep.md")).unwrap();
+    let (ft_at, lp_at) = (
+        md.find("## Fine-tuning").unwrap(),
+        md.find("## Linear probing").unwrap(),
+    );
+    for (at, init) in [
+        (ft_at, "scratch"),
+        (ft_at, "mae"),
+        (lp_at, "scratch"),
+        (lp_at, "mae"),
+    ] {
+        assert!(md[at..].contains(&format!("| {init} | 16 | 1 |")), "{md}");
+    }
+    let png = image::open(d.join("sw/sweep.png")).unwrap();
+    assert_eq!((png.width(), png.height()), (1200, 520));
+
+    // The same command again runs nothing new.
+    let mtime = |init: &str, kind: &str| {
+        std::fs::metadata(cell(init, kind).join("cell.json"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let before = mtime("mae", "linprobe");
+    let out = mae_train(&d, &args);
+    assert_eq!(out.matches("done before, skipped").count(), 4, "{out}");
+    assert!(!out.contains(": training ("), "{out}");
+    assert_eq!(mtime("mae", "linprobe"), before);
+}
+
+#[test]
+fn sweep_refuses_a_flag_a_kind_does_not_take_before_running_anything() {
+    let d = tmp_dir("sweep-kinds-bad");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    mae_train(&d, &["synth", "--output", "data", "--per-class", "4"]);
+    let run = |extra: &[&str], tail: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+            .current_dir(&d)
+            .args([
+                "sweep",
+                "--train-samples",
+                "4",
+                "--init",
+                "scratch",
+                "--kinds",
+                "finetune,linprobe",
+                "--output-dir",
+                "sw",
+            ])
+            .args(extra)
+            .args(["--", "--data-path", "data"])
+            .args(tail)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A shared fine-tune flag: named, with the kind that refuses it and where it belongs.
+    let err = run(&[], &["--aa", "none"]);
+    assert!(
+        err.contains("--aa is not a flag of `mae-train linprobe`")
+            && err.contains("--kind-args 'finetune=--aa none'"),
+        "{err}"
+    );
+    // A kind's own flag its command does not take.
+    let err = run(&["--kind-args", "linprobe=--layer-decay 1.0"], &[]);
+    assert!(
+        err.contains("linprobe flags are not valid") && err.contains("--layer-decay"),
+        "{err}"
+    );
+    let err = run(&["--kind-args", "pretrain=--epochs 1"], &[]);
+    assert!(err.contains("'pretrain' is not among --kinds"), "{err}");
+    let err = run(&["--kind-args", "linprobe=--seed 1"], &[]);
+    assert!(err.contains("--seed is set by the sweep"), "{err}");
+    assert!(!d.join("sw").exists(), "nothing ran");
 }
 
 /// The seed's step 5: an ImageNet-head checkpoint (1000 classes, official `.pth` layout) on a

@@ -1,15 +1,16 @@
-//! `sweep.png`: test AUC and ACC against training images, one line per init.
+//! `sweep.png`: test AUC and ACC against training images, one line per init and kind.
 
 use std::path::Path;
 
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::{groups, mean_std, Row};
+use super::summary::{groups, kind_label, mean_std, series, Row};
 use crate::chart::{bounds, write_png, COLOURS, FAMILY};
 
 /// `sweep.png`: test AUC and test ACC against training images (log scale), one line per init
-/// through the seed means, with the seeds' min–max band and every seed as a point.
+/// and kind through the seed means, with the seeds' min–max band and every seed as a point.
+/// An init keeps its colour across kinds; linear-probe lines are dashed.
 pub fn sweep_png(path: &Path, rows: &[Row]) -> anyhow::Result<()> {
     let metrics: [(&str, Metric); 2] = [
         ("test AUC", |r| r.test_auc),
@@ -87,19 +88,23 @@ fn panel(
             .map_err(err)?;
     }
     let gs = groups(rows);
+    let lines = series(rows);
     let mut inits: Vec<&str> = Vec::new();
-    for g in &gs {
-        if !inits.contains(&g.init) {
-            inits.push(g.init);
+    for &(_, init) in &lines {
+        if !inits.contains(&init) {
+            inits.push(init);
         }
     }
-    for (k, init) in inits.iter().enumerate() {
+    let several_kinds = lines.iter().any(|&(kind, _)| kind != lines[0].0);
+    for (kind, init) in lines {
+        let k = inits.iter().position(|i| *i == init).unwrap_or(0);
         let colour = COLOURS[k % COLOURS.len()];
+        let dashed = kind == "linprobe";
         let mut mean_line = Vec::new();
         let mut lows = Vec::new();
         let mut highs = Vec::new();
         let mut points = Vec::new();
-        for g in gs.iter().filter(|g| g.init == *init) {
+        for g in gs.iter().filter(|g| g.init == init && g.kind == kind) {
             let v: Vec<f64> = g.rows.iter().filter_map(|r| get(r)).collect();
             if v.is_empty() {
                 continue;
@@ -120,13 +125,21 @@ fn panel(
                 )))
                 .map_err(err)?;
         }
-        chart
-            .draw_series(LineSeries::new(mean_line, colour.stroke_width(3)))
-            .map_err(err)?
-            .label(*init)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], colour.stroke_width(3))
-            });
+        let label = if several_kinds {
+            format!("{init} · {}", kind_label(kind))
+        } else {
+            init.to_string()
+        };
+        let style = colour.stroke_width(3);
+        let drawn = if dashed {
+            chart.draw_series(DashedLineSeries::new(mean_line, 10, 6, style))
+        } else {
+            chart.draw_series(LineSeries::new(mean_line, style))
+        };
+        drawn.map_err(err)?.label(label).legend(move |(x, y)| {
+            let dash = if dashed { 10 } else { 24 };
+            PathElement::new(vec![(x, y), (x + dash, y)], style)
+        });
         chart
             .draw_series(
                 points
@@ -157,6 +170,7 @@ mod tests {
             train_images: n,
             seed,
             init: init.into(),
+            kind: "finetune".into(),
             best_epoch: Some(2),
             val_auc: Some(auc),
             val_acc: 0.7,
@@ -193,5 +207,33 @@ mod tests {
         assert!(grey_text > 500, "anti-aliased text: {grey_text} pixels");
         // A sweep with a single finished cell still plots.
         sweep_png(&path, &rows[..1]).unwrap();
+    }
+
+    #[test]
+    fn sweep_chart_draws_a_line_per_init_and_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sweep.png");
+        let mae = [row("mae", 100, 0, 0.90), row("mae", 1000, 0, 0.95)];
+        let lower = |init: &str, kind: &str| {
+            [(100, 0.70), (1000, 0.80)].map(|(n, auc)| Row {
+                kind: kind.into(),
+                ..row(init, n, 0, auc)
+            })
+        };
+        let pixels = |rows: &[Row], c: RGBColor| {
+            sweep_png(&path, rows).unwrap();
+            let img = image::open(&path).unwrap().to_rgb8();
+            img.pixels().filter(|p| p.0 == [c.0, c.1, c.2]).count()
+        };
+        // The same two lines on the same axes: a second init's solid line in its own colour,
+        // or the first init's linear probe, dashed in the first init's colour.
+        let inits = [&mae[..], &lower("scratch", "finetune")].concat();
+        let kinds = [&mae[..], &lower("mae", "linprobe")].concat();
+        let (mae_alone, solid) = (pixels(&inits, COLOURS[0]), pixels(&inits, COLOURS[1]));
+        let dashed = pixels(&kinds, COLOURS[0]).saturating_sub(mae_alone);
+        assert!(
+            dashed > solid / 3 && dashed < solid * 9 / 10,
+            "dashed {dashed}, solid {solid} pixels"
+        );
     }
 }

@@ -1,34 +1,31 @@
 //! `mae-train sweep`: the data-efficiency experiment as one command.
 //!
-//! A sweep is a grid of cells, training-set size × seed × initialisation. Each cell is one
-//! `mae-train finetune` with the same flags (plus the cell's `--train-samples`, `--seed`,
-//! `--finetune` and the init's own extra flags), then one `mae-train eval` of its best checkpoint
-//! on the test split. Cells run as child processes of this same binary, each in its own folder
-//! with its log, so a failing cell names its log and a finished one is never run again: a cell
-//! is done when its `cell.json` exists, which is written last and atomically. After every cell
-//! the summary (`sweep.csv`, `sweep.md`, `sweep.png`) is written anew from the finished cells.
+//! A sweep is a grid of cells, training-set size × seed × initialisation × kind. A cell of kind
+//! `finetune` is one `mae-train finetune`, of kind `linprobe` one `mae-train linprobe`, with the
+//! shared flags, its kind's and (fine-tune cells) its init's (`flags.rs`), plus the cell's own
+//! `--train-samples`, `--seed`, `--finetune` and `--output-dir`; then one `mae-train eval` of
+//! its best checkpoint on the test split. Cells run as child processes of this same binary,
+//! each in its own folder with its log, so a failing cell names its log and a finished one is
+//! never run again: a cell is done when its `cell.json` exists, which is written last and
+//! atomically. After every cell the summary (`sweep.csv`, `sweep.md`, `sweep.png`) is written
+//! anew from the finished cells.
 
 mod chart;
+mod flags;
+pub mod summary;
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode, Stdio};
 use std::time::Instant;
 
 use anyhow::{bail, Context};
 use clap::Parser;
-use serde::{Deserialize, Serialize};
 
-use crate::cli::{Cli, Command as Sub, FinetuneArgs, SweepArgs};
-
-/// Flags the sweep sets per cell; giving them among the shared flags is an error.
-const OWN_FLAGS: [&str; 5] = [
-    "--output-dir",
-    "--seed",
-    "--train-samples",
-    "--finetune",
-    "--resume",
-];
+use crate::cli::{
+    Cli, Command as Sub, DataArgs, FinetuneArgs, LinprobeArgs, OptimArgs, RunArgs, SweepArgs,
+    SweepKind,
+};
+use summary::Row;
 
 /// One initialisation: training from scratch or from a checkpoint.
 #[derive(Debug, Clone, PartialEq)]
@@ -62,23 +59,10 @@ pub struct Cell {
     pub size: Size,
     pub seed: u64,
     pub init: Init,
+    pub kind: SweepKind,
+    /// Its training flags: the shared ones, its kind's and its init's, layered.
+    pub flags: Vec<String>,
     pub dir: PathBuf,
-}
-
-/// What a finished cell measured: one row of `sweep.csv`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct Row {
-    pub size: String,
-    /// Training images actually used.
-    pub train_images: usize,
-    pub seed: u64,
-    pub init: String,
-    pub best_epoch: Option<u64>,
-    pub val_auc: Option<f64>,
-    pub val_acc: f64,
-    pub test_auc: Option<f64>,
-    pub test_acc: f64,
-    pub train_seconds: f64,
 }
 
 /// Parses `600,6000,all`.
@@ -172,22 +156,45 @@ pub fn parse_inits(items: &[String], init_args: &[String]) -> anyhow::Result<Vec
     Ok(inits)
 }
 
-/// Refuses shared flags that the sweep sets per cell.
-fn check_shared_flags(flags: &[String]) -> anyhow::Result<()> {
-    for f in flags {
-        let name = f.split('=').next().unwrap_or(f).replace('_', "-");
-        if OWN_FLAGS.contains(&name.as_str()) {
-            bail!("{f} is set by the sweep for each cell; leave it out of the fine-tune flags");
+/// Checks `--kinds` and gathers each kind's `--kind-args KIND=FLAGS`.
+pub fn parse_kinds(
+    kinds: &[SweepKind],
+    kind_args: &[String],
+) -> anyhow::Result<Vec<(SweepKind, Vec<String>)>> {
+    let mut out: Vec<(SweepKind, Vec<String>)> = Vec::new();
+    for &kind in kinds {
+        if out.iter().any(|(k, _)| *k == kind) {
+            bail!("--kinds: '{}' is given twice", kind.command());
         }
+        out.push((kind, Vec::new()));
     }
-    Ok(())
+    if out.is_empty() {
+        bail!("--kinds: give at least one of finetune, linprobe");
+    }
+    for spec in kind_args {
+        let Some((name, flags)) = spec.split_once('=') else {
+            bail!(
+                "--kind-args '{spec}': expected KIND=FLAGS, e.g. 'linprobe=--epochs 90 --blr 0.1'"
+            );
+        };
+        let names: Vec<&str> = out.iter().map(|(k, _)| k.command()).collect();
+        let Some((_, extra)) = out.iter_mut().find(|(k, _)| k.command() == name) else {
+            bail!(
+                "--kind-args '{spec}': '{name}' is not among --kinds ({})",
+                names.join(",")
+            );
+        };
+        let words = shlex::split(flags)
+            .with_context(|| format!("--kind-args '{spec}': unbalanced quotes"))?;
+        extra.extend(words);
+    }
+    Ok(out)
 }
 
-/// The fine-tune arguments of one cell, without the program name.
-fn finetune_args(shared: &[String], cell: &Cell) -> Vec<String> {
-    let mut v = vec!["finetune".to_string()];
-    v.extend(shared.iter().cloned());
-    v.extend(cell.init.extra.iter().cloned());
+/// The training arguments of one cell, without the program name.
+fn cell_args(cell: &Cell) -> Vec<String> {
+    let mut v = vec![cell.kind.command().to_string()];
+    v.extend(cell.flags.iter().cloned());
     v.push("--output-dir".into());
     v.push(cell.dir.display().to_string());
     v.push("--seed".into());
@@ -203,19 +210,40 @@ fn finetune_args(shared: &[String], cell: &Cell) -> Vec<String> {
     v
 }
 
-/// Parses a cell's fine-tune arguments as `mae-train` will, so a bad flag fails before any
+/// A cell's training flags as its command parsed them.
+#[derive(Debug)]
+enum Parsed {
+    Finetune(Box<FinetuneArgs>),
+    Linprobe(Box<LinprobeArgs>),
+}
+
+impl Parsed {
+    /// The flag groups the evaluation of the cell reads.
+    fn parts(&self) -> (&DataArgs, &OptimArgs, &RunArgs) {
+        match self {
+            Parsed::Finetune(a) => (&a.data, &a.optim, &a.run),
+            Parsed::Linprobe(a) => (&a.data, &a.optim, &a.run),
+        }
+    }
+}
+
+/// Parses a cell's training arguments as `mae-train` will, so a bad flag fails before any
 /// cell runs.
-fn parse_finetune(args: &[String]) -> anyhow::Result<FinetuneArgs> {
+fn parse_cell(args: &[String]) -> anyhow::Result<Parsed> {
+    let kind = args.first().map_or("", |s| s.as_str());
     let argv = std::iter::once("mae-train".to_string()).chain(args.iter().cloned());
     match Cli::try_parse_from(argv) {
         Ok(Cli {
             command: Sub::Finetune(a),
-        }) => Ok(*a),
-        Ok(_) => bail!("the fine-tune flags did not parse as a fine-tune command"),
+        }) => Ok(Parsed::Finetune(a)),
+        Ok(Cli {
+            command: Sub::Linprobe(a),
+        }) => Ok(Parsed::Linprobe(a)),
+        Ok(_) => bail!("the {kind} flags did not parse as a training command"),
         Err(e) => {
             let text = e.to_string();
             bail!(
-                "the fine-tune flags are not valid: {}",
+                "the {kind} flags are not valid: {}",
                 text.trim().trim_start_matches("error: ")
             )
         }
@@ -223,8 +251,9 @@ fn parse_finetune(args: &[String]) -> anyhow::Result<FinetuneArgs> {
 }
 
 /// The eval arguments of one cell (its best checkpoint on `split`).
-fn eval_args(cell: &Cell, ft: &FinetuneArgs, split: &str) -> Vec<String> {
-    let device = clap::ValueEnum::to_possible_value(&ft.run.device)
+fn eval_args(cell: &Cell, parsed: &Parsed, split: &str) -> Vec<String> {
+    let (data, optim, run) = parsed.parts();
+    let device = clap::ValueEnum::to_possible_value(&run.device)
         .map(|v| v.get_name().to_string())
         .unwrap_or_else(|| "auto".into());
     vec![
@@ -235,13 +264,13 @@ fn eval_args(cell: &Cell, ft: &FinetuneArgs, split: &str) -> Vec<String> {
             .display()
             .to_string(),
         "--data-path".into(),
-        ft.data.data_path.display().to_string(),
+        data.data_path.display().to_string(),
         "--split".into(),
         split.into(),
         "--batch-size".into(),
-        ft.optim.batch_size.to_string(),
+        optim.batch_size.to_string(),
         "--num-workers".into(),
-        ft.data.num_workers.to_string(),
+        data.num_workers.to_string(),
         "--device".into(),
         device,
         "--output".into(),
@@ -272,48 +301,62 @@ fn shell_line(exe: &Path, args: &[String]) -> String {
         .join(" ")
 }
 
-/// `mae-train sweep`.
-pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+/// The grid of a sweep, checked: every cell's flags parse and every size fits the data.
+struct Plan {
+    cells: Vec<Cell>,
+    parsed: Vec<Parsed>,
+    train_len: usize,
+    /// "8 cells (2 sizes × 2 seeds × 2 inits)".
+    shape: String,
+}
+
+/// The cells of `a` in the order they run (seed, size, init, kind), checked before any runs.
+fn plan(a: &SweepArgs) -> anyhow::Result<Plan> {
     let sizes = parse_sizes(&a.train_samples)?;
     let inits = parse_inits(&a.init, &a.init_args)?;
+    let kinds = parse_kinds(&a.kinds, &a.kind_args)?;
     if a.seeds.is_empty() {
         bail!("--seeds: give at least one seed");
     }
-    check_shared_flags(&a.finetune)?;
-    for init in &inits {
-        check_shared_flags(&init.extra)
-            .with_context(|| format!("--init-args of '{}'", init.name))?;
+    flags::check_own_flags(&a.shared, "the shared flags")?;
+    for (kind, extra) in &kinds {
+        flags::check_own_flags(extra, &format!("--kind-args of '{}'", kind.command()))?;
     }
+    for init in &inits {
+        flags::check_own_flags(&init.extra, &format!("--init-args of '{}'", init.name))?;
+    }
+    let has_finetune = kinds.iter().any(|(k, _)| *k == SweepKind::Finetune);
+    if !a.init_args.is_empty() && !has_finetune {
+        bail!("--init-args gives fine-tune flags, but --kinds has no finetune");
+    }
+    let kind_list: Vec<SweepKind> = kinds.iter().map(|(k, _)| *k).collect();
+    flags::check_shared_flags_fit(&a.shared, &kind_list)?;
     let mut cells = Vec::new();
     for &seed in &a.seeds {
         for &size in &sizes {
             for init in &inits {
-                let dir = a
-                    .output_dir
-                    .join("cells")
-                    .join(&init.name)
-                    .join(format!("n{}", size.label()))
-                    .join(format!("seed{seed}"));
-                cells.push(Cell {
-                    size,
-                    seed,
-                    init: init.clone(),
-                    dir,
-                });
+                for (kind, extra) in &kinds {
+                    cells.push(new_cell(
+                        &a.output_dir,
+                        &a.shared,
+                        (*kind, extra),
+                        init,
+                        size,
+                        seed,
+                    ));
+                }
             }
         }
     }
     // Every cell's flags parse before anything runs.
     let mut parsed = Vec::with_capacity(cells.len());
     for cell in &cells {
-        let ft = parse_finetune(&finetune_args(&a.finetune, cell))
-            .with_context(|| format!("cell {}", cell_name(cell)))?;
-        parsed.push(ft);
+        let p =
+            parse_cell(&cell_args(cell)).with_context(|| format!("cell {}", cell_name(cell)))?;
+        parsed.push(p);
     }
-    let train_len = {
-        let ft = &parsed[0];
-        crate::data::open(&ft.data.data_path, "train")?.len()
-    };
+    let data_path = &parsed[0].parts().0.data_path;
+    let train_len = crate::data::open(data_path, "train")?.len();
     for &size in &sizes {
         if let Size::Count(n) = size {
             if n > train_len {
@@ -323,25 +366,71 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
             }
         }
     }
+    let kinds_shape = match kinds.len() {
+        1 => String::new(),
+        n => format!(" × {n} kinds"),
+    };
+    let shape = format!(
+        "{} cells ({} sizes × {} seeds × {} inits{kinds_shape})",
+        cells.len(),
+        sizes.len(),
+        a.seeds.len(),
+        inits.len()
+    );
+    Ok(Plan {
+        cells,
+        parsed,
+        train_len,
+        shape,
+    })
+}
+
+/// One cell: fine-tune cells in `DIR/cells/{init}/n{size}/seed{seed}/` (as before sweeps had
+/// kinds, so an old sweep resumes), linear-probe cells in `DIR/cells/{init}/linprobe/...`.
+fn new_cell(
+    out: &Path,
+    shared: &[String],
+    (kind, kind_extra): (SweepKind, &[String]),
+    init: &Init,
+    size: Size,
+    seed: u64,
+) -> Cell {
+    let mut dir = out.join("cells").join(&init.name);
+    let flags = match kind {
+        SweepKind::Finetune => flags::layered(kind, &[shared, kind_extra, &init.extra]),
+        SweepKind::Linprobe => {
+            dir.push(kind.command());
+            flags::layered(kind, &[shared, kind_extra])
+        }
+    };
+    dir.push(format!("n{}", size.label()));
+    dir.push(format!("seed{seed}"));
+    Cell {
+        size,
+        seed,
+        init: init.clone(),
+        kind,
+        flags,
+        dir,
+    }
+}
+
+/// `mae-train sweep`.
+pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
+    let plan = plan(a)?;
     let exe = std::env::current_exe().context("cannot find the mae-train executable")?;
     if a.dry_run {
-        println!(
-            "{} cells ({} sizes × {} seeds × {} inits), {train_len} training images",
-            cells.len(),
-            sizes.len(),
-            a.seeds.len(),
-            inits.len()
-        );
-        for (cell, ft) in cells.iter().zip(&parsed) {
+        println!("{}, {} training images", plan.shape, plan.train_len);
+        for (cell, parsed) in plan.cells.iter().zip(&plan.parsed) {
             let done = cell.dir.join("cell.json").is_file();
             println!(
                 "# {}{}",
                 cell_name(cell),
                 if done { " (done, will be skipped)" } else { "" }
             );
-            let train = launched(finetune_args(&a.finetune, cell), a.nproc_per_node);
+            let train = launched(cell_args(cell), a.nproc_per_node);
             println!("{}", shell_line(&exe, &train));
-            let eval = launched(eval_args(cell, ft, &a.eval_split), a.nproc_per_node);
+            let eval = launched(eval_args(cell, parsed, &a.eval_split), a.nproc_per_node);
             println!("{}", shell_line(&exe, &eval));
         }
         return Ok(ExitCode::SUCCESS);
@@ -359,52 +448,34 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     )?;
     let started = Instant::now();
     let mut rows = Vec::new();
-    let total = cells.len();
-    for (i, (cell, ft)) in cells.iter().zip(&parsed).enumerate() {
-        let name = cell_name(cell);
+    let total = plan.cells.len();
+    for (i, (cell, parsed)) in plan.cells.iter().zip(&plan.parsed).enumerate() {
+        let tag = format!("[{}/{total}] {}", i + 1, cell_name(cell));
         let done = cell.dir.join("cell.json");
         if let Some(row) = read_row(&done) {
-            println!("[{}/{total}] {name}: done before, skipped", i + 1);
+            println!("{tag}: done before, skipped");
             rows.push(row);
             continue;
         }
-        if cell.dir.exists() {
-            // An interrupted cell starts again from nothing.
-            std::fs::remove_dir_all(&cell.dir).with_context(|| {
-                format!("cannot clear the unfinished cell {}", cell.dir.display())
-            })?;
-        }
-        std::fs::create_dir_all(&cell.dir)
-            .with_context(|| format!("cannot create {}", cell.dir.display()))?;
         println!(
-            "[{}/{total}] {name}: training ({:.0}s into the sweep)",
-            i + 1,
+            "{tag}: training ({:.0}s into the sweep)",
             started.elapsed().as_secs_f64()
         );
-        let t0 = Instant::now();
-        let train = launched(finetune_args(&a.finetune, cell), a.nproc_per_node);
-        run_logged(&exe, &train, &cell.dir.join("train.log"))
-            .with_context(|| format!("cell {name}: fine-tuning failed"))?;
-        let train_seconds = t0.elapsed().as_secs_f64();
-        let eval = launched(eval_args(cell, ft, &a.eval_split), a.nproc_per_node);
-        run_logged(&exe, &eval, &cell.dir.join("eval.log"))
-            .with_context(|| format!("cell {name}: evaluation failed"))?;
-        let row = cell_row(cell, train_len, train_seconds)
-            .with_context(|| format!("cell {name}: reading its results"))?;
+        let row = run_cell(&exe, a, cell, parsed, plan.train_len)
+            .with_context(|| format!("cell {}", cell_name(cell)))?;
         println!(
-            "[{}/{total}] {name}: best epoch {}, val AUC {}, test AUC {} ACC {:.4} ({:.0}s)",
-            i + 1,
+            "{tag}: best epoch {}, val AUC {}, test AUC {} ACC {:.4} ({:.0}s)",
             row.best_epoch.map_or("-".into(), |e| e.to_string()),
             fmt_opt(row.val_auc),
             fmt_opt(row.test_auc),
             row.test_acc,
-            train_seconds
+            row.train_seconds
         );
         mae_models::io::atomic_write(&done, serde_json::to_string_pretty(&row)?.as_bytes())?;
         rows.push(row);
-        write_summary(&a.output_dir, &rows, &command_line)?;
+        summary::write_summary(&a.output_dir, &rows, &command_line)?;
     }
-    write_summary(&a.output_dir, &rows, &command_line)?;
+    summary::write_summary(&a.output_dir, &rows, &command_line)?;
     println!(
         "sweep finished: {total} cells in {:.0}s; results in {}",
         started.elapsed().as_secs_f64(),
@@ -413,9 +484,43 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Trains and tests one cell from nothing (an interrupted one is cleared first) and reads its
+/// results.
+fn run_cell(
+    exe: &Path,
+    a: &SweepArgs,
+    cell: &Cell,
+    parsed: &Parsed,
+    train_len: usize,
+) -> anyhow::Result<Row> {
+    if cell.dir.exists() {
+        std::fs::remove_dir_all(&cell.dir)
+            .with_context(|| format!("cannot clear the unfinished cell {}", cell.dir.display()))?;
+    }
+    std::fs::create_dir_all(&cell.dir)
+        .with_context(|| format!("cannot create {}", cell.dir.display()))?;
+    let t0 = Instant::now();
+    let train = launched(cell_args(cell), a.nproc_per_node);
+    let doing = match cell.kind {
+        SweepKind::Finetune => "fine-tuning",
+        SweepKind::Linprobe => "linear probing",
+    };
+    run_logged(exe, &train, &cell.dir.join("train.log"))
+        .with_context(|| format!("{doing} failed"))?;
+    let train_seconds = t0.elapsed().as_secs_f64();
+    let eval = launched(eval_args(cell, parsed, &a.eval_split), a.nproc_per_node);
+    run_logged(exe, &eval, &cell.dir.join("eval.log")).context("evaluation failed")?;
+    cell_row(cell, train_len, train_seconds).context("reading its results")
+}
+
+/// `init mae · 600 images · seed 0`; a linear-probe cell says so after its init.
 fn cell_name(cell: &Cell) -> String {
+    let kind = match cell.kind {
+        SweepKind::Finetune => String::new(),
+        SweepKind::Linprobe => format!(" · {}", cell.kind.command()),
+    };
     format!(
-        "init {} · {} images · seed {}",
+        "init {}{kind} · {} images · seed {}",
         cell.init.name,
         cell.size.label(),
         cell.seed
@@ -478,6 +583,7 @@ fn cell_row(cell: &Cell, train_len: usize, train_seconds: f64) -> anyhow::Result
         },
         seed: cell.seed,
         init: cell.init.name.clone(),
+        kind: cell.kind.command().into(),
         best_epoch: meta.epoch,
         val_auc: meta.metrics.get("auc").copied(),
         val_acc: meta.metrics.get("acc1").copied().unwrap_or(f64::NAN),
@@ -485,119 +591,6 @@ fn cell_row(cell: &Cell, train_len: usize, train_seconds: f64) -> anyhow::Result
         test_acc,
         train_seconds,
     })
-}
-
-/// Mean and sample standard deviation (0 for one value).
-pub fn mean_std(v: &[f64]) -> (f64, f64) {
-    let n = v.len() as f64;
-    let mean = v.iter().sum::<f64>() / n;
-    let var = if v.len() > 1 {
-        v.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (n - 1.0)
-    } else {
-        0.0
-    };
-    (mean, var.sqrt())
-}
-
-/// One (init, size) group of finished cells.
-#[derive(Debug)]
-pub struct Group<'a> {
-    pub init: &'a str,
-    pub train_images: usize,
-    pub size: &'a str,
-    pub rows: Vec<&'a Row>,
-}
-
-/// Rows grouped by init (in order of first appearance) and size (ascending).
-pub fn groups(rows: &[Row]) -> Vec<Group<'_>> {
-    let mut inits: Vec<&str> = Vec::new();
-    for r in rows {
-        if !inits.contains(&r.init.as_str()) {
-            inits.push(&r.init);
-        }
-    }
-    let mut out = Vec::new();
-    for init in inits {
-        let mut by_size: BTreeMap<usize, Group> = BTreeMap::new();
-        for r in rows.iter().filter(|r| r.init == init) {
-            by_size
-                .entry(r.train_images)
-                .or_insert_with(|| Group {
-                    init,
-                    train_images: r.train_images,
-                    size: &r.size,
-                    rows: Vec::new(),
-                })
-                .rows
-                .push(r);
-        }
-        out.extend(by_size.into_values());
-    }
-    out
-}
-
-fn write_summary(dir: &Path, rows: &[Row], command_line: &str) -> anyhow::Result<()> {
-    let mut csv = String::from(
-        "size,train_images,seed,init,best_epoch,val_auc,val_acc,test_auc,test_acc,train_seconds\n",
-    );
-    let opt = |v: Option<f64>| v.map_or(String::new(), |v| format!("{v:.6}"));
-    for r in rows {
-        csv.push_str(&format!(
-            "{},{},{},{},{},{},{:.6},{},{:.6},{:.1}\n",
-            r.size,
-            r.train_images,
-            r.seed,
-            mae_models::predictions::csv_field(&r.init),
-            r.best_epoch.map_or(String::new(), |e| e.to_string()),
-            opt(r.val_auc),
-            r.val_acc,
-            opt(r.test_auc),
-            r.test_acc,
-            r.train_seconds
-        ));
-    }
-    mae_models::io::atomic_write(&dir.join("sweep.csv"), csv.as_bytes())?;
-
-    let mut md = String::from("# Sweep results\n\n");
-    md.push_str(&format!("```\n{command_line}\n```\n\n"));
-    md.push_str(
-        "Mean ± standard deviation over seeds; test metrics from the best-validation checkpoint.\n\n\
-         | init | training images | seeds | test AUC | test ACC | val AUC | training s |\n\
-         |---|---:|---:|---|---|---|---:|\n",
-    );
-    let pm = |v: &[f64]| {
-        if v.is_empty() {
-            "-".to_string()
-        } else {
-            let (m, s) = mean_std(v);
-            format!("{m:.4} ± {s:.4}")
-        }
-    };
-    for g in groups(rows) {
-        let test_auc: Vec<f64> = g.rows.iter().filter_map(|r| r.test_auc).collect();
-        let test_acc: Vec<f64> = g.rows.iter().map(|r| r.test_acc).collect();
-        let val_auc: Vec<f64> = g.rows.iter().filter_map(|r| r.val_auc).collect();
-        let secs: Vec<f64> = g.rows.iter().map(|r| r.train_seconds).collect();
-        md.push_str(&format!(
-            "| {} | {}{} | {} | {} | {} | {} | {:.0} |\n",
-            g.init,
-            g.train_images,
-            if g.size == "all" { " (all)" } else { "" },
-            g.rows.len(),
-            pm(&test_auc),
-            pm(&test_acc),
-            pm(&val_auc),
-            mean_std(&secs).0
-        ));
-    }
-    let total: f64 = rows.iter().map(|r| r.train_seconds).sum();
-    md.push_str(&format!(
-        "\n{} cells, {:.0} s of training in all.\n\n![test AUC and ACC against training images](sweep.png)\n",
-        rows.len(),
-        total
-    ));
-    mae_models::io::atomic_write(&dir.join("sweep.md"), md.as_bytes())?;
-    chart::sweep_png(&dir.join("sweep.png"), rows)
 }
 
 #[cfg(test)]
@@ -649,13 +642,17 @@ mod tests {
             checkpoint: Some("pt.safetensors".into()),
             extra: s(&["--layer-decay", "0.75"]),
         };
-        let cell = Cell {
-            size: Size::Count(600),
-            seed: 2,
-            init,
-            dir: "out/cells/mae/n600/seed2".into(),
-        };
-        let args = finetune_args(&s(&["--data-path", "d.npz", "--epochs", "3"]), &cell);
+        let shared = s(&["--data-path", "d.npz", "--epochs", "3"]);
+        let cell = new_cell(
+            Path::new("out"),
+            &shared,
+            (SweepKind::Finetune, &[]),
+            &init,
+            Size::Count(600),
+            2,
+        );
+        assert_eq!(cell.dir, Path::new("out/cells/mae/n600/seed2"));
+        let args = cell_args(&cell);
         assert_eq!(
             args,
             s(&[
@@ -676,50 +673,68 @@ mod tests {
                 "pt.safetensors"
             ])
         );
-        let ft = parse_finetune(&args).unwrap();
+        let Parsed::Finetune(ft) = parse_cell(&args).unwrap() else {
+            panic!("not a fine-tune")
+        };
         assert_eq!(ft.train_samples, Some(600));
         assert_eq!(ft.layer_decay, 0.75);
         assert_eq!(
             launched(s(&["eval"]), 2)[..4],
             s(&["launch", "--nproc-per-node", "2", "--"])[..]
         );
-        assert!(check_shared_flags(&s(&["--seed", "3"])).is_err());
-        assert!(check_shared_flags(&s(&["--output_dir=x"])).is_err());
-        assert!(check_shared_flags(&s(&["--epochs", "3"])).is_ok());
-        assert!(parse_finetune(&s(&["finetune", "--bogus"])).is_err());
+        assert!(parse_cell(&s(&["finetune", "--bogus"])).is_err());
+
+        // A linear-probe cell: its own folder, its kind's flags over the shared ones, and
+        // not the init's fine-tune flags.
+        let lp = s(&["--epochs", "1", "--blr", "0.1"]);
+        let cell = new_cell(
+            Path::new("out"),
+            &shared,
+            (SweepKind::Linprobe, &lp),
+            &init,
+            Size::All,
+            0,
+        );
+        assert_eq!(cell.dir, Path::new("out/cells/mae/linprobe/nall/seed0"));
+        let args = cell_args(&cell);
+        assert_eq!(
+            args[..7],
+            s(&[
+                "linprobe",
+                "--data-path",
+                "d.npz",
+                "--epochs",
+                "1",
+                "--blr",
+                "0.1"
+            ])[..]
+        );
+        let Parsed::Linprobe(lp) = parse_cell(&args).unwrap() else {
+            panic!("not a linear probe")
+        };
+        assert_eq!((lp.optim.epochs, lp.train_samples), (1, None));
+        assert_eq!(
+            cell_name(&cell),
+            "init mae · linprobe · all images · seed 0"
+        );
     }
 
     #[test]
-    fn groups_and_spread() {
-        let row = |init: &str, n: usize, seed: u64, auc: f64| Row {
-            size: n.to_string(),
-            train_images: n,
-            seed,
-            init: init.into(),
-            best_epoch: Some(1),
-            val_auc: Some(auc),
-            val_acc: 0.5,
-            test_auc: Some(auc),
-            test_acc: 0.5,
-            train_seconds: 1.0,
-        };
-        let rows = vec![
-            row("scratch", 600, 0, 0.8),
-            row("scratch", 100, 0, 0.6),
-            row("mae", 100, 0, 0.7),
-            row("scratch", 600, 1, 0.9),
-        ];
-        let g = groups(&rows);
-        let keys: Vec<(&str, usize, usize)> = g
-            .iter()
-            .map(|g| (g.init, g.train_images, g.rows.len()))
-            .collect();
+    fn kinds_take_their_own_flags() {
+        let both = [SweepKind::Finetune, SweepKind::Linprobe];
+        let kinds = parse_kinds(&both, &s(&["linprobe=--blr 0.1 --epochs ' 3'"])).unwrap();
+        assert_eq!(kinds[0], (SweepKind::Finetune, vec![]));
         assert_eq!(
-            keys,
-            vec![("scratch", 100, 1), ("scratch", 600, 2), ("mae", 100, 1)]
+            kinds[1],
+            (SweepKind::Linprobe, s(&["--blr", "0.1", "--epochs", " 3"]))
         );
-        let (m, sd) = mean_std(&[0.8, 0.9]);
-        assert!((m - 0.85).abs() < 1e-12 && (sd - 0.0707106781).abs() < 1e-9);
-        assert_eq!(mean_std(&[0.5]), (0.5, 0.0));
+        let one = [SweepKind::Finetune];
+        let err = parse_kinds(&one, &s(&["linprobe=--blr 0.1"])).unwrap_err();
+        assert!(err
+            .to_string()
+            .contains("'linprobe' is not among --kinds (finetune)"));
+        assert!(parse_kinds(&one, &s(&["no-equals"])).is_err());
+        assert!(parse_kinds(&[SweepKind::Linprobe; 2], &[]).is_err());
+        assert!(parse_kinds(&[], &[]).is_err());
     }
 }
