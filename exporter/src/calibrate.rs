@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{bail, ensure, Context};
 use mae_models::checkpoint::StateDict;
 use mae_models::imaging::preprocess_eval;
-use mae_models::input::folder::{is_image_file, ImageFolder};
+use mae_models::input::{is_image_file, ImageFolder};
 use mae_models::preprocess::PreprocessSpec;
 use mae_models::VitConfig;
 use tract_onnx::prelude::*;
