@@ -72,6 +72,13 @@ pub struct PretrainArgs {
     /// Reconstruct per-patch normalised pixels.
     #[arg(long, alias = "norm_pix_loss")]
     pub norm_pix_loss: bool,
+    /// Start from the encoder and decoder weights of an MAE pretraining checkpoint (one of
+    /// ours, or an official `.pth` with its decoder) for continued pretraining on other images:
+    /// epoch 0, a new schedule and optimizer (unlike --resume, with which it cannot be
+    /// combined). The architecture is --model's, and must be the checkpoint's; position
+    /// embeddings are resized when --input-size differs.
+    #[arg(long, value_name = "CHECKPOINT", alias = "initial-checkpoint")]
+    pub init: Option<PathBuf>,
     #[command(flatten)]
     #[serde(flatten)]
     pub optim: OptimArgs,
@@ -461,9 +468,14 @@ pub struct SynthArgs {
     pub seed: u64,
 }
 
+/// Keys of `args.json` that record what a run started from rather than a flag (the SHA-256 of
+/// `pretrain --init`'s checkpoint); [`command_line`] leaves them out.
+pub const RECORD_ONLY_KEYS: &[&str] = &["init_sha256"];
+
 /// The `mae-train` arguments (after the program name) that `args.json` records: its `command`,
 /// then each key as its flag (`batch_size` → `--batch-size VALUE`, a true switch as the bare
-/// flag; null and false are the defaults and are left out). Running them repeats the run.
+/// flag; null and false are the defaults and are left out; [`RECORD_ONLY_KEYS`] are skipped).
+/// Running them repeats the run.
 pub fn command_line(args: &serde_json::Value) -> anyhow::Result<Vec<String>> {
     use anyhow::{bail, Context};
     let map = args.as_object().context("args.json is not a JSON object")?;
@@ -472,7 +484,10 @@ pub fn command_line(args: &serde_json::Value) -> anyhow::Result<Vec<String>> {
         .and_then(|v| v.as_str())
         .context("args.json names no command")?;
     let mut argv = vec![command.to_string()];
-    for (key, value) in map.iter().filter(|(k, _)| *k != "command") {
+    let flags = map
+        .iter()
+        .filter(|(k, _)| *k != "command" && !RECORD_ONLY_KEYS.contains(&k.as_str()));
+    for (key, value) in flags {
         let flag = format!("--{}", key.replace('_', "-"));
         match value {
             serde_json::Value::Null | serde_json::Value::Bool(false) => {}
@@ -537,7 +552,7 @@ mod tests {
             ),
             format!(
                 "pretrain {shared} --model mae_vit_tiny_patch4_28 --mask-ratio 0.6 \
-                 --norm-pix-loss --vis-every 5"
+                 --norm-pix-loss --vis-every 5 --init pt.safetensors"
             ),
         ];
         for line in &commands {
@@ -568,6 +583,19 @@ mod tests {
                 "{cmd}"
             );
         }
+    }
+
+    #[test]
+    fn record_only_keys_are_left_out_of_the_command_line() {
+        let argv = ["pretrain", "--data-path", "d", "--init", "pt.safetensors"].map(String::from);
+        let mut first = recorded(&argv);
+        first
+            .as_object_mut()
+            .unwrap()
+            .insert("init_sha256".into(), "ab".repeat(32).into());
+        let again = super::command_line(&first).unwrap();
+        assert!(!again.iter().any(|w| w.contains("sha256")), "{again:?}");
+        assert!(again.windows(2).any(|w| w == ["--init", "pt.safetensors"]));
     }
 
     #[test]

@@ -7,9 +7,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
-use mae_models::checkpoint::{CheckpointKind, CheckpointMeta, Task};
+use mae_models::checkpoint::{self, CheckpointKind, CheckpointMeta, StateDict, Task};
 use mae_models::preprocess::PreprocessSpec;
-use mae_models::{ModelConfig, Overrides};
+use mae_models::{LoadReport, MaeConfig, ModelConfig, Overrides};
 use tch::{nn, Kind, Tensor};
 
 use crate::cli::PretrainArgs;
@@ -18,7 +18,7 @@ use crate::data::{self, Dataset};
 use crate::engine::setup::Setup;
 use crate::engine::to_input;
 use crate::engine::{train_epoch, TrainBatches};
-use crate::model::load::state_dict;
+use crate::model::load::{adapt_for_mae, load_into, state_dict};
 use crate::model::mae::MaskedAutoencoderViT;
 use crate::optim::{param_groups, AdamW};
 use crate::recon::{render_grid, save_grid};
@@ -52,6 +52,15 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     if !(0.0..1.0).contains(&a.mask_ratio) {
         bail!("--mask-ratio {} must be in [0, 1)", a.mask_ratio);
     }
+    if let (Some(init), Some(resume)) = (&a.init, &a.run.resume) {
+        bail!(
+            "--init {} cannot be combined with --resume {}: --init starts a new run from a \
+             checkpoint's weights (epoch 0, a new schedule and optimizer), --resume continues a \
+             run from its own checkpoint; to continue a run started with --init, drop --init",
+            init.display(),
+            resume.display()
+        );
+    }
     let setup = Setup::new(&a.run, &a.dist, &a.amp)?;
     let device = setup.device;
     let train = Arc::new(open_unlabeled(&a.data.data_path)?);
@@ -75,12 +84,35 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
         "model configuration and data",
         &format!("{cfg:?} {}", train.len()),
     )?;
-    let (run, args) = setup.open_run("pretrain", a)?;
+    // --init's weights, checked before the run folder is made; their digest goes into
+    // args.json (the main process reads the file).
+    let init = match &a.init {
+        Some(p) => Some(read_init(p, &cfg, &a.arch.model)?),
+        None => None,
+    };
+    let mut record = serde_json::Map::new();
+    if let (Some(p), true) = (&a.init, setup.dist.is_main()) {
+        let sha = mae_models::digest::sha256_file(p)
+            .with_context(|| format!("cannot read --init checkpoint {}", p.display()))?;
+        record.insert("init_sha256".into(), sha.into());
+    }
+    let (run, args) = setup.open_run_recording("pretrain", a, record)?;
 
     // The model: encoder and decoder of MAE.
     tch::manual_seed(a.run.seed as i64);
     let vs = nn::VarStore::new(device);
     let model = MaskedAutoencoderViT::new(&vs.root(), &cfg);
+    if let (Some(sd), Some(p)) = (&init, &a.init) {
+        let report = load_into(&vs, sd);
+        println!("{report}");
+        if !report.is_exact() {
+            bail!(
+                "--init {} does not fit the model: {}",
+                p.display(),
+                misfit(&report)
+            );
+        }
+    }
     setup.dist.broadcast_vars(&vs)?;
 
     // The optimiser: AdamW (betas 0.9, 0.95), no layer decay.
@@ -181,6 +213,150 @@ pub fn pretrain(a: &PretrainArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Reads the checkpoint of `--init`: its encoder and decoder tensors, with the position
+/// embeddings resized to `cfg`'s grid; refuses a checkpoint of another architecture.
+fn read_init(path: &Path, cfg: &MaeConfig, model: &str) -> anyhow::Result<StateDict> {
+    let ck = checkpoint::load(path)
+        .with_context(|| format!("cannot read --init checkpoint {}", path.display()))?;
+    println!("Load pre-trained checkpoint from: {}", path.display());
+    let p = path.display();
+    match ck.meta.as_ref().map(|m| (&m.config, &m.arch)) {
+        Some((ModelConfig::Vit(_), arch)) => bail!(
+            "--init {p}: a classifier checkpoint ({arch}), not MAE pretraining; --init needs \
+             the encoder and decoder of a pretraining checkpoint (a classifier is a start for \
+             finetune, not pretrain)"
+        ),
+        Some((ModelConfig::Mae(c), arch)) => {
+            let diff = architecture_differences(c, cfg);
+            if !diff.is_empty() {
+                bail!(
+                    "--init {p}: the checkpoint ({arch}) is another architecture than --model \
+                     {model}: {}; give its --model and --depth",
+                    diff.join("; ")
+                );
+            }
+            if c.norm_pix_loss != cfg.norm_pix_loss {
+                println!(
+                    "note: the checkpoint was trained with norm_pix_loss {}, this run uses {}",
+                    c.norm_pix_loss, cfg.norm_pix_loss
+                );
+            }
+        }
+        None => {}
+    }
+    if !ck.tensors.contains_key("decoder_embed.weight") {
+        let what = if ck.tensors.contains_key("head.weight") {
+            "a classifier (it has head.weight)"
+        } else if ck.tensors.contains_key("patch_embed.proj.weight") {
+            "encoder weights only"
+        } else {
+            "no ViT weights (no patch_embed.proj.weight)"
+        };
+        bail!(
+            "--init {p}: {what}, without the MAE decoder (no decoder_embed.weight); --init \
+             needs a pretraining checkpoint with its decoder (mae-train pretrain's, or an \
+             official mae_visualize_vit_*.pth); encoder-only weights are a start for \
+             finetune --finetune"
+        );
+    }
+    let mut sd = ck.tensors;
+    let expected = cfg.parameters();
+    for note in adapt_for_mae(&mut sd, &expected) {
+        println!("{note}");
+    }
+    let report = LoadReport::compare(
+        &expected,
+        sd.iter().map(|(k, v)| (k.as_str(), v.shape.as_slice())),
+    );
+    if !report.is_exact() {
+        bail!(
+            "--init {p} does not fit --model {model}: {}\n{report}",
+            misfit(&report)
+        );
+    }
+    Ok(sd)
+}
+
+/// The architecture fields in which `ck` (a checkpoint's) differs from `model`, as
+/// "embed_dim 192 in the checkpoint, 384 in the model"; the input size may differ (the
+/// position embeddings are resized) and so may the loss.
+fn architecture_differences(ck: &MaeConfig, model: &MaeConfig) -> Vec<String> {
+    let fields: [(&str, String, String); 10] = [
+        (
+            "patch_size",
+            ck.patch_size.to_string(),
+            model.patch_size.to_string(),
+        ),
+        (
+            "in_chans",
+            ck.in_chans.to_string(),
+            model.in_chans.to_string(),
+        ),
+        (
+            "embed_dim",
+            ck.embed_dim.to_string(),
+            model.embed_dim.to_string(),
+        ),
+        ("depth", ck.depth.to_string(), model.depth.to_string()),
+        (
+            "num_heads",
+            ck.num_heads.to_string(),
+            model.num_heads.to_string(),
+        ),
+        (
+            "decoder_embed_dim",
+            ck.decoder_embed_dim.to_string(),
+            model.decoder_embed_dim.to_string(),
+        ),
+        (
+            "decoder_depth",
+            ck.decoder_depth.to_string(),
+            model.decoder_depth.to_string(),
+        ),
+        (
+            "decoder_num_heads",
+            ck.decoder_num_heads.to_string(),
+            model.decoder_num_heads.to_string(),
+        ),
+        (
+            "mlp_ratio",
+            ck.mlp_ratio.to_string(),
+            model.mlp_ratio.to_string(),
+        ),
+        (
+            "layer_norm_eps",
+            ck.layer_norm_eps.to_string(),
+            model.layer_norm_eps.to_string(),
+        ),
+    ];
+    fields
+        .into_iter()
+        .filter(|(_, a, b)| a != b)
+        .map(|(name, a, b)| format!("{name} {a} in the checkpoint, {b} in the model"))
+        .collect()
+}
+
+/// What keeps a load report from matching exactly, counted, with the first key of each kind.
+fn misfit(r: &LoadReport) -> String {
+    let mut parts = Vec::new();
+    if let Some(m) = r.mismatched.first() {
+        parts.push(format!(
+            "{} tensors of another shape (first: {} is {:?} in the checkpoint, {:?} in the model)",
+            r.mismatched.len(),
+            m.name,
+            m.found,
+            m.expected
+        ));
+    }
+    if let Some(k) = r.missing.first() {
+        parts.push(format!("{} missing (first: {k})", r.missing.len()));
+    }
+    if let Some(k) = r.unexpected.first() {
+        parts.push(format!("{} unexpected (first: {k})", r.unexpected.len()));
+    }
+    parts.join("; ")
+}
+
 /// Per-image masking noise `[b, l]` drawn from (seed, epoch, image index): the same mask for an
 /// image whichever rank or batch it lands in.
 fn mask_noise(indices: &[usize], l: i64, seed: u64, epoch: u64) -> Tensor {
@@ -214,4 +390,30 @@ fn vis_batch(
             .reshape([k as i64, l])
             .to_kind(Kind::Float),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn architecture_differences_name_the_fields_but_not_the_input_size() {
+        let base = MaeConfig::preset("mae_vit_tiny_patch4_28").expect("preset");
+        let mut other = base.clone();
+        other.img_size = 32;
+        other.norm_pix_loss = !base.norm_pix_loss;
+        assert!(architecture_differences(&base, &other).is_empty());
+        other.embed_dim = 384;
+        other.depth = 2;
+        assert_eq!(
+            architecture_differences(&base, &other),
+            [
+                format!(
+                    "embed_dim {} in the checkpoint, 384 in the model",
+                    base.embed_dim
+                ),
+                format!("depth {} in the checkpoint, 2 in the model", base.depth),
+            ]
+        );
+    }
 }

@@ -87,6 +87,17 @@ impl Setup {
         command: &str,
         args: &impl Serialize,
     ) -> anyhow::Result<(RunDir, serde_json::Value)> {
+        self.open_run_recording(command, args, serde_json::Map::new())
+    }
+
+    /// [`Setup::open_run`], with `record` (keys of [`crate::cli::RECORD_ONLY_KEYS`], such as
+    /// the SHA-256 of a checkpoint the run starts from) added to `args.json`.
+    pub fn open_run_recording(
+        &self,
+        command: &str,
+        args: &impl Serialize,
+        record: serde_json::Map<String, serde_json::Value>,
+    ) -> anyhow::Result<(RunDir, serde_json::Value)> {
         let run = RunDir::create(
             &self.run_args.output_dir,
             self.run_args.keep_checkpoints,
@@ -95,6 +106,7 @@ impl Setup {
         let mut json = serde_json::to_value(args)?;
         if let Some(map) = json.as_object_mut() {
             map.insert("command".into(), command.into());
+            map.extend(record);
         }
         run.write("args.json", &serde_json::to_string_pretty(&json)?)?;
         Ok((run, json))

@@ -93,20 +93,54 @@ pub fn adapt_for_classifier(sd: &mut StateDict, expected: &[ParamSpec]) -> Vec<S
             }
         }
     }
-    if let (Some(t), Some(shape)) = (sd.get("pos_embed"), want.get("pos_embed")) {
-        if t.shape.len() == 3 && t.shape != *shape && t.shape[2] == shape[2] {
-            let old = ((t.shape[1] - 1) as f64).sqrt() as i64;
-            let new = ((shape[1] - 1) as f64).sqrt() as i64;
-            if old * old + 1 == t.shape[1] as i64 {
-                let resized = interpolate_pos_embed(&to_tensor(t), new);
-                notes.push(format!(
-                    "position interpolate from {old}x{old} to {new}x{new}"
-                ));
-                sd.insert("pos_embed".into(), from_tensor(&resized));
-            }
-        }
+    if let Some((old, new)) = resize_pos_embed(sd, "pos_embed", &want) {
+        notes.push(format!(
+            "position interpolate from {old}x{old} to {new}x{new}"
+        ));
     }
     notes
+}
+
+/// Prepares an MAE pretraining checkpoint for an MAE model whose input size may differ:
+/// resizes `pos_embed` and `decoder_pos_embed` to the model's patch grid. Returns the notes
+/// of what it changed.
+pub fn adapt_for_mae(sd: &mut StateDict, expected: &[ParamSpec]) -> Vec<String> {
+    let want: BTreeMap<&str, &[usize]> = expected
+        .iter()
+        .map(|p| (p.name.as_str(), p.shape.as_slice()))
+        .collect();
+    ["pos_embed", "decoder_pos_embed"]
+        .into_iter()
+        .filter_map(|key| {
+            let (old, new) = resize_pos_embed(sd, key, &want)?;
+            Some(format!(
+                "{key}: position interpolate from {old}x{old} to {new}x{new}"
+            ))
+        })
+        .collect()
+}
+
+/// Resamples the checkpoint's `[1, 1 + g·g, d]` tensor `key` to the model's grid when only
+/// the grid differs; returns the old and new grid sides when it did.
+fn resize_pos_embed(
+    sd: &mut StateDict,
+    key: &str,
+    want: &BTreeMap<&str, &[usize]>,
+) -> Option<(i64, i64)> {
+    let (t, shape) = (sd.get(key)?, *want.get(key)?);
+    // [1, 1 + g·g, d]: one table, class token first.
+    let table = |s: &[usize]| s.len() == 3 && s[0] == 1 && s[1] > 0;
+    if !table(&t.shape) || !table(shape) || t.shape == shape || t.shape[2] != shape[2] {
+        return None;
+    }
+    let old = ((t.shape[1] - 1) as f64).sqrt() as i64;
+    let new = ((shape[1] - 1) as f64).sqrt() as i64;
+    if old * old + 1 != t.shape[1] as i64 || new * new + 1 != shape[1] as i64 {
+        return None;
+    }
+    let resized = interpolate_pos_embed(&to_tensor(t), new);
+    sd.insert(key.into(), from_tensor(&resized));
+    Some((old, new))
 }
 
 /// Copies every checkpoint tensor whose name and shape match a variable of `vs`, and reports
