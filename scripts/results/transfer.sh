@@ -1,0 +1,150 @@
+#!/usr/bin/env bash
+# What medical pretraining data, and how much of it, buys on a new medical task: the seed's
+# experiment at its own scale, on the CPU, with no ImageNet data anywhere.
+#   1. MAE pretraining of a 6-block vit_tiny_patch8_64 on MedNIST's 47,164 training images
+#      (mednist.zip read in place; labels unused);
+#   2. the MedNIST size curve: fine-tuning at 600 and 6000 images × 3 seeds and at 36000 and all
+#      (47,164) × 1 seed with fewer epochs, from scratch and from (1); each cell's
+#      best-validation checkpoint tested on MedNIST's test split;
+#   3. each target (PneumoniaMNIST, BreastMNIST) written out as an ImageFolder tree
+#      (`eval_data/{train,val,test}/{class}/`, 28×28 PNG, run at --input-size 64);
+#   4. MAE pretraining on each target's own training images, and (1) continued on them;
+#   5. per target, one sweep: fine-tuning with 100 and all labels × 3 seeds, and linear probing,
+#      from (a) scratch, (b) MAE on the target's images, (c) MAE on MedNIST, (d) the MedNIST
+#      classifiers of (2) at 600, 6000 and all (seed 0, from MAE), (e) (c) continued on the
+#      target;
+#   6. tables, plots and pretraining logs to docs/results/transfer/.
+# Interrupted, it resumes: pretraining from its last checkpoint, each sweep at its first
+# unfinished cell. Each step prints its wall time.
+#
+# usage: scripts/results/transfer.sh
+#   env: OUT (runs/results-transfer), BIN (target/release if built, else target/debug),
+#        MEDNIST (../shared/data/mednist.zip), PNEUMONIA, BREAST (../shared/data/medmnist/*.npz),
+#        PT_EPOCHS (40), PT_WARMUP (4), TARGET_PT_EPOCHS (100), CONTINUE_EPOCHS (20),
+#        FT_EPOCHS (10: MedNIST at 600 and 6000), FT_EPOCHS_LARGE (3: at 36000 and all),
+#        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_BATCH (256), SEEDS (0,1,2),
+#        SMOKE=1: every step on tiny subsets (BreastMNIST only) and one epoch, to check the
+#        pipeline in minutes
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+shared="$root/../shared/data"
+mednist=${MEDNIST:-"$shared/mednist.zip"}
+targets=("pneumoniamnist=${PNEUMONIA:-$shared/medmnist/pneumoniamnist.npz}"
+         "breastmnist=${BREAST:-$shared/medmnist/breastmnist.npz}")
+out=${OUT:-"$root/runs/results-transfer"}
+bin=${BIN:-"$root/target/release"}
+[ -x "$bin/mae-train" ] || bin="$root/target/debug"
+smoke=${SMOKE:-0}
+py="$root/.venv/bin/python"
+if [ "$smoke" = 1 ]; then
+  out=${OUT:-"$root/runs/results-transfer-smoke"}
+  : "${PT_EPOCHS:=1}" "${PT_WARMUP:=0}" "${TARGET_PT_EPOCHS:=1}" "${CONTINUE_EPOCHS:=1}"
+  : "${FT_EPOCHS:=1}" "${FT_EPOCHS_LARGE:=1}" "${TARGET_EPOCHS:=1}" "${LP_EPOCHS:=1}" "${SEEDS:=0}" "${LP_BATCH:=32}"
+  targets=("${targets[1]}")
+fi
+pt_epochs=${PT_EPOCHS:-40}
+seeds=${SEEDS:-0,1,2}
+say() { printf '\033[1m[transfer %s]\033[0m %s\n' "$(date +%T)" "$*"; }
+timed() { local t0=$SECONDS; "$@"; say "   took $((SECONDS - t0)) s"; }
+for f in "$mednist" "${targets[@]#*=}"; do
+  [ -f "$f" ] || { echo "no data file at $f" >&2; exit 2; }
+done
+say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $bin"
+if [ "$smoke" = 1 ] && [ ! -f "$out/mednist-smoke.zip" ]; then
+  # A MedNIST in miniature, with the zip's layout: 30 images per class of each split.
+  mkdir -p "$out"
+  "$py" - "$mednist" "$out/mednist-smoke.zip" <<'PY'
+import collections, sys, zipfile
+src, dst = sys.argv[1], sys.argv[2]
+taken = collections.Counter()
+with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst + ".tmp", "w") as zout:
+    for info in zin.infolist():
+        parts = info.filename.split("/")
+        if info.is_dir() or len(parts) != 4 or taken[tuple(parts[1:3])] >= 30:
+            continue
+        taken[tuple(parts[1:3])] += 1
+        zout.writestr(info.filename, zin.read(info))
+import os
+os.replace(dst + ".tmp", dst)
+PY
+fi
+[ "$smoke" = 1 ] && mednist="$out/mednist-smoke.zip"
+
+# MAE pretraining into DIR (resumed from its newest checkpoint): pretrain DIR EPOCHS FLAGS...
+pretrain() {
+  local dir=$1 epochs=$2
+  shift 2
+  [ -f "$dir/checkpoint-$((epochs - 1)).safetensors" ] && return 0
+  local resume=() newest
+  newest=$(ls "$dir"/checkpoint-[0-9]*.safetensors 2>/dev/null | grep -v optim | sort -V | tail -1 || true)
+  [ -n "$newest" ] && resume=(--resume "$newest")
+  "$bin/mae-train" pretrain --model mae_vit_tiny_patch8_64 --depth 6 --input-size 64 \
+    --output-dir "$dir" --epochs "$epochs" --batch-size 64 --blr 1.5e-4 --weight-decay 0.05 \
+    --mask-ratio 0.75 --norm-pix-loss --seed 0 "${resume[@]}" "$@"
+}
+# The fine-tuning recipe of docs/results/pneumoniamnist.md, at 64×64 with patch 8.
+arch=(--model vit_tiny_patch8_64 --depth 6 --input-size 64)
+tuning="--warmup-epochs 1 --batch-size 32 --lr 3e-4 --drop-path 0.05 --min-crop-scale 0.6 \
+--aa none --mixup 0 --cutmix 0 --reprob 0 --smoothing 0.1 --balance-classes"
+small=600,6000
+large=36000,all
+if [ "$smoke" = 1 ]; then small=60; large=120; fi
+
+pt_mednist="$out/pt-mednist"
+say "1. MAE pretraining on MedNIST's training images, $pt_epochs epochs"
+timed pretrain "$pt_mednist" "$pt_epochs" --data-path "$mednist" --warmup-epochs "${PT_WARMUP:-4}"
+mae_mednist="$pt_mednist/checkpoint-$((pt_epochs - 1)).safetensors"
+
+say "2. the MedNIST size curve: $small × seeds $seeds, $large × seed 0"
+timed "$bin/mae-train" sweep --train-samples "$small" --seeds "$seeds" \
+  --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
+  --output-dir "$out/mednist-small" -- "${arch[@]}" $tuning --data-path "$mednist" \
+  --epochs "${FT_EPOCHS:-10}"
+timed "$bin/mae-train" sweep --train-samples "$large" --seeds 0 \
+  --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
+  --output-dir "$out/mednist-large" -- "${arch[@]}" $tuning --data-path "$mednist" \
+  --epochs "${FT_EPOCHS_LARGE:-3}"
+classifier() { # size: the MedNIST classifier fine-tuned from MAE on that many images, seed 0
+  local sweep=mednist-small
+  case ",$large," in *",$1,"*) sweep=mednist-large ;; esac
+  echo "$out/$sweep/cells/mae/n$1/seed0/checkpoint-best.safetensors"
+}
+if [ "$smoke" = 1 ]; then sup=(600=60 all=120); else sup=(600=600 6k=6000 all=all); fi
+
+for t in "${targets[@]}"; do
+  name=${t%%=*}
+  npz=${t#*=}
+  say "3. $name as an ImageFolder tree (eval_data)"
+  tree="$out/$name/eval_data"
+  [ -d "$tree" ] || "$bin/mae-train" export-npz --data-path "$npz" --output "$tree"
+  say "4. MAE on $name's training images, and MedNIST's MAE continued on them"
+  timed pretrain "$out/$name/pt-own" "${TARGET_PT_EPOCHS:-100}" --data-path "$tree" \
+    --warmup-epochs "$([ "$smoke" = 1 ] && echo 0 || echo 10)"
+  timed pretrain "$out/$name/pt-continued" "${CONTINUE_EPOCHS:-20}" --data-path "$tree" \
+    --warmup-epochs "$([ "$smoke" = 1 ] && echo 0 || echo 2)" --init "$mae_mednist"
+  own="$out/$name/pt-own/checkpoint-$((${TARGET_PT_EPOCHS:-100} - 1)).safetensors"
+  continued="$out/$name/pt-continued/checkpoint-$((${CONTINUE_EPOCHS:-20} - 1)).safetensors"
+  inits="scratch,mae_own=$own,mae_mednist=$mae_mednist,mae_mednist_then_own=$continued"
+  for s in "${sup[@]}"; do inits+=",mednist_ft_${s%%=*}=$(classifier "${s#*=}")"; done
+  say "5. $name: fine-tuning (100 and all labels) and linear probing, from every pretraining"
+  timed "$bin/mae-train" sweep --train-samples "$([ "$smoke" = 1 ] && echo 40,80 || echo 100,all)" \
+    --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
+    --kinds finetune,linprobe --kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning" \
+    --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --blr 0.1 --batch-size ${LP_BATCH:-256}" \
+    --output-dir "$out/$name/sweep" -- "${arch[@]}" --data-path "$tree"
+done
+
+say "6. results to docs/results/transfer/"
+if [ "$smoke" = 1 ]; then say "   (smoke run: nothing copied)"; exit 0; fi
+dst="$root/docs/results/transfer"
+mkdir -p "$dst"
+for d in mednist-small mednist-large; do
+  for f in sweep.csv sweep.md sweep.png; do cp "$out/$d/$f" "$dst/$d-$f"; done
+done
+cp "$pt_mednist/log.txt" "$dst/pretrain-mednist-log.txt"
+for t in "${targets[@]}"; do
+  name=${t%%=*}
+  for f in sweep.csv sweep.md sweep.png; do cp "$out/$name/sweep/$f" "$dst/$name-$f"; done
+  cp "$out/$name/pt-own/log.txt" "$dst/pretrain-$name-log.txt"
+  cp "$out/$name/pt-continued/log.txt" "$dst/pretrain-mednist-then-$name-log.txt"
+done
