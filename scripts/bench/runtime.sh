@@ -29,17 +29,7 @@ say() { printf '\033[1m[bench]\033[0m %s\n' "$*"; }
 
 say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); binaries $BIN"
 say "1. random $model weights, exported fp32, int8 (dynamic) and int8 (static, 32 calibration images)"
-"$py" "$root/scripts/bench/make_vit.py" "$out/$model.pth" --model "$model"
-"$BIN/mae-export" --onnx --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.onnx"
-"$BIN/mae-export" --onnx --int8 --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8.onnx"
-mkdir -p "$out/calibration"
-"$py" -c "
-import numpy as np; from PIL import Image
-rng = np.random.default_rng(1)
-for i in range(32):
-    Image.fromarray((rng.random((256, 256, 3)) * 255).astype('uint8')).save('$out/calibration/%02d.png' % i)"
-"$BIN/mae-export" --onnx --int8 --calibration-data "$out/calibration" --calibration-images 32 \
-  --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8s.onnx"
+"$root/scripts/bench/vit_models.sh" "$out" "$model" "$BIN"
 
 bench() { # name model backend threads batches [extra mae-run flags]
   "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$4" --batch-size "$5" \

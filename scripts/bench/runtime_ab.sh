@@ -29,17 +29,7 @@ say "CPU: $("$py" -c "import sys; sys.path.insert(0, '$root/scripts/bench'); fro
 say "A: $a; B: $b"
 if [ ! -f "$out/$model.int8s.onnx" ]; then
   say "random $model weights, exported fp32, int8 (dynamic) and int8 (static) by A's mae-export"
-  "$py" "$root/scripts/bench/make_vit.py" "$out/$model.pth" --model "$model"
-  "$a/mae-export" --onnx --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.onnx"
-  "$a/mae-export" --onnx --int8 --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8.onnx"
-  mkdir -p "$out/calibration"
-  "$py" -c "
-import numpy as np; from PIL import Image
-rng = np.random.default_rng(1)
-for i in range(32):
-    Image.fromarray((rng.random((256, 256, 3)) * 255).astype('uint8')).save('$out/calibration/%02d.png' % i)"
-  "$a/mae-export" --onnx --int8 --calibration-data "$out/calibration" --calibration-images 32 \
-    --checkpoint "$out/$model.pth" --model "$model" --output "$out/$model.int8s.onnx"
+  "$root/scripts/bench/vit_models.sh" "$out" "$model" "$a"
   "$py" -c "import numpy as np; from PIL import Image; Image.fromarray((np.random.default_rng(0).random((224,224,3))*255).astype('uint8')).save('$out/probe.png')"
 fi
 
