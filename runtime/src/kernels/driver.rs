@@ -29,7 +29,6 @@ pub struct Strides {
 pub trait Plain: Copy + Default + PartialEq {}
 impl Plain for f32 {}
 impl Plain for i8 {}
-impl Plain for u8 {}
 
 /// A zeroed buffer of `len` values that starts on a cache line, so that the tiles' 64-byte
 /// loads of weight panels (each a whole number of lines long) never straddle two lines.

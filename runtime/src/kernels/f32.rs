@@ -40,50 +40,6 @@ impl PackedWeights {
         }
     }
 
-    /// Packs `scale · src[kk·s.row + j·s.col]`, read in the order of `src`'s shorter stride.
-    pub fn from_strided(
-        k: usize,
-        n: usize,
-        src: &[f32],
-        s: Strides,
-        scale: f32,
-    ) -> anyhow::Result<Self> {
-        if k > 0 && n > 0 {
-            let end = (k - 1) * s.row + (n - 1) * s.col;
-            anyhow::ensure!(
-                end < src.len(),
-                "packing {k}×{n} weights from {} values",
-                src.len()
-            );
-        }
-        let count = n.div_ceil(NR);
-        let mut panels = Aligned::zeroed(count * k * NR);
-        for (p, panel) in panels.chunks_exact_mut(k * NR.max(1)).enumerate() {
-            let cols = (n - p * NR).min(NR);
-            if s.col <= s.row {
-                for (kk, row) in panel.chunks_exact_mut(NR).enumerate() {
-                    let start = kk * s.row + p * NR * s.col;
-                    for (c, v) in row[..cols].iter_mut().enumerate() {
-                        *v = scale * src[start + c * s.col];
-                    }
-                }
-            } else {
-                for c in 0..cols {
-                    let start = (p * NR + c) * s.col;
-                    for kk in 0..k {
-                        panel[kk * NR + c] = scale * src[start + kk * s.row];
-                    }
-                }
-            }
-        }
-        Ok(Self {
-            k,
-            n,
-            panels,
-            end: Ending::new(n),
-        })
-    }
-
     pub(crate) fn panel(&self, p: usize) -> &[f32] {
         &self.panels[p * self.k * NR..(p + 1) * self.k * NR]
     }
