@@ -159,6 +159,7 @@ pub fn calibrate(
         preprocessing: None,
         activation_ranges: None,
         tap_linear_inputs: true,
+        explain: Default::default(),
     };
     let built = vit::build_traced(cfg, tensors, &opts)
         .context("cannot build the float32 graph for calibration")?;

@@ -102,6 +102,8 @@ pub struct CheckSpec<'a> {
     pub preprocessing: bool,
     pub precision: Precision,
     pub probe: Option<&'a ProbeRecord>,
+    /// The explanation outputs after the others: name and values per image.
+    pub explain: Vec<(&'static str, usize)>,
 }
 
 /// What the self-check saw.
@@ -156,6 +158,24 @@ pub fn self_check(path: &Path, spec: &CheckSpec<'_>) -> anyhow::Result<CheckRepo
             .get(1)
             .context("the model has no probabilities output")?;
         check_probabilities(probs, batch, width, task)?;
+    }
+    let first_map = if spec.task.is_some() { 2 } else { 1 };
+    for (k, (name, per_image)) in spec.explain.iter().enumerate() {
+        let map = outputs
+            .get(first_map + k)
+            .with_context(|| format!("the model has no '{name}' output"))?;
+        ensure!(
+            map.len() == batch * per_image,
+            "tract: '{name}' has {} values, expected batch {batch} × {per_image}",
+            map.len()
+        );
+        if let Some(i) = map.iter().position(|v| !v.is_finite() || *v < 0.0) {
+            bail!(
+                "tract: '{name}' element {i} is {} on the probe batch (maps are finite and \
+                 non-negative)",
+                map[i]
+            );
+        }
     }
 
     let mut report = CheckReport {

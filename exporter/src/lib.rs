@@ -86,6 +86,12 @@ pub struct Cli {
     /// are under 2 GB; larger models always are.
     #[arg(long)]
     pub external_data: bool,
+    /// Add explanation outputs to the graph: `rollout` (attention rollout, `[batch, H/p, W/p]`)
+    /// and `gradcam` (Grad-CAM of every class on the last block's patch tokens, in closed form,
+    /// `[batch, classes, H/p, W/p]`; global-pool heads only). Names and shapes go into the
+    /// `mae.explain` metadata. Without it the graph is the plain one.
+    #[arg(long, value_delimiter = ',', value_name = "rollout,gradcam")]
+    pub explain: Vec<String>,
     /// Skip loading the written model with tract and running the probe batch.
     #[arg(long)]
     pub no_check: bool,
@@ -150,6 +156,8 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         (_, true) => Precision::Int8,
         _ => Precision::Fp32,
     };
+    let explain = onnx::explain::Explain::parse(&cli.explain)
+        .map_err(|e| anyhow::anyhow!("--explain: {e}"))?;
     let ck = load(&cli.checkpoint)?;
     let sha256 = sha256_file(&cli.checkpoint)?;
     let req = Request {
@@ -184,6 +192,9 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
     }
 
     let output = r.task.map_or(Output::Features, Output::Logits);
+    explain
+        .check(&r.cfg, r.task.is_some())
+        .map_err(|e| anyhow::anyhow!("--explain: {e}"))?;
     let calibration = match &cli.calibration_data {
         Some(path) => {
             let src = calibrate::CalibrationSource {
@@ -214,6 +225,7 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
         preprocessing: cli.with_preprocessing.then(|| r.preprocess.clone()),
         activation_ranges: calibration.map(|c| c.ranges),
         tap_linear_inputs: false,
+        explain,
     };
     let graph = onnx::vit::build(&r.cfg, &r.tensors, &opts).with_context(|| {
         format!(
@@ -229,6 +241,9 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
     let mut card = card_props(cli, &r)?;
     if let Some(q) = quantization {
         card.push((mae_models::onnx_keys::QUANTIZATION, q));
+    }
+    if explain.any() {
+        card.push((mae_models::onnx_keys::EXPLAIN, explain.metadata(&r.cfg)));
     }
     let props = metadata::props(&metadata::ModelInfo {
         task: r.task,
@@ -297,6 +312,7 @@ pub fn export(cli: &Cli) -> anyhow::Result<Exported> {
             preprocessing: cli.with_preprocessing,
             precision,
             probe: r.probe.as_ref(),
+            explain: explain.outputs(&r.cfg),
         };
         let report = check::self_check(&staged.path(&name), &spec)
             .context("self-check failed; nothing was written")?;

@@ -28,6 +28,7 @@
 //! | `mae.intended_use` | `--intended-use TEXT`, when given |
 //! | `mae.modality` | `--modality TEXT`, when given |
 //! | `mae.test_metrics` | JSON of `--test-metrics FILE`'s data, split, samples, ACC, AUC and loss, when given |
+//! | `mae.explain` | models exported with `--explain`: JSON of each method (`rollout`, `gradcam`) with its `output` name, `shape` and what it holds |
 //! | `mae.quantization` | int8 models: JSON of the `method` (`dynamic`, or `static` with its `calibration` data and image count), `activations` and `weights` |
 
 use std::collections::BTreeMap;

@@ -634,3 +634,119 @@ fn external_data_is_written_beside_the_model() {
     let reps = ort_check(&[(onnx.clone(), ort_inputs(dir, 28))]);
     check_logits("external data", &onnx, &reps[0], r, "logits", &r.logits);
 }
+
+/// `--explain rollout,gradcam` adds two outputs after the plain ones, named with their shapes in
+/// `mae.explain`, and leaves the plain graph's nodes, outputs and scores as they were; a model
+/// exported without it is the plain graph. A class-token model is refused Grad-CAM (its score
+/// has no gradient at the patch tokens) and pointed to rollout; occlusion is no graph output.
+#[test]
+fn explanation_outputs_extend_the_plain_graph() {
+    use prost::Message;
+    let f = fixtures();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    our_checkpoint(
+        f.get("gp28"),
+        &dir.join("gp.safetensors"),
+        Task::MultiClass,
+        0.0,
+    );
+    let base = ["--onnx", "--checkpoint", "gp.safetensors", "--output"];
+    export_ok(dir, &[&base[..], &["plain.onnx"]].concat());
+    export_ok(
+        dir,
+        &[
+            &base[..],
+            &["explained.onnx", "--explain", "rollout,gradcam"],
+        ]
+        .concat(),
+    );
+    let reps = ort_check(&[
+        (dir.join("plain.onnx"), ort_inputs(dir, 28)),
+        (dir.join("explained.onnx"), ort_inputs(dir, 28)),
+    ]);
+    let float = 1;
+    let plain_outputs = serde_json::json!([
+        {"name": "logits", "elem_type": float, "shape": ["batch", 3]},
+        {"name": "probabilities", "elem_type": float, "shape": ["batch", 3]},
+    ]);
+    assert_eq!(reps[0]["outputs"], plain_outputs);
+    assert!(reps[0]["metadata"].get("mae.explain").is_none());
+    let mut outputs = plain_outputs.as_array().unwrap().clone();
+    outputs
+        .push(serde_json::json!({"name": "rollout", "elem_type": float, "shape": ["batch", 7, 7]}));
+    outputs.push(
+        serde_json::json!({"name": "gradcam", "elem_type": float, "shape": ["batch", 3, 7, 7]}),
+    );
+    assert_eq!(reps[1]["outputs"], serde_json::Value::from(outputs));
+    let explain: serde_json::Value =
+        serde_json::from_str(reps[1]["metadata"]["mae.explain"].as_str().unwrap()).unwrap();
+    assert_eq!(explain["rollout"]["output"], "rollout");
+    assert_eq!(
+        explain["rollout"]["shape"],
+        serde_json::json!(["batch", 7, 7])
+    );
+    assert_eq!(explain["rollout"]["row"], "mean of the patch-token rows");
+    assert_eq!(
+        explain["gradcam"]["shape"],
+        serde_json::json!(["batch", 3, 7, 7])
+    );
+    assert_eq!(explain["gradcam"]["layer"], "blocks.1");
+    // The same scores; rollout's row over every token sums to 1, so its patch part is below.
+    let runs = |i: usize| reps[i]["runs"].as_array().unwrap().clone();
+    for (p, e) in runs(0).iter().zip(&runs(1)) {
+        assert_close(
+            "explained logits",
+            &floats(&e["logits"]),
+            &floats(&p["logits"]),
+            1e-5,
+        );
+        let rollout = floats(&e["rollout"]);
+        for row in rollout.chunks(49) {
+            let s: f32 = row.iter().sum();
+            assert!(s > 0.5 && s < 1.0, "rollout over the patches sums to {s}");
+            assert!(row.iter().all(|v| *v >= 0.0));
+        }
+        assert!(floats(&e["gradcam"]).iter().all(|v| *v >= 0.0));
+        assert!(floats(&e["gradcam"]).iter().any(|v| *v > 0.0));
+    }
+    // The plain graph's nodes come first, unchanged.
+    let nodes = |name: &str| -> Vec<tract_onnx::pb::NodeProto> {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let m = tract_onnx::pb::ModelProto::decode(bytes.as_slice()).unwrap();
+        m.graph.unwrap().node
+    };
+    let (plain, explained) = (nodes("plain.onnx"), nodes("explained.onnx"));
+    assert!(explained.len() > plain.len());
+    assert_eq!(&explained[..plain.len()], &plain[..]);
+
+    our_checkpoint(
+        f.get("cls28"),
+        &dir.join("cls.safetensors"),
+        Task::MultiClass,
+        0.0,
+    );
+    let cls = [
+        "--onnx",
+        "--checkpoint",
+        "cls.safetensors",
+        "--output",
+        "cls.onnx",
+    ];
+    let err = export_fails(dir, &[&cls[..], &["--explain", "gradcam"]].concat());
+    assert!(
+        err.contains("class token") && err.contains("no gradient") && err.contains("rollout"),
+        "{err}"
+    );
+    assert!(!dir.join("cls.onnx").exists());
+    let err = export_fails(dir, &[&cls[..], &["--explain", "occlusion"]].concat());
+    assert!(err.contains("mae-run predict --explain occlusion"), "{err}");
+    let err = export_fails(dir, &[&cls[..], &["--explain", "saliency"]].concat());
+    assert!(err.contains("unknown explanation 'saliency'"), "{err}");
+    export_ok(dir, &[&cls[..], &["--explain", "rollout"]].concat());
+    let rep = &ort_check(&[(dir.join("cls.onnx"), ort_inputs(dir, 28))])[0];
+    let explain: serde_json::Value =
+        serde_json::from_str(rep["metadata"]["mae.explain"].as_str().unwrap()).unwrap();
+    assert_eq!(explain["rollout"]["row"], "class token row");
+    assert!(explain.get("gradcam").is_none());
+}

@@ -56,6 +56,10 @@ pub const TRAINER_VERSION: &str = "mae.trainer_version";
 /// How an int8 model was quantised, JSON: `method` (`dynamic` or `static`), `activations`,
 /// `weights`, and for static models `calibration` (`data`, `images`, `split`) (optional).
 pub const QUANTIZATION: &str = "mae.quantization";
+/// The explanation outputs of the graph, JSON: by method (`rollout`, `gradcam`), the output's
+/// name, its shape (`["batch", classes, gh, gw]`) and what it holds (optional: only models
+/// exported with `--explain`).
+pub const EXPLAIN: &str = "mae.explain";
 
 /// Every key that every export carries, in the order they are written.
 pub const REQUIRED: [&str; 17] = [

@@ -1,7 +1,8 @@
 //! Writing ONNX: the protobuf messages (tract-onnx's generated `prost` types), a small graph
-//! builder, one emitter per ViT block, int8 quantisation and external data.
+//! builder, one emitter per ViT block, explanation outputs, int8 quantisation and external data.
 
 pub mod builder;
+pub mod explain;
 pub mod quant;
 pub mod tensor;
 pub mod vit;

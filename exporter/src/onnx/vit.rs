@@ -17,6 +17,7 @@ use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::pb::GraphProto;
 
 use super::builder::{attr, BuildError, Dim, GraphBuilder};
+use super::explain::{self, Explain, Taps};
 use super::quant;
 use super::tensor::from_tensor_data;
 
@@ -53,6 +54,8 @@ pub struct GraphOptions {
     pub activation_ranges: Option<BTreeMap<String, (f32, f32)>>,
     /// Also output each linear layer's input, under its own value name (for calibration).
     pub tap_linear_inputs: bool,
+    /// Explanation outputs after the others (none: the plain graph).
+    pub explain: Explain,
 }
 
 /// A built graph, with the linear layers' inputs.
@@ -101,6 +104,7 @@ pub fn build_traced(
         ranges: opts.activation_ranges.as_ref(),
         tokens: cfg.num_tokens(),
         linear_inputs: Vec::new(),
+        taps: Taps::default(),
     };
     let xs = match &opts.preprocessing {
         Some(spec) => e.preprocess(cfg, spec)?,
@@ -152,6 +156,9 @@ pub fn build_traced(
             e.g.output(&value, DataType::Float, &dims)?;
         }
     }
+    if opts.explain.any() {
+        explain::emit(&mut e.g, cfg, tensors, &e.taps, opts.explain)?;
+    }
     Ok(Built {
         graph: e.g.finish("vit"),
         linear_inputs,
@@ -178,6 +185,8 @@ struct Emitter<'a> {
     tokens: usize,
     /// `(layer, input value, its dims)` of every linear layer so far.
     linear_inputs: Vec<(String, String, Vec<Dim>)>,
+    /// The values the explanation outputs read.
+    taps: Taps,
 }
 
 impl Emitter<'_> {
@@ -338,6 +347,7 @@ impl Emitter<'_> {
         let scores = self.g.node(prefix, "MatMul", &[&q, &kt], vec![])?; // [b, h, t, t]
         let axis = vec![attr::int("axis", -1)];
         let weights = self.g.node(prefix, "Softmax", &[&scores], axis)?;
+        self.taps.attention.push(weights.clone());
         let xs = self
             .g
             .node(prefix, "MatMul", &[&weights, &qkv_parts[2]], vec![])?; // [b, h, t, dh]
@@ -488,6 +498,7 @@ impl Emitter<'_> {
                 .g
                 .node(scope, "Slice", &[xs, &start, &end, &axes], vec![])?; // [b, n, d]
             let pooled = self.reduce_mean(scope, &patches, 1, false)?; // [b, d]
+            self.taps.pooled = Some((patches, pooled.clone()));
             self.layer_norm("fc_norm", &pooled, d)
         } else {
             let idx = self.g.scalar_i64("cls_pool", 0)?;
