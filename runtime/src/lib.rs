@@ -8,6 +8,7 @@
 //! The layers, each importing only those below it:
 //! - [`cmd`]: one file per command;
 //! - [`serve`]: the HTTP service (routes, workers, metrics, audit log, transport);
+//! - [`explain`]: explanation maps (rollout and Grad-CAM from the graph, occlusion) and heatmaps;
 //! - [`inputs`], [`output`]: what the commands read and write;
 //! - [`engine`]: a loaded model, its settings and its backends;
 //! - [`accel`]: mae-run's rewrites of tract's graph, and its operators;
@@ -16,6 +17,7 @@
 pub mod accel;
 pub mod cmd;
 pub mod engine;
+pub mod explain;
 pub mod inputs;
 pub mod kernels;
 pub mod output;

@@ -4,12 +4,17 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use anyhow::bail;
+use std::collections::HashSet;
+
+use anyhow::{bail, Context};
 use mae_models::predictions::csv_field;
 use serde_json::json;
 
 use crate::engine::settings::ModelArgs;
 use crate::engine::{Engine, Prediction};
+use crate::explain::heatmap::{self, Colormap};
+use crate::explain::occlusion::{self, Occlusion};
+use crate::explain::{self, Explanation, Method};
 use crate::inputs::{self, Failure};
 use crate::serve::audit::{AuditLog, AuditRecord};
 
@@ -48,6 +53,131 @@ pub struct PredictArgs {
     /// Threads decoding and preprocessing images while the model runs.
     #[arg(long, default_value_t = 1)]
     pub decode_threads: usize,
+    #[command(flatten)]
+    pub explain: ExplainArgs,
+}
+
+/// Heatmaps of `mae-run predict`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExplainArgs {
+    /// Explain each prediction with a heatmap (needs --heatmaps): `rollout` or `gradcam`, outputs
+    /// of models exported with `mae-export --onnx --explain rollout,gradcam` (almost free), or
+    /// `occlusion`, which works with any classifier but costs one pass of the model per window
+    /// position per image (⌈(size − window) / stride⌉ + 1 positions along each side: 225 at the
+    /// defaults).
+    #[arg(long, value_enum, value_name = "METHOD", requires = "heatmaps")]
+    pub explain: Option<Method>,
+    /// Folder for the heatmaps, created if needed: per image `NAME.METHOD.png` (the map of the
+    /// most probable class over the image the model saw) and `NAME.METHOD.npy` (float32 map:
+    /// `[h, w]` for rollout, `[classes, h, w]` for gradcam and occlusion), written atomically.
+    #[arg(long, value_name = "DIR", requires = "explain")]
+    pub heatmaps: Option<PathBuf>,
+    /// Colour map of the PNG heatmaps.
+    #[arg(long, value_enum, default_value_t = Colormap::Jet)]
+    pub colormap: Colormap,
+    /// Opacity of the heatmap over the image, from 0 (image only) to 1 (heatmap only).
+    #[arg(long, default_value_t = 0.5, value_name = "A")]
+    pub opacity: f32,
+    /// Occlusion: side of the square window, in pixels of the model's input (default: the
+    /// input size / 8). Smaller windows give finer maps and cost more passes.
+    #[arg(long, value_name = "PX")]
+    pub occlusion_window: Option<usize>,
+    /// Occlusion: step between window positions, in pixels (default: half the window; at most
+    /// the window).
+    #[arg(long, value_name = "PX")]
+    pub occlusion_stride: Option<usize>,
+    /// Occlusion: the value occluded pixels take in the model's normalised input (0: the
+    /// normalisation's mean colour).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "V",
+        allow_negative_numbers = true
+    )]
+    pub occlusion_baseline: f32,
+}
+
+/// Where and how `predict` writes heatmaps.
+#[derive(Debug)]
+pub struct Heatmaps {
+    pub method: Method,
+    pub dir: PathBuf,
+    pub style: heatmap::Style,
+    pub occlusion: Occlusion,
+    /// File stems used so far (two inputs of the same name get distinct files).
+    used: HashSet<String>,
+    pub written: usize,
+}
+
+impl Heatmaps {
+    /// Checks the flags against the model and creates the folder; `None` without --explain.
+    pub fn open(args: &ExplainArgs, engine: &Engine) -> anyhow::Result<Option<Self>> {
+        let (Some(method), Some(dir)) = (args.explain, &args.heatmaps) else {
+            return Ok(None);
+        };
+        if !(0.0..=1.0).contains(&args.opacity) {
+            bail!("--opacity {} must be between 0 and 1", args.opacity);
+        }
+        explain::require(engine, method)?;
+        let occlusion = Occlusion::resolve(
+            args.occlusion_window,
+            args.occlusion_stride,
+            args.occlusion_baseline,
+            engine.meta.preprocess.input_size,
+        )?;
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create --heatmaps folder {}", dir.display()))?;
+        Ok(Some(Self {
+            method,
+            dir: dir.clone(),
+            style: heatmap::Style {
+                colormap: args.colormap,
+                opacity: args.opacity,
+                min_side: 224,
+            },
+            occlusion,
+            used: HashSet::new(),
+            written: 0,
+        }))
+    }
+
+    /// Writes the PNG and `.npy` of one input's explanation; the PNG shows class `class`.
+    fn write(
+        &mut self,
+        engine: &Engine,
+        input: &str,
+        pixels: &[f32],
+        e: &Explanation,
+        class: usize,
+    ) -> anyhow::Result<()> {
+        let base = heatmap::stem(input);
+        let mut stem = base.clone();
+        let mut k = 1;
+        while !self.used.insert(stem.clone()) {
+            stem = format!("{base}_{k}");
+            k += 1;
+        }
+        let p = &engine.meta.preprocess;
+        let img = heatmap::overlay(
+            pixels,
+            p.input_size,
+            (p.mean, p.std),
+            e.class_map(class)?,
+            e.grid(),
+            &self.style,
+        )?;
+        let m = self.method.as_str();
+        heatmap::write(
+            &self.dir.join(format!("{stem}.{m}.npy")),
+            &heatmap::npy(&e.shape, &e.values),
+        )?;
+        heatmap::write(
+            &self.dir.join(format!("{stem}.{m}.png")),
+            &heatmap::png(&img)?,
+        )?;
+        self.written += 1;
+        Ok(())
+    }
 }
 
 /// `predict --format` values.
@@ -78,6 +208,43 @@ pub fn predict_all(
     top_k: usize,
     decode_threads: usize,
 ) -> anyhow::Result<(Vec<Row>, Vec<Failure>)> {
+    let job = Job {
+        inputs,
+        split,
+        frames,
+        batch_size,
+        top_k,
+        decode_threads,
+    };
+    predict_explained(engine, &job, None)
+}
+
+/// What `predict` runs over.
+#[derive(Debug, Clone, Copy)]
+pub struct Job<'a> {
+    pub inputs: &'a [PathBuf],
+    pub split: &'a str,
+    pub frames: Option<inputs::Frames>,
+    pub batch_size: usize,
+    pub top_k: usize,
+    pub decode_threads: usize,
+}
+
+/// [`predict_all`], writing a heatmap of each prediction when `heatmaps` is given (a failure to
+/// explain an image is that image's failure; a failure to write is fatal).
+pub fn predict_explained(
+    engine: &mut Engine,
+    job: &Job<'_>,
+    mut heatmaps: Option<&mut Heatmaps>,
+) -> anyhow::Result<(Vec<Row>, Vec<Failure>)> {
+    let Job {
+        inputs,
+        split,
+        frames,
+        batch_size,
+        top_k,
+        decode_threads,
+    } = *job;
     if batch_size == 0 {
         bail!("--batch-size must be at least 1");
     }
@@ -97,13 +264,48 @@ pub fn predict_all(
         if batch.items.is_empty() {
             continue;
         }
-        match engine.probabilities(&batch.pixels, batch.items.len()) {
-            Ok(probs) => {
-                for ((item, sha), p) in batch.items.into_iter().zip(batch.sha256).zip(probs) {
+        let n = batch.items.len();
+        let method = heatmaps.as_ref().map(|h| h.method);
+        let result = match method {
+            Some(m @ (Method::Rollout | Method::Gradcam)) => engine
+                .scores_with_maps(&batch.pixels, n)
+                .and_then(|(s, maps)| Ok((s.probabilities, explain::split_maps(&maps, m, n)?)))
+                .map(|(p, e)| (p, e.into_iter().map(Some).collect())),
+            _ => engine
+                .probabilities(&batch.pixels, n)
+                .map(|p| (p, vec![None; n])),
+        };
+        match result {
+            Ok((probs, maps)) => {
+                let len = engine.image_len();
+                let rows_in = batch.items.into_iter().zip(batch.sha256).zip(probs);
+                for (i, (((item, sha), p), map)) in rows_in.zip(maps).enumerate() {
+                    let prediction = engine.label(&p, top_k);
+                    if let Some(h) = heatmaps.as_deref_mut() {
+                        let pixels = &batch.pixels[i * len..(i + 1) * len];
+                        let e = match map {
+                            Some(e) => Ok(e),
+                            None => {
+                                occlusion::explain(engine, pixels, &p, &h.occlusion, batch_size)
+                            }
+                        };
+                        let e = match e {
+                            Ok(e) => e,
+                            Err(e) => {
+                                failures.push(Failure {
+                                    input: item.name,
+                                    error: format!("explanation failed: {e:#}"),
+                                });
+                                continue;
+                            }
+                        };
+                        let class = prediction.top.first().map_or(0, |t| t.index);
+                        h.write(engine, &item.name, pixels, &e, class)?;
+                    }
                     rows.push(Row {
                         input: item.name,
                         input_sha256: sha,
-                        prediction: engine.label(&p, top_k),
+                        prediction,
                     });
                 }
             }
@@ -126,15 +328,24 @@ pub fn run(args: PredictArgs) -> anyhow::Result<ExitCode> {
     let audit = args.audit_log.as_deref().map(AuditLog::open).transpose()?;
     let mut engine = args.model.load()?;
     engine.note_calibration();
-    let (rows, failures) = predict_all(
-        &mut engine,
-        &args.inputs,
-        &args.split,
-        args.frame,
-        args.batch_size,
-        args.top_k,
-        args.decode_threads,
-    )?;
+    let mut heatmaps = Heatmaps::open(&args.explain, &engine)?;
+    let job = Job {
+        inputs: &args.inputs,
+        split: &args.split,
+        frames: args.frame,
+        batch_size: args.batch_size,
+        top_k: args.top_k,
+        decode_threads: args.decode_threads,
+    };
+    let (rows, failures) = predict_explained(&mut engine, &job, heatmaps.as_mut())?;
+    if let Some(h) = &heatmaps {
+        eprintln!(
+            "mae-run: wrote {} {} heatmaps (PNG and .npy) to {}",
+            h.written,
+            h.method.as_str(),
+            h.dir.display()
+        );
+    }
     if let Some(log) = &audit {
         for r in &rows {
             log.append(&AuditRecord {

@@ -11,6 +11,16 @@ pub struct RawOutputs {
     /// `[batch, classes]`, when the graph has a `probabilities` output.
     pub probabilities: Option<Vec<f32>>,
     pub classes: usize,
+    /// The graph's other outputs (explanation maps), batch first, in graph order.
+    pub maps: Vec<OutputTensor>,
+}
+
+/// A float32 graph output besides the scores, batch first.
+#[derive(Debug, Clone, Default)]
+pub struct OutputTensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub values: Vec<f32>,
 }
 
 impl RawOutputs {
@@ -22,6 +32,7 @@ impl RawOutputs {
             logits: logits.map(|(v, _)| v),
             probabilities: probs.map(|(v, _)| v),
             classes,
+            maps: Vec::new(),
         }
     }
 }

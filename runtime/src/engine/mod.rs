@@ -24,7 +24,7 @@ use mae_models::checkpoint::Task;
 use mae_models::metrics::top_k;
 use serde::Serialize;
 
-use self::backend::{Backend, RawOutputs};
+use self::backend::{Backend, OutputTensor, RawOutputs};
 use self::model::{MetaOverrides, ModelFile, ModelMeta};
 use self::settings::{BackendKind, Device, LoadOptions, ModelArgs};
 use crate::accel::Rewrites;
@@ -126,6 +126,7 @@ impl Engine {
                             .get_or_insert_with(Vec::new)
                             .extend(&p[..keep]);
                     }
+                    keep_maps(&mut out.maps, r.maps, n, fb);
                 }
                 Ok(out)
             }
@@ -144,6 +145,30 @@ impl Engine {
     pub fn scores(&mut self, pixels: &[f32], batch: usize) -> anyhow::Result<Scores> {
         let raw = self.run_raw(pixels, batch)?;
         self.scores_of(raw, batch)
+    }
+
+    /// [`Engine::scores`], with the graph's further outputs (explanation maps).
+    pub fn scores_with_maps(
+        &mut self,
+        pixels: &[f32],
+        batch: usize,
+    ) -> anyhow::Result<(Scores, Vec<OutputTensor>)> {
+        let mut raw = self.run_raw(pixels, batch)?;
+        let maps = std::mem::take(&mut raw.maps);
+        Ok((self.scores_of(raw, batch)?, maps))
+    }
+
+    /// [`Engine::scores_shared`], with the graph's further outputs (explanation maps).
+    pub fn scores_with_maps_shared(
+        &self,
+        pixels: &[f32],
+        batch: usize,
+        alone: bool,
+    ) -> anyhow::Result<(Scores, Vec<OutputTensor>)> {
+        self.check_pixels(pixels, batch)?;
+        let mut raw = self.backend.run_shared(pixels, batch, alone)?;
+        let maps = std::mem::take(&mut raw.maps);
+        Ok((self.scores_of(raw, batch)?, maps))
     }
 
     /// How many threads may each run images through [`Engine::scores_shared`] on their own
@@ -203,6 +228,32 @@ impl Engine {
     /// The labelled prediction for one row of probabilities.
     pub fn label(&self, probs: &[f32], k: usize) -> Prediction {
         label(&self.meta, probs, k)
+    }
+}
+
+/// Appends the first `n` images' rows of each map of a padded batch of `fb` to `out`.
+fn keep_maps(out: &mut Vec<OutputTensor>, maps: Vec<OutputTensor>, n: usize, fb: usize) {
+    for m in maps {
+        let per = m.values.len() / fb.max(1);
+        match out.iter_mut().find(|o| o.name == m.name) {
+            Some(o) => {
+                o.values.extend(&m.values[..n * per]);
+                if let Some(b) = o.shape.first_mut() {
+                    *b += n;
+                }
+            }
+            None => {
+                let mut shape = m.shape;
+                if let Some(b) = shape.first_mut() {
+                    *b = n;
+                }
+                out.push(OutputTensor {
+                    name: m.name,
+                    shape,
+                    values: m.values[..n * per].to_vec(),
+                });
+            }
+        }
     }
 }
 

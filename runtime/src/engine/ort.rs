@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use anyhow::{anyhow, bail};
 
-use crate::engine::backend::{output_roles, Backend, RawOutputs};
+use crate::engine::backend::{output_roles, Backend, OutputTensor, RawOutputs};
 use crate::engine::model::ModelMeta;
 use crate::engine::settings::{Device, LoadOptions};
 use ort::ep::ExecutionProvider;
@@ -152,6 +152,24 @@ impl Backend for OrtBackend {
             let classes = shape.last().copied().unwrap_or(1).max(0) as usize;
             Ok(Some((data.to_vec(), classes)))
         };
-        Ok(RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?))
+        let mut raw = RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?);
+        for (i, name) in self.output_names.iter().enumerate() {
+            if Some(i) == self.roles.0 || Some(i) == self.roles.1 {
+                continue;
+            }
+            let Some(v) = outputs.get(name.as_str()) else {
+                continue;
+            };
+            // Outputs that are not float32 tensors are not maps.
+            let Ok((shape, data)) = v.try_extract_tensor::<f32>() else {
+                continue;
+            };
+            raw.maps.push(OutputTensor {
+                name: name.clone(),
+                shape: shape.iter().map(|&d| d.max(0) as usize).collect(),
+                values: data.to_vec(),
+            });
+        }
+        Ok(raw)
     }
 }

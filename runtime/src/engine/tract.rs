@@ -8,7 +8,7 @@ use anyhow::{anyhow, Context};
 use tract_onnx::prelude::*;
 
 use crate::accel::{Rewrites, Rewritten};
-use crate::engine::backend::{output_roles, Backend, RawOutputs};
+use crate::engine::backend::{output_roles, Backend, OutputTensor, RawOutputs};
 use crate::engine::model::ModelMeta;
 use crate::engine::settings::{Parallel, TractPlans, TractSettings, TractWait};
 
@@ -30,6 +30,8 @@ pub(crate) struct TractBackend {
     pool: Option<Arc<rayon::ThreadPool>>,
     size: usize,
     roles: (Option<usize>, Option<usize>),
+    /// The graph's output names, in order.
+    names: Vec<String>,
     threads: usize,
     parallel: Parallel,
     wait: TractWait,
@@ -109,6 +111,7 @@ impl TractBackend {
             pool,
             size: s,
             roles: output_roles(&meta.output_names),
+            names: meta.output_names.clone(),
             threads,
             parallel,
             wait,
@@ -290,7 +293,25 @@ impl TractBackend {
             let v = t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec();
             Ok(Some((v, classes)))
         };
-        Ok(RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?))
+        let mut raw = RawOutputs::new(take(self.roles.0)?, take(self.roles.1)?);
+        for (i, t) in outputs.iter().enumerate() {
+            if Some(i) == self.roles.0 || Some(i) == self.roles.1 {
+                continue;
+            }
+            let Ok(t) = t.cast_to::<f32>() else {
+                continue;
+            };
+            raw.maps.push(OutputTensor {
+                name: self
+                    .names
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| format!("output {i}")),
+                shape: t.shape().to_vec(),
+                values: t.try_as_plain_ram()?.as_slice::<f32>()?.to_vec(),
+            });
+        }
+        Ok(raw)
     }
 }
 
