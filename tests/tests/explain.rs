@@ -1,0 +1,324 @@
+//! Heatmaps against the reference libraries, on both engines: seeded timm ViTs (a global-pool
+//! and a class-token head) exported by `mae-export --explain`, explained by `mae-run predict
+//! --explain ... --heatmaps DIR`, and their `.npy` maps compared with
+//! - attention rollout written in the fixture over timm's attention probabilities (1e-5),
+//! - `pytorch_grad_cam.GradCAM` on `blocks[-1]` with the ViT reshape transform, after its own
+//!   normalisation, at the patch grid and at its full resolution (1e-4),
+//! - `captum.attr.Occlusion` of the softmax with the same window, stride and baseline (1e-5).
+//!
+//! The fixture is `tests/fixtures/explain_reference.py`.
+#![allow(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use mae_models::checkpoint::{self, CheckpointKind, CheckpointMeta, Task};
+use mae_models::{ModelConfig, VitConfig};
+use mae_runtime::explain::heatmap::{normalise, resize};
+use mae_tests::{python, workspace_root, TestCommand};
+
+const TOL_ROLLOUT: f32 = 1e-5;
+const TOL_GRADCAM: f32 = 1e-4;
+const TOL_OCCLUSION: f32 = 1e-5;
+/// Side of the images and the models' input, their patch grid, classes and images.
+const SIZE: usize = 28;
+const GRID: usize = 7;
+const CLASSES: usize = 3;
+const IMAGES: usize = 2;
+/// Occlusion window and stride: 5 positions per side, the last window cut at the border.
+const WINDOW: usize = 8;
+const STRIDE: usize = 6;
+const BASELINE: f32 = 0.5;
+
+/// The models, images and reference maps, in a temporary folder kept for the test process.
+struct Fixture {
+    _tmp: tempfile::TempDir,
+    dir: PathBuf,
+    refs: serde_json::Value,
+}
+
+fn fixture() -> &'static Fixture {
+    static F: std::sync::OnceLock<Fixture> = std::sync::OnceLock::new();
+    F.get_or_init(make_fixture)
+}
+
+fn make_fixture() -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let vit = |global_pool: bool| VitConfig {
+        img_size: SIZE,
+        patch_size: SIZE / GRID,
+        in_chans: 3,
+        num_classes: CLASSES,
+        embed_dim: 48,
+        depth: 2,
+        num_heads: 3,
+        mlp_ratio: 4.0,
+        qkv_bias: true,
+        global_pool,
+        layer_norm_eps: 1e-6,
+    };
+    let timm = |c: &VitConfig| {
+        serde_json::json!({"img_size": c.img_size, "patch_size": c.patch_size,
+                           "embed_dim": c.embed_dim, "depth": c.depth, "num_heads": c.num_heads,
+                           "num_classes": c.num_classes, "global_pool": c.global_pool})
+    };
+    let models = [("gp", vit(true)), ("cls", vit(false))];
+    let job = serde_json::json!({
+        "models": {"gp": timm(&models[0].1), "cls": timm(&models[1].1)},
+        "images": IMAGES, "size": SIZE,
+        "occlusion": {"window": WINDOW, "stride": STRIDE, "baseline": BASELINE},
+    });
+    let mut child = Command::new(python())
+        .arg(workspace_root().join("tests/fixtures/explain_reference.py"))
+        .arg(&dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::to_vec(&job).unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "explain_reference.py failed (needs grad-cam and captum from requirements.txt)"
+    );
+    let refs = serde_json::from_slice(&out.stdout).unwrap();
+    // timm's weights as mae checkpoints (preprocessing without a resize: the images are at the
+    // input size), exported by mae-export.
+    for ((name, cfg), explain) in models.into_iter().zip(["rollout,gradcam", "rollout"]) {
+        let tensors = checkpoint::load(&dir.join(format!("{name}.pth")))
+            .unwrap()
+            .tensors;
+        let mut meta = CheckpointMeta::new(
+            CheckpointKind::Classifier,
+            "vit_tiny_patch4_28",
+            ModelConfig::Vit(cfg),
+            "explain tests",
+        );
+        meta.task = Some(Task::MultiClass);
+        meta.class_names = vec!["a".into(), "b".into(), "c".into()];
+        meta.preprocess.crop_pct = 1.0;
+        let ck = dir.join(format!("{name}.safetensors"));
+        checkpoint::safetensors::write(&ck, &tensors, Some(&meta)).unwrap();
+        TestCommand::new("mae-export", &dir)
+            .args(["--onnx", "--checkpoint", ck.to_str().unwrap()])
+            .args(["--explain", explain, "--output", &format!("{name}.onnx")])
+            .stdout();
+    }
+    Fixture {
+        _tmp: tmp,
+        dir,
+        refs,
+    }
+}
+
+/// The values of a JSON array of numbers, nested at any depth, in order.
+fn flat(v: &serde_json::Value) -> Vec<f32> {
+    match v {
+        serde_json::Value::Array(items) => items.iter().flat_map(flat).collect(),
+        x => vec![x.as_f64().unwrap() as f32],
+    }
+}
+
+/// A float32 `.npy` file's shape and values.
+fn read_npy(path: &Path) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(&bytes[..6], b"\x93NUMPY", "{}", path.display());
+    let len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = std::str::from_utf8(&bytes[10..10 + len]).unwrap();
+    assert!(header.contains("'descr': '<f4'"), "{header}");
+    let shape = header.split("'shape': (").nth(1).unwrap();
+    let shape: Vec<usize> = shape[..shape.find(')').unwrap()]
+        .split(',')
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| d.trim().parse().unwrap())
+        .collect();
+    let values: Vec<f32> = bytes[10 + len..]
+        .chunks(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    assert_eq!(values.len(), shape.iter().product::<usize>());
+    (shape, values)
+}
+
+/// Asserts `|got - want| ≤ tol` element-wise, naming the worst element; returns the worst.
+fn close(what: &str, got: &[f32], want: &[f32], tol: f32) -> f32 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    let (mut worst, mut at) = (0f32, 0);
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        let d = (a - b).abs();
+        if d > worst || d.is_nan() {
+            (worst, at) = (d, i);
+        }
+    }
+    assert!(
+        worst <= tol,
+        "{what}: max |Δ| {worst:.3e} beyond {tol:.0e} at element {at}: {} vs {}",
+        got[at],
+        want[at]
+    );
+    worst
+}
+
+/// Runs `mae-run predict --explain method` over the images; returns the heatmap folder.
+fn explain(f: &Fixture, model: &str, backend: &str, method: &str) -> PathBuf {
+    let out = f.dir.join(format!("{model}-{backend}-{method}"));
+    let images: Vec<String> = (0..IMAGES).map(|i| format!("img{i}.png")).collect();
+    TestCommand::new("mae-run", &f.dir)
+        .args(["predict", "--model", &format!("{model}.onnx")])
+        .args(["--backend", backend, "--batch-size", "2"])
+        .args(["--explain", method, "--heatmaps", out.to_str().unwrap()])
+        .args(["--occlusion-window", &WINDOW.to_string()])
+        .args(["--occlusion-stride", &STRIDE.to_string()])
+        .args(["--occlusion-baseline", &BASELINE.to_string()])
+        .args(&images)
+        .stdout();
+    out
+}
+
+#[test]
+fn heatmaps_equal_the_reference_libraries_on_both_engines() {
+    let f = fixture();
+    let plane = SIZE * SIZE;
+    let cells = GRID * GRID;
+    for backend in ["tract", "ort"] {
+        for model in ["gp", "cls"] {
+            let r = &f.refs[model];
+            let what = |m: &str, i: usize| format!("{backend} {model} {m} img{i}");
+
+            let dir = explain(f, model, backend, "rollout");
+            let want = flat(&r["rollout"]);
+            for i in 0..IMAGES {
+                let (shape, got) = read_npy(&dir.join(format!("img{i}.png.rollout.npy")));
+                assert_eq!(shape, [GRID, GRID]);
+                let w = &want[i * cells..(i + 1) * cells];
+                let d = close(&what("rollout", i), &got, w, TOL_ROLLOUT);
+                println!("{}: max |Δ| {d:.2e}", what("rollout", i));
+                let png = image::open(dir.join(format!("img{i}.png.rollout.png"))).unwrap();
+                assert_eq!((png.width(), png.height()), (224, 224));
+            }
+
+            let dir = explain(f, model, backend, "occlusion");
+            // [C, N, S, S] in the reference, [C, S, S] per image here.
+            let want = flat(&r["occlusion"]);
+            for i in 0..IMAGES {
+                let (shape, got) = read_npy(&dir.join(format!("img{i}.png.occlusion.npy")));
+                assert_eq!(shape, [CLASSES, SIZE, SIZE]);
+                let mut worst = 0f32;
+                for c in 0..CLASSES {
+                    let at = (c * IMAGES + i) * plane;
+                    let w = &want[at..at + plane];
+                    let g = &got[c * plane..(c + 1) * plane];
+                    let what = format!("{} class {c}", what("occlusion", i));
+                    worst = worst.max(close(&what, g, w, TOL_OCCLUSION));
+                }
+                let reach = got.iter().fold(0f32, |m, v| m.max(v.abs()));
+                assert!(
+                    reach > 1e-4,
+                    "{}: occlusion changed nothing",
+                    what("occlusion", i)
+                );
+                println!(
+                    "{}: max |Δ| {worst:.2e} (map reaches {reach:.2e})",
+                    what("occlusion", i)
+                );
+            }
+
+            if model != "gp" {
+                continue;
+            }
+            let dir = explain(f, model, backend, "gradcam");
+            let (low, full) = (flat(&r["gradcam_low"]), flat(&r["gradcam_full"]));
+            for i in 0..IMAGES {
+                let (shape, got) = read_npy(&dir.join(format!("img{i}.png.gradcam.npy")));
+                assert_eq!(shape, [CLASSES, GRID, GRID]);
+                let (mut worst_low, mut worst_full) = (0f32, 0f32);
+                for c in 0..CLASSES {
+                    let g = normalise(&got[c * cells..(c + 1) * cells]);
+                    let at = (c * IMAGES + i) * cells;
+                    let w = normalise(&low[at..at + cells]);
+                    let name = format!("{} class {c} at the grid", what("gradcam", i));
+                    worst_low = worst_low.max(close(&name, &g, &w, TOL_GRADCAM));
+                    // GradCAM's own output: normalised, resized to the image, normalised again.
+                    let g = normalise(&resize(&g, (GRID, GRID), (SIZE, SIZE)));
+                    let at = (c * IMAGES + i) * plane;
+                    let name = format!("{} class {c} at full size", what("gradcam", i));
+                    let w = &full[at..at + plane];
+                    worst_full = worst_full.max(close(&name, &g, w, TOL_GRADCAM));
+                }
+                println!(
+                    "{}: max |Δ| {worst_low:.2e} at the grid, {worst_full:.2e} at full size",
+                    what("gradcam", i)
+                );
+            }
+        }
+    }
+}
+
+/// What the models offer is listed by `mae-run info`, and asking for what a model lacks, or for
+/// impossible heatmap settings, fails with a message that says what to do.
+#[test]
+fn missing_outputs_and_bad_settings_fail_clearly() {
+    let f = fixture();
+    let info = TestCommand::new("mae-run", &f.dir)
+        .args(["info", "--model", "gp.onnx"])
+        .stdout();
+    assert!(
+        info.contains("output     rollout: float [batch, 7, 7]"),
+        "{info}"
+    );
+    assert!(
+        info.contains("output     gradcam: float [batch, 3, 7, 7]"),
+        "{info}"
+    );
+    assert!(info.contains("mae.explain = {"), "{info}");
+
+    let predict = |model: &str, extra: &[&str]| {
+        let mut c = TestCommand::new("mae-run", &f.dir);
+        c.args(["predict", "--model", model, "img0.png"])
+            .args(extra);
+        c
+    };
+    let err = predict("cls.onnx", &["--explain", "gradcam", "--heatmaps", "h"]).fails();
+    assert!(
+        err.contains("no 'gradcam' output")
+            && err.contains("mae-export --onnx --explain gradcam")
+            && err.contains("what it offers (rollout)"),
+        "{err}"
+    );
+    assert!(!f.dir.join("h").exists(), "nothing is written on refusal");
+    let err = predict("gp.onnx", &["--heatmaps", "h"]).fails();
+    assert!(err.contains("--explain"), "{err}");
+    let err = predict(
+        "gp.onnx",
+        &[
+            "--explain",
+            "rollout",
+            "--heatmaps",
+            "h",
+            "--opacity",
+            "1.5",
+        ],
+    )
+    .fails();
+    assert!(err.contains("--opacity 1.5"), "{err}");
+    let err = predict(
+        "gp.onnx",
+        &[
+            "--explain",
+            "occlusion",
+            "--heatmaps",
+            "h",
+            "--occlusion-window",
+            "40",
+        ],
+    )
+    .fails();
+    assert!(err.contains("--occlusion-window 40"), "{err}");
+    let help = TestCommand::new("mae-run", &f.dir)
+        .args(["predict", "--help"])
+        .stdout();
+    assert!(help.contains("one pass of the model per window"), "{help}");
+}
