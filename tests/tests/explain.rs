@@ -322,3 +322,173 @@ fn missing_outputs_and_bad_settings_fail_clearly() {
         .stdout();
     assert!(help.contains("one pass of the model per window"), "{help}");
 }
+
+/// A `mae-run serve` child on a free loopback port, killed on drop.
+struct Served {
+    child: std::process::Child,
+    addr: String,
+}
+
+impl Served {
+    fn start(dir: &Path, model: &str) -> Served {
+        use std::io::BufRead;
+        let mut child = TestCommand::new("mae-run", dir)
+            .args(["serve", "--model", model, "--listen", "127.0.0.1:0"])
+            .command()
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("serve exited before listening")
+                .unwrap();
+            if let Some(rest) = line.split("://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        std::thread::spawn(move || for _ in lines {});
+        Served { child, addr }
+    }
+
+    /// One HTTP/1.1 request; returns the status and the body as JSON.
+    fn post(&self, path: &str, content_type: &str, body: &[u8]) -> (u16, serde_json::Value) {
+        use std::io::Read;
+        let mut s = std::net::TcpStream::connect(&self.addr).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {}\r\nContent-Type: {content_type}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            self.addr,
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut resp = Vec::new();
+        s.read_to_end(&mut resp).unwrap();
+        let split = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+        let head = String::from_utf8_lossy(&resp[..split]).to_lowercase();
+        let status = head[9..12].parse().unwrap();
+        let mut body = resp[split + 4..].to_vec();
+        if head.contains("transfer-encoding: chunked") {
+            let (mut out, mut rest) = (Vec::new(), &body[..]);
+            while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
+                let n =
+                    usize::from_str_radix(std::str::from_utf8(&rest[..eol]).unwrap(), 16).unwrap();
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&rest[eol + 2..eol + 2 + n]);
+                rest = &rest[eol + 4 + n..];
+            }
+            body = out;
+        }
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The maps through `mae-run serve`: `/v2` infer answers `gradcam` and `rollout` when the
+/// request names them in `outputs`, and `/v1/predict?explain=M` (occlusion included, with its
+/// settings in the query) answers the same maps as `mae-run predict` and captum.
+#[test]
+fn serve_answers_the_maps() {
+    let f = fixture();
+    let s = Served::start(&f.dir, "gp.onnx");
+    let png = std::fs::read(f.dir.join("img0.png")).unwrap();
+    let npy = |method: &str| {
+        let dir = explain(f, "gp", "tract", method);
+        read_npy(&dir.join(format!("img0.png.{method}.npy")))
+    };
+
+    let mut spec = mae_models::preprocess::PreprocessSpec::imagenet(SIZE);
+    spec.crop_pct = 1.0;
+    let img = mae_models::input::load(&f.dir.join("img0.png")).unwrap();
+    let pixels = mae_models::imaging::preprocess_eval(&img, &spec);
+    let request = serde_json::json!({
+        "inputs": [{"name": "pixel_values", "datatype": "FP32", "shape": [1, 3, SIZE, SIZE],
+                    "data": pixels}],
+        "outputs": [{"name": "gradcam"}, {"name": "rollout"}],
+    });
+    let body = serde_json::to_vec(&request).unwrap();
+    let (code, v) = s.post("/v2/models/gp/infer", "application/json", &body);
+    assert_eq!(code, 200, "{v}");
+    let outputs = v["outputs"].as_array().unwrap();
+    assert_eq!(outputs[0]["name"], "gradcam");
+    assert_eq!(
+        outputs[0]["shape"],
+        serde_json::json!([1, CLASSES, GRID, GRID])
+    );
+    assert_eq!(outputs[1]["shape"], serde_json::json!([1, GRID, GRID]));
+    let (_, gradcam) = npy("gradcam");
+    close("/v2 gradcam", &flat(&outputs[0]["data"]), &gradcam, 1e-5);
+    let (_, rollout) = npy("rollout");
+    close(
+        "/v2 rollout",
+        &flat(&outputs[1]["data"]),
+        &rollout,
+        TOL_ROLLOUT,
+    );
+    let unknown =
+        serde_json::json!({"inputs": request["inputs"], "outputs": [{"name": "saliency"}]});
+    let (code, v) = s.post(
+        "/v2/models/gp/infer",
+        "application/json",
+        &serde_json::to_vec(&unknown).unwrap(),
+    );
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().unwrap().contains("gradcam"), "{v}");
+
+    let (code, v) = s.post("/v1/predict?explain=rollout", "image/png", &png);
+    assert_eq!(code, 200, "{v}");
+    let e = &v["predictions"][0]["explanation"];
+    assert_eq!(e["method"], "rollout");
+    assert_eq!(e["shape"], serde_json::json!([GRID, GRID]));
+    close("/v1 rollout", &flat(&e["map"]), &rollout, TOL_ROLLOUT);
+
+    let query = format!(
+        "/v1/predict?explain=occlusion&occlusion_window={WINDOW}&occlusion_stride={STRIDE}\
+         &occlusion_baseline={BASELINE}"
+    );
+    let (code, v) = s.post(&query, "image/png", &png);
+    assert_eq!(code, 200, "{v}");
+    let e = &v["predictions"][0]["explanation"];
+    assert_eq!(e["shape"], serde_json::json!([CLASSES, SIZE, SIZE]));
+    let got = flat(&e["map"]);
+    let want = flat(&f.refs["gp"]["occlusion"]);
+    let plane = SIZE * SIZE;
+    for c in 0..CLASSES {
+        let at = c * IMAGES * plane;
+        let g = &got[c * plane..(c + 1) * plane];
+        close(
+            &format!("/v1 occlusion class {c} vs captum"),
+            g,
+            &want[at..at + plane],
+            TOL_OCCLUSION,
+        );
+    }
+
+    let (code, v) = s.post("/v1/predict?explain=saliency", "image/png", &png);
+    assert_eq!(code, 400);
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("unknown explanation 'saliency'"),
+        "{v}"
+    );
+    let (code, v) = s.post(
+        "/v1/predict?explain=occlusion&occlusion_window=99",
+        "image/png",
+        &png,
+    );
+    assert_eq!(code, 400);
+    assert!(v["error"].as_str().unwrap().contains("99"), "{v}");
+}

@@ -268,8 +268,8 @@ pub fn predict_explained(
         let method = heatmaps.as_ref().map(|h| h.method);
         let result = match method {
             Some(m @ (Method::Rollout | Method::Gradcam)) => engine
-                .scores_with_maps(&batch.pixels, n)
-                .and_then(|(s, maps)| Ok((s.probabilities, explain::split_maps(&maps, m, n)?)))
+                .scores(&batch.pixels, n)
+                .and_then(|s| Ok((s.probabilities, explain::split_maps(&s.maps, m, n)?)))
                 .map(|(p, e)| (p, e.into_iter().map(Some).collect())),
             _ => engine
                 .probabilities(&batch.pixels, n)

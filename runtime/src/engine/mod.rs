@@ -147,30 +147,6 @@ impl Engine {
         self.scores_of(raw, batch)
     }
 
-    /// [`Engine::scores`], with the graph's further outputs (explanation maps).
-    pub fn scores_with_maps(
-        &mut self,
-        pixels: &[f32],
-        batch: usize,
-    ) -> anyhow::Result<(Scores, Vec<OutputTensor>)> {
-        let mut raw = self.run_raw(pixels, batch)?;
-        let maps = std::mem::take(&mut raw.maps);
-        Ok((self.scores_of(raw, batch)?, maps))
-    }
-
-    /// [`Engine::scores_shared`], with the graph's further outputs (explanation maps).
-    pub fn scores_with_maps_shared(
-        &self,
-        pixels: &[f32],
-        batch: usize,
-        alone: bool,
-    ) -> anyhow::Result<(Scores, Vec<OutputTensor>)> {
-        self.check_pixels(pixels, batch)?;
-        let mut raw = self.backend.run_shared(pixels, batch, alone)?;
-        let maps = std::mem::take(&mut raw.maps);
-        Ok((self.scores_of(raw, batch)?, maps))
-    }
-
     /// How many threads may each run images through [`Engine::scores_shared`] on their own
     /// core at once (0: the engine runs one batch at a time, through [`Engine::scores`]).
     pub fn lanes(&self) -> usize {
@@ -191,7 +167,7 @@ impl Engine {
     }
 
     /// Rows of probabilities (calibrated) and logits from a batch's raw outputs.
-    fn scores_of(&self, raw: RawOutputs, batch: usize) -> anyhow::Result<Scores> {
+    fn scores_of(&self, mut raw: RawOutputs, batch: usize) -> anyhow::Result<Scores> {
         let c = raw.classes;
         if c == 0 {
             bail!("the model returned no class scores");
@@ -222,6 +198,7 @@ impl Engine {
         Ok(Scores {
             logits: raw.logits.as_deref().map(rows),
             probabilities: rows(&probs),
+            maps: std::mem::take(&mut raw.maps),
         })
     }
 
@@ -318,6 +295,36 @@ pub struct Scores {
     pub logits: Option<Vec<Vec<f32>>>,
     /// Probabilities, calibrated when the model carries a temperature.
     pub probabilities: Vec<Vec<f32>>,
+    /// The graph's further outputs (explanation maps), batch first.
+    pub maps: Vec<OutputTensor>,
+}
+
+impl Scores {
+    /// The rows of images `first..first + n` of a batch of `batch` images.
+    pub fn rows(&self, first: usize, n: usize, batch: usize) -> Scores {
+        let take = |v: &Vec<Vec<f32>>| v.iter().skip(first).take(n).cloned().collect();
+        Scores {
+            logits: self.logits.as_ref().map(take),
+            probabilities: take(&self.probabilities),
+            maps: self
+                .maps
+                .iter()
+                .map(|m| {
+                    let per = m.values.len() / batch.max(1);
+                    let end = ((first + n) * per).min(m.values.len());
+                    let mut shape = m.shape.clone();
+                    if let Some(b) = shape.first_mut() {
+                        *b = n;
+                    }
+                    OutputTensor {
+                        name: m.name.clone(),
+                        shape,
+                        values: m.values[(first * per).min(end)..end].to_vec(),
+                    }
+                })
+                .collect(),
+        }
+    }
 }
 
 /// One class and its probability.

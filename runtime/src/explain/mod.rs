@@ -91,10 +91,18 @@ impl Explanation {
 
 /// Fails with what to do when the model does not offer `method`'s output.
 pub fn require(engine: &Engine, method: Method) -> anyhow::Result<()> {
+    require_output(
+        &engine.file.path.display().to_string(),
+        &engine.meta.output_names,
+        method,
+    )
+}
+
+/// [`require`] for the model `model` with the outputs `names`.
+pub fn require_output(model: &str, names: &[String], method: Method) -> anyhow::Result<()> {
     let Some(name) = method.graph_output() else {
         return Ok(());
     };
-    let names = &engine.meta.output_names;
     if names.iter().any(|n| n == name) {
         return Ok(());
     }
@@ -106,7 +114,7 @@ pub fn require(engine: &Engine, method: Method) -> anyhow::Result<()> {
     bail!(
         "{} has no '{name}' output (its outputs: {}); export the model with `mae-export --onnx \
          --explain {name}`{}, or use --explain occlusion, which works with any classifier",
-        engine.file.path.display(),
+        model,
         names.join(", "),
         if offered.is_empty() {
             String::new()

@@ -69,8 +69,12 @@ impl Occlusion {
     }
 }
 
+/// Probabilities (one row per image) of `n` normalised images `[n, 3, s, s]`.
+pub type RunBatch<'a> = dyn FnMut(&[f32], usize) -> anyhow::Result<Vec<Vec<f32>>> + 'a;
+
 /// The occlusion map `[classes, size, size]` of one normalised image `[3, size, size]` whose
-/// unoccluded probabilities are `probs`, running `batch` occluded copies per pass.
+/// unoccluded probabilities are `probs`, running `batch` occluded copies per pass through the
+/// engine.
 pub fn explain(
     engine: &mut Engine,
     image: &[f32],
@@ -79,6 +83,21 @@ pub fn explain(
     batch: usize,
 ) -> anyhow::Result<Explanation> {
     let s = engine.meta.preprocess.input_size;
+    explain_with(image, s, probs, p, batch, &mut |px, n| {
+        engine.probabilities(px, n)
+    })
+}
+
+/// [`explain`] through `run`, which gives the probabilities of `n` images (`[n, 3, s, s]`), for
+/// an input of side `s`.
+pub fn explain_with(
+    image: &[f32],
+    s: usize,
+    probs: &[f32],
+    p: &Occlusion,
+    batch: usize,
+    run: &mut RunBatch<'_>,
+) -> anyhow::Result<Explanation> {
     let plane = s * s;
     if image.len() != 3 * plane {
         bail!(
@@ -109,7 +128,14 @@ pub fn explain(
                 }
             }
         }
-        let occluded = engine.probabilities(&pixels, chunk.len())?;
+        let occluded = run(&pixels, chunk.len())?;
+        if occluded.len() != chunk.len() {
+            bail!(
+                "occlusion: {} rows of probabilities for {} images",
+                occluded.len(),
+                chunk.len()
+            );
+        }
         for (&(y0, x0), q) in chunk.iter().zip(&occluded) {
             if q.len() != c {
                 bail!("occlusion: the model gave {} classes, then {c}", q.len());

@@ -13,6 +13,8 @@
 //!
 //! Outputs: `logits` (the graph's, before calibration) and `probabilities` (calibrated), FP32
 //! `[N, classes]`; `parameters.classification = k` turns one into BYTES `"score:index:label"`.
+//! A model exported with `mae-export --explain` also answers its maps, FP32 `rollout`
+//! `[N, h, w]` and `gradcam` `[N, classes, h, w]`, when the request names them in `outputs`.
 
 use std::path::Path;
 
@@ -486,6 +488,8 @@ pub fn infer_response(
         .into_iter()
         .chain([("probabilities", &scores.probabilities)])
         .collect();
+    // Explanation maps (rollout, gradcam): only when asked for by name.
+    let maps = &scores.maps;
     let wanted: Vec<RequestedOutput> = match &req.outputs {
         Some(list) => list.clone(),
         None => available
@@ -500,8 +504,33 @@ pub fn infer_response(
     let mut outputs = Vec::new();
     let mut binary = Vec::new();
     for out in &wanted {
+        if let Some(m) = maps.iter().find(|m| m.name == out.name) {
+            if out.classification > 0 {
+                return Err(ProtocolError::bad_request(format!(
+                    "output '{}' is a map, not class scores: it has no classification",
+                    out.name
+                )));
+            }
+            let mut entry = Map::new();
+            entry.insert("name".into(), out.name.clone().into());
+            entry.insert("datatype".into(), "FP32".into());
+            entry.insert("shape".into(), json!(m.shape));
+            if out.binary.unwrap_or(req.binary_output) {
+                let raw: Vec<u8> = m.values.iter().flat_map(|x| x.to_le_bytes()).collect();
+                entry.insert("parameters".into(), json!({"binary_data_size": raw.len()}));
+                binary.extend(raw);
+            } else {
+                entry.insert("data".into(), json!(m.values));
+            }
+            outputs.push(Value::Object(entry));
+            continue;
+        }
         let Some((_, rows)) = available.iter().find(|(n, _)| *n == out.name) else {
-            let names: Vec<&str> = available.iter().map(|(n, _)| *n).collect();
+            let names: Vec<&str> = available
+                .iter()
+                .map(|(n, _)| *n)
+                .chain(maps.iter().map(|m| m.name.as_str()))
+                .collect();
             return Err(ProtocolError::bad_request(format!(
                 "unknown output '{}': this model has {}",
                 out.name,

@@ -1,5 +1,6 @@
 //! mae-run's own API: `POST /v1/predict` (one image as the body, or several as
-//! `multipart/form-data`; `?top_k=N`, `?model=NAME`) and `GET /v1/model`.
+//! `multipart/form-data`; `?top_k=N`, `?model=NAME`, `?explain=rollout|gradcam|occlusion` with
+//! `occlusion_window`, `occlusion_stride`, `occlusion_baseline`) and `GET /v1/model`.
 
 use std::path::Path;
 
@@ -7,6 +8,8 @@ use mae_models::imaging::preprocess_eval;
 use serde_json::json;
 
 use crate::engine::label;
+use crate::explain::occlusion::{self, Occlusion};
+use crate::explain::{self, Method};
 use crate::inputs::{decode_bytes, sha256_hex};
 use crate::serve::audit::AuditRecord;
 use crate::serve::state::{error_response, json_response, Reply, Req, Shared, Slot};
@@ -75,19 +78,62 @@ fn predict_with(req: &Req, shared: &Shared, slot: &Slot) -> Reply {
         }
         shas.push(sha256_hex(bytes));
     }
-    let rows = match infer(shared, slot, pixels, parts.len()) {
-        Ok(s) => s.probabilities,
+    let method = match query_value(&req.query, "explain").map(Method::parse) {
+        None => None,
+        Some(Ok(m)) => Some(m),
+        Some(Err(e)) => return error_response(400, &format!("{e:#}")),
+    };
+    let occlusion = match method {
+        Some(m) => match explain_settings(&req.query, slot, m) {
+            Ok(o) => Some(o),
+            Err(e) => return error_response(400, &format!("explain={}: {e:#}", m.as_str())),
+        },
+        None => None,
+    };
+    let n = parts.len();
+    let scores = match infer(shared, slot, pixels.clone(), n) {
+        Ok(s) => s,
         Err((code, msg)) => return error_response(code, &msg),
     };
+    let maps = match method {
+        Some(m @ (Method::Rollout | Method::Gradcam)) => {
+            match explain::split_maps(&scores.maps, m, n) {
+                Ok(e) => e.into_iter().map(Some).collect(),
+                Err(e) => return error_response(500, &format!("{e:#}")),
+            }
+        }
+        _ => vec![None; n],
+    };
+    let rows = scores.probabilities;
     let meta = &slot.meta;
+    let len = pixels.len() / n.max(1);
     let mut predictions = Vec::new();
-    for (((name, _), sha), probs) in parts.iter().zip(&shas).zip(&rows) {
+    for (i, ((((name, _), sha), probs), map)) in
+        parts.iter().zip(&shas).zip(&rows).zip(maps).enumerate()
+    {
         let p = label(meta, probs, top_k);
+        let explanation = match (method, map, &occlusion) {
+            (Some(_), Some(e), _) => Some(e),
+            (Some(Method::Occlusion), None, Some(o)) => {
+                let image = &pixels[i * len..(i + 1) * len];
+                let s = meta.preprocess.input_size;
+                let mut run = |px: &[f32], k: usize| {
+                    infer(shared, slot, px.to_vec(), k)
+                        .map(|s| s.probabilities)
+                        .map_err(|(code, msg)| anyhow::anyhow!("{msg} ({code})"))
+                };
+                match occlusion::explain_with(image, s, probs, o, OCCLUSION_BATCH, &mut run) {
+                    Ok(e) => Some(e),
+                    Err(e) => return error_response(500, &format!("occlusion: {e:#}")),
+                }
+            }
+            _ => None,
+        };
         if let Some(log) = &shared.audit {
             let record = AuditRecord::prediction(meta, name.clone(), sha, &p);
             let _ = log.append(&slot.audit("v1", &request_id, caller, record));
         }
-        predictions.push(json!({
+        let mut doc = json!({
             "name": name,
             "input_sha256": sha,
             "class": p.class,
@@ -95,7 +141,15 @@ fn predict_with(req: &Req, shared: &Shared, slot: &Slot) -> Reply {
             "labels": p.labels,
             "top": p.top,
             "probabilities": p.probabilities,
-        }));
+        });
+        if let Some(e) = explanation {
+            doc["explanation"] = json!({
+                "method": e.method,
+                "shape": e.shape,
+                "map": e.values,
+            });
+        }
+        predictions.push(doc);
     }
     json_response(
         200,
@@ -105,6 +159,43 @@ fn predict_with(req: &Req, shared: &Shared, slot: &Slot) -> Reply {
             "class_names": (0..rows.first().map_or(0, Vec::len)).map(|i| meta.class_name(i)).collect::<Vec<_>>(),
             "predictions": predictions,
         }),
+    )
+}
+
+/// Occluded images per queued request of `?explain=occlusion`.
+const OCCLUSION_BATCH: usize = 16;
+
+/// The value of `key=` in a query string.
+fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+}
+
+/// Checks `?explain=` against the model; the occlusion settings of the query (defaults as
+/// `mae-run predict`'s).
+fn explain_settings(query: &str, slot: &Slot, m: Method) -> anyhow::Result<Occlusion> {
+    let meta = &slot.meta;
+    explain::require_output(&format!("model '{}'", slot.name), &meta.output_names, m)?;
+    let number = |key: &str| -> anyhow::Result<Option<usize>> {
+        query_value(query, key)
+            .map(|v| {
+                v.parse()
+                    .map_err(|_| anyhow::anyhow!("{key}={v} is not a whole number"))
+            })
+            .transpose()
+    };
+    let baseline = match query_value(query, "occlusion_baseline") {
+        Some(v) => v
+            .parse()
+            .map_err(|_| anyhow::anyhow!("occlusion_baseline={v} is not a number"))?,
+        None => 0.0,
+    };
+    Occlusion::resolve(
+        number("occlusion_window")?,
+        number("occlusion_stride")?,
+        baseline,
+        meta.preprocess.input_size,
     )
 }
 

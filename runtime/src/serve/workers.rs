@@ -101,14 +101,10 @@ pub fn batch_loop(
         shared.metrics.batch(&slot.labels, images);
         match result {
             Ok(scores) => {
-                let mut probs = scores.probabilities.into_iter();
-                let mut logits = scores.logits.map(Vec::into_iter);
+                let mut first = 0;
                 for j in jobs {
-                    let mine = Scores {
-                        probabilities: probs.by_ref().take(j.images).collect(),
-                        logits: logits.as_mut().map(|l| l.by_ref().take(j.images).collect()),
-                    };
-                    let _ = j.reply.send(Ok(mine));
+                    let _ = j.reply.send(Ok(scores.rows(first, j.images, images)));
+                    first += j.images;
                 }
             }
             Err(e) => {
