@@ -2,16 +2,20 @@
 //! (197 tokens) as a one-node model built in code (input `[m, k]` times a constant `[k, n]`),
 //! optimised as tract optimises an ONNX MatMul. Prints the kernel tract picked for each and its
 //! speed on 1 and 2 threads, for comparing with ONNX Runtime on the same shapes
-//! (`scripts/bench/matmul.sh`) and for a report to tract's maintainers. Where the CPU has
-//! AVX-512F, a second row (`qkv_mae`, ...) times the same model with `mae-run`'s load-time
-//! rewrite, on its packed kernel.
+//! (`scripts/bench/matmul.sh`) and for a report to tract's maintainers. Further rows
+//! (`qkv_avx512`, `qkv_avx2`, ...) time the same model with `mae-run`'s load-time rewrite, on
+//! its packed kernels of each path this CPU runs (`MAE_KERNELS`; the portable one only when
+//! PORTABLE=1, as it is far slower).
 //!
 //! usage: cargo run --release -p mae-runtime --example tract_matmul -- [ITERATIONS (20)]
-//!        env SHAPES="197x768x2304,..." (m×k×n) to choose the products
+//!        env SHAPES="197x768x2304,..." (m×k×n) to choose the products, PATHS="avx2,..." to
+//!        choose mae-run's paths, THREADS="1,2"
 use std::time::Instant;
 
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::einsum::EinSum;
+
+use mae_runtime::kernels::select::{Choice, Path};
 
 /// (name, m, k, n) of ViT-B/16's products at 224 px, batch 1.
 const VIT_B: [(&str, usize, usize, usize); 4] = [
@@ -22,13 +26,12 @@ const VIT_B: [(&str, usize, usize, usize); 4] = [
 ];
 
 /// The one-node model of `m × k` times a constant `k × n`, optimised by tract alone, or (`ours`)
-/// with `mae-run`'s load-time rewrites, which run it on its packed kernel where the CPU has
-/// AVX-512F.
+/// with `mae-run`'s load-time rewrites, which run it on the packed kernels of that path.
 fn plan(
     m: usize,
     k: usize,
     n: usize,
-    ours: bool,
+    ours: Option<Path>,
 ) -> anyhow::Result<(Arc<TypedRunnableModel>, Vec<String>)> {
     let mut model = TypedModel::default();
     let a = model.add_source("a", f32::fact([m, k]))?;
@@ -42,10 +45,12 @@ fn plan(
     let axes = "mk,kn->mn".parse()?;
     let c = model.wire_node("matmul", EinSum::new(axes, f32::datum_type()), &[a, w])?;
     model.select_output_outlets(&c)?;
-    let optimized = if ours {
-        mae_runtime::accel::optimize(model, mae_runtime::accel::Rewrites::All)?.0
-    } else {
-        model.into_optimized()?
+    let optimized = match ours {
+        Some(path) => {
+            let kernels = Choice::new(path)?;
+            mae_runtime::accel::optimize(model, mae_runtime::accel::Rewrites::All, kernels)?.0
+        }
+        None => model.into_optimized()?,
     };
     let mut info = Vec::new();
     for node in optimized.nodes() {
@@ -97,25 +102,49 @@ fn main() -> anyhow::Result<()> {
             .map(|&(name, m, k, n)| (name.to_string(), m, k, n))
             .collect(),
     };
-    println!("tract (the version in Cargo.lock) · best of {iters} runs");
+    let paths: Vec<Path> = match std::env::var("PATHS") {
+        Ok(list) => list
+            .split(',')
+            .map(|p| p.parse::<Path>().map_err(anyhow::Error::msg))
+            .collect::<anyhow::Result<_>>()?,
+        Err(_) => Path::NAMED
+            .into_iter()
+            .filter(|p| p.available())
+            .filter(|p| *p != Path::Portable || std::env::var_os("PORTABLE").is_some())
+            .collect(),
+    };
+    let threads: Vec<usize> = std::env::var("THREADS")
+        .unwrap_or_else(|_| "1,2".into())
+        .split(',')
+        .map(|t| t.parse().map_err(|e| anyhow::anyhow!("THREADS `{t}`: {e}")))
+        .collect::<anyhow::Result<_>>()?;
+    println!(
+        "tract (the version in Cargo.lock) · best of {iters} runs · {}",
+        mae_runtime::kernels::select::describe_cpu()
+    );
     println!("| product | m×k×n | threads | ms | GFLOP/s | kernel |");
     println!("|---|---|---|---|---|---|");
-    for threads in [1, 2] {
+    for threads in threads {
         let executor = if threads == 1 {
             tract_linalg::multithread::Executor::SingleThread
         } else {
             tract_linalg::multithread::Executor::multithread(threads)
         };
-        for ((name, m, k, n), ours) in shapes.iter().flat_map(|s| [(s, false), (s, true)]) {
+        let variants: Vec<Option<Path>> = std::iter::once(None)
+            .chain(paths.iter().copied().map(Some))
+            .collect();
+        for ((name, m, k, n), ours) in shapes
+            .iter()
+            .flat_map(|s| variants.iter().map(move |v| (s, *v)))
+        {
             let (plan, info) = plan(*m, *k, *n, ours)?;
             // mae-run's rows only where its rewrite applies.
-            if ours && !info.iter().any(|l| l.contains("DenseProduct")) {
+            if ours.is_some() && !info.iter().any(|l| l.contains("DenseProduct")) {
                 continue;
             }
-            let name = if ours {
-                format!("{name}_mae")
-            } else {
-                name.clone()
+            let name = match ours {
+                Some(path) => format!("{name}_{}", path.name()),
+                None => name.clone(),
             };
             let secs =
                 tract_linalg::multithread::multithread_tract_scope(executor.clone(), || {

@@ -41,7 +41,9 @@ fn main() -> anyhow::Result<()> {
     }
     // As the runtime loads models: symbolic batch (or, with CONCRETE, this batch), concrete
     // image size.
-    let rewrites = mae_runtime::engine::settings::TractSettings::from_env()?.rewrites;
+    let settings = mae_runtime::engine::settings::TractSettings::from_env()?;
+    let rewrites = settings.rewrites;
+    let kernels = mae_runtime::kernels::select::Choice::new(settings.kernels)?;
     let (mut model, integer) = mae_runtime::accel::parse(std::path::Path::new(&path), rewrites)?;
     let b: TDim = if concrete {
         (batch as i64).into()
@@ -52,7 +54,8 @@ fn main() -> anyhow::Result<()> {
     model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
     let t = Instant::now();
     // With mae-run's load-time rewrites unless MAE_TRACT_REWRITES=none.
-    let (optimized, mut done) = mae_runtime::accel::optimize(model.into_typed()?, rewrites)?;
+    let (optimized, mut done) =
+        mae_runtime::accel::optimize(model.into_typed()?, rewrites, kernels)?;
     done.integer_products = integer;
     println!("rewrites: {done:?}");
     if let Ok(pat) = std::env::var("FACTS") {

@@ -6,6 +6,7 @@
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use common::*;
 use mae_runtime::engine::model::MetaOverrides;
@@ -140,6 +141,121 @@ fn file_predictions_match_pytorch() {
     }
 }
 
+/// Every kernel path this CPU runs, forced by name (`MAE_KERNELS`), gives PyTorch's
+/// probabilities and logits, at batch 4 and batch 1, with its products on that path's tiles.
+#[test]
+fn every_kernel_path_matches_pytorch() {
+    use mae_runtime::kernels::select::Path;
+    let paths: Vec<Path> = Path::NAMED.into_iter().filter(|p| p.available()).collect();
+    eprintln!("paths this CPU runs: {paths:?}");
+    for path in paths {
+        for model in MODELS {
+            let opts = LoadOptions {
+                tract: TractSettings {
+                    kernels: path,
+                    ..TractSettings::default()
+                },
+                ..options(BackendKind::Tract)
+            };
+            let mut e = engine_with(model, &opts);
+            let described = e.describe_backend();
+            assert!(
+                described.contains(&format!("MAE_KERNELS={} (forced)", path.name()))
+                    && described.contains("linear products on mae-run's packed kernel"),
+                "{described}"
+            );
+            let r = &reference()["tensor"][model];
+            let x = read_f32(&fixtures().join(format!("tensor_{model}.f32")));
+            let batch = r["batch"].as_u64().unwrap() as usize;
+            let raw = e.run_raw(&x, batch).unwrap();
+            let what = format!("{model} on {}", path.name());
+            let dp = assert_close(
+                &format!("{what} probabilities"),
+                raw.probabilities.as_ref().unwrap(),
+                &floats(&r["probabilities"]),
+                PROB_TOL,
+            );
+            let dl = assert_close(
+                &format!("{what} logits"),
+                raw.logits.as_ref().unwrap(),
+                &floats(&r["logits"]),
+                LOGIT_TOL,
+            );
+            eprintln!("{what}: max |Δp| {dp:.2e}, max |Δlogit| {dl:.2e}");
+            let len = e.image_len();
+            let one = e.probabilities(&x[..len], 1).unwrap();
+            assert_close(
+                &format!("{what} batch 1"),
+                &one[0],
+                &floats(&r["probabilities"])[..one[0].len()],
+                PROB_TOL,
+            );
+        }
+    }
+}
+
+#[test]
+fn kernel_paths_are_reported_and_a_bad_one_is_refused() {
+    use mae_runtime::kernels::select::Path;
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("multiclass.onnx");
+    let run = |path: &str, args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_mae-run"))
+            .args(args)
+            .current_dir(dir.path())
+            .env("MAE_KERNELS", path)
+            .output()
+            .unwrap()
+    };
+    let info = ["info", "--model", p(&model)];
+    let o = run("portable", &info);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let out = stdout(&o);
+    assert!(out.contains("\ncpu        "), "{out}");
+    assert!(
+        out.contains("kernels    tract: MAE_KERNELS=portable (forced): float32 products and attention portable, int8 products portable"),
+        "{out}"
+    );
+    let bench = [
+        "bench",
+        "--model",
+        p(&model),
+        "--batch-size",
+        "1",
+        "--iterations",
+        "2",
+        "--warmup",
+        "0",
+        "--format",
+        "json",
+    ];
+    for path in Path::NAMED.into_iter().filter(|p| p.available()) {
+        let o = run(path.name(), &bench);
+        assert!(o.status.success(), "{}: {}", path.name(), stderr(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(v["kernels"]["asked"], path.name());
+        assert!(v["cpu"]["features"].is_array(), "{v}");
+        let f32 = v["kernels"]["f32_products"].as_str().unwrap();
+        assert!(
+            path.name().contains(f32) || (path == Path::AvxVnni && f32 == "avx2"),
+            "{v}"
+        );
+    }
+    // A name that is no path, and (where this CPU lacks one) a path it cannot run.
+    let o = run("avx1024", &bench);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("MAE_KERNELS=\"avx1024\""),
+        "{}",
+        stderr(&o)
+    );
+    for path in Path::NAMED.into_iter().filter(|p| !p.available()) {
+        let o = run(path.name(), &bench);
+        assert!(!o.status.success());
+        assert!(stderr(&o).contains("this CPU lacks"), "{}", stderr(&o));
+    }
+}
+
 #[test]
 fn info_shows_the_contract() {
     let dir = tempfile::tempdir().unwrap();
@@ -166,6 +282,8 @@ fn info_shows_the_contract() {
     assert_eq!(v["sha256"].as_str().unwrap().len(), 64);
     assert_eq!(v["mae"]["preprocess"]["input_size"], 28);
     assert_eq!(v["metadata"]["mae.task"], "binary");
+    assert!(v["cpu"]["features"].is_array(), "{v}");
+    assert!(v["tract_kernels"]["f32_products"].is_string(), "{v}");
 }
 
 #[test]

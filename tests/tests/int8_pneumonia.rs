@@ -1,8 +1,8 @@
 //! `mae-export --int8` on real images: a small ViT trained by `mae-train` on PneumoniaMNIST,
 //! exported in fp32, dynamic int8 and static int8 (calibrated on 64 training X-rays), gives the
 //! same top-1 class on at least 99% of 256 test X-rays and a test AUC within 0.005 of fp32's, in
-//! ONNX Runtime and in tract. Needs `../shared/data/medmnist/pneumoniamnist.npz` (ignored
-//! without it).
+//! ONNX Runtime and in tract, on every kernel path this CPU runs (`MAE_KERNELS`). Needs
+//! `../shared/data/medmnist/pneumoniamnist.npz` (ignored without it).
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
@@ -81,10 +81,13 @@ fn int8_keeps_the_top1_class_on_real_xrays() {
     let n = 256;
     // The predicted classes and the test AUC.
     let run = |model: &str, backend: &str| -> (Vec<String>, f64) {
-        let csv = format!("{model}-{backend}.csv");
-        let json = format!("{model}-{backend}.json");
-        TestCommand::new("mae-run", dir)
-            .args(["eval", "--model", model, "--backend", backend])
+        // `tract@avx2`: tract with MAE_KERNELS=avx2.
+        let (backend, path) = backend.split_once('@').unwrap_or((backend, "auto"));
+        let csv = format!("{model}-{backend}-{path}.csv");
+        let json = format!("{model}-{backend}-{path}.json");
+        let mut cmd = TestCommand::new("mae-run", dir);
+        cmd.command().env("MAE_KERNELS", path);
+        cmd.args(["eval", "--model", model, "--backend", backend])
             .args(["--split", "test", "--limit", "256", "--predictions", &csv])
             .args(["--format", "json", "--output", &json, "--data-path"])
             .args([&data])
@@ -103,8 +106,13 @@ fn int8_keeps_the_top1_class_on_real_xrays() {
         fp32_auc > 0.6,
         "the fp32 model ranks the X-rays no better than chance: AUC {fp32_auc}"
     );
+    let paths = mae_runtime::kernels::select::Path::NAMED
+        .into_iter()
+        .filter(|p| p.available())
+        .map(|p| format!("tract@{}", p.name()));
+    let backends: Vec<String> = ["ort".to_string()].into_iter().chain(paths).collect();
     for (model, what) in [("q.onnx", "dynamic"), ("s.onnx", "static")] {
-        for backend in ["ort", "tract"] {
+        for backend in &backends {
             let (q, auc) = run(model, backend);
             let same = fp32.iter().zip(&q).filter(|(a, b)| a == b).count();
             println!(

@@ -16,11 +16,13 @@
 //! - **Dequantized activations** (files from other quantizers): tract gets attention's products
 //!   wrong in a ViT quantized by ONNX Runtime; [`onnx::dequantize_activations_as_float`] writes
 //!   the dequantization out as float arithmetic, which it gets right.
-//! - **Float linear layers, patch embedding and attention** (CPUs with AVX-512F, plans of a
-//!   concrete shape): [`ops::product`], [`ops::patch`] and [`ops::attention`] run them on
-//!   `crate::kernels`' packed tiles. `MAE_TRACT_REWRITES=no-products` keeps tract's own.
-//! - **Int8 linear layers** (CPUs with AVX-512 VNNI): [`ops::product`] runs each from its
-//!   quantizer to its scaled output on the int8 tiles, with tract's numbers.
+//! - **Float linear layers, patch embedding and attention** (CPUs with AVX2 and FMA or
+//!   AVX-512F, plans of a concrete shape): [`ops::product`], [`ops::patch`] and [`ops::attention`]
+//!   run them on `crate::kernels`' packed tiles of the path `MAE_KERNELS` chooses
+//!   (`crate::kernels::select`). `MAE_TRACT_REWRITES=no-products` keeps tract's own.
+//! - **Int8 linear layers** (the same CPUs): [`ops::product`] runs each from its quantizer to its
+//!   scaled output on the path's int8 tiles (AVX-512 VNNI, AVX-VNNI or AVX2), with tract's
+//!   numbers.
 
 pub mod fold;
 pub mod graph;
@@ -32,8 +34,7 @@ mod tests;
 
 use tract_onnx::prelude::*;
 
-use crate::kernels::f32::F32Tile;
-use crate::kernels::i8::I8Tile;
+use crate::kernels::select::Choice;
 
 /// Which rewrites the tract backend makes: all (the default), all but the products of the
 /// linear layers (tract's own kernels then run them), or none, for comparing.
@@ -129,8 +130,12 @@ pub fn parse(path: &std::path::Path, rewrites: Rewrites) -> TractResult<(Inferen
 }
 
 /// Makes the model tract runs from a typed model: `rewrites` before and after tract's own
-/// optimisation.
-pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedModel, Rewritten)> {
+/// optimisation, on the `kernels` chosen.
+pub fn optimize(
+    model: TypedModel,
+    rewrites: Rewrites,
+    kernels: Choice,
+) -> TractResult<(TypedModel, Rewritten)> {
     let mut done = Rewritten::default();
     if rewrites == Rewrites::None {
         return Ok((model.into_optimized()?, done));
@@ -141,21 +146,18 @@ pub fn optimize(model: TypedModel, rewrites: Rewrites) -> TractResult<(TypedMode
     if done.folded_weights > 0 {
         model.declutter()?;
     }
-    if rewrites == Rewrites::All {
-        if let Some(tile) = F32Tile::avx512() {
-            done.attentions = ops::attention::fuse_attention(&mut model, tile)?;
-            done.dense_products = ops::product::dense_products(&mut model, tile)?;
-            done.dense_products += ops::patch::patch_products(&mut model, tile)?;
-        }
-        if let Some(tile) = I8Tile::vnni() {
-            done.quant_products = ops::product::quant_products(&mut model, tile)?;
-        }
+    if let (Rewrites::All, Some(k)) = (rewrites, kernels.products) {
+        done.attentions = ops::attention::fuse_attention(&mut model, k.f32)?;
+        done.dense_products = ops::product::dense_products(&mut model, k.f32)?;
+        done.dense_products += ops::patch::patch_products(&mut model, k.f32)?;
+        done.quant_products = ops::product::quant_products(&mut model, k.i8)?;
     }
     model.optimize()?;
     // Codegen makes more: the column sums of integer weights.
     done.folded_weights += fold::fold_weight_dequantization(&mut model)?;
-    done.layer_norms = ops::layer_norm::fuse_layer_norms(&mut model)?;
-    done.dynamic_quants = ops::quantize::fuse_dynamic_quant(&mut model)?;
-    done.quantizers = ops::quantize::fuse_quantize(&mut model)?;
+    let vector = kernels.vector;
+    done.layer_norms = ops::layer_norm::fuse_layer_norms(&mut model, vector)?;
+    done.dynamic_quants = ops::quantize::fuse_dynamic_quant(&mut model, vector)?;
+    done.quantizers = ops::quantize::fuse_quantize(&mut model, vector)?;
     Ok((model, done))
 }

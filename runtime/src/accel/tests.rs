@@ -5,19 +5,25 @@
 use super::graph::is_gelu_exact;
 use super::onnx::{dequantize_activations_as_float, qdq_to_integer};
 use super::ops::attention::{fuse_attention, SelfAttention};
-use super::ops::layer_norm::{layer_norm_core, LayerNormCore};
+use super::ops::layer_norm::LayerNormCore;
 use super::ops::patch::{patch_products, PatchProduct};
 use super::ops::product::{dense_products, quant_products, DenseProduct, QuantProduct};
 use super::ops::quantize::QuantU8;
 use super::*;
 use crate::kernels::f32::F32Tile;
 use crate::kernels::i8::I8Tile;
+use crate::kernels::vector::Vector;
 use crate::testgraph::{float, float_init, floats, init, int, int_init, model_bytes, node, value};
 use tract_onnx::pb;
 use tract_onnx::pb::tensor_proto::DataType;
 use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::konst::Const;
 use tract_onnx::tract_core::ops::nn::{Reduce, RmsNorm};
+
+/// The kernels `MAE_KERNELS=auto` gives this CPU.
+fn auto() -> crate::kernels::select::Choice {
+    crate::kernels::select::Choice::new(crate::kernels::select::Path::Auto).unwrap()
+}
 
 /// LayerNorm without scale and shift, in f64, over an axis of length `d` with stride `inner`.
 fn direct(x: &[f32], d: usize, inner: usize, eps: f64) -> Vec<f32> {
@@ -44,7 +50,7 @@ fn the_layer_norm_kernel_matches_a_direct_computation() {
             .map(|v| v * 3.0 + 0.5)
             .collect();
         let mut y = vec![f32::NAN; x.len()];
-        layer_norm_core(&x, &mut y, d, inner, 1e-6);
+        crate::kernels::layer_norm::layer_norm(&x, &mut y, (d, inner), 1e-6, Vector::Portable);
         let want = direct(&x, d, inner, 1e-6);
         for (i, (a, b)) in y.iter().zip(&want).enumerate() {
             assert!(
@@ -163,7 +169,7 @@ fn check_attention_and_products(tile: F32Tile) {
         .filter(|d| d.weights().end.gelu)
         .count();
     assert_eq!((gelus, folded), (0, 1), "{ours}");
-    let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
     let n = (tokens * heads * dim) as usize;
     let x: Tensor = tract_ndarray::Array3::from_shape_vec(
         (1, tokens as usize, (heads * dim) as usize),
@@ -183,14 +189,25 @@ fn attention_and_linear_products_keep_the_outputs_on_the_portable_tile() {
 }
 
 #[test]
+#[cfg_attr(not(host_avx2), ignore = "needs a CPU with AVX2 and FMA")]
+fn attention_and_linear_products_keep_the_outputs_on_the_avx2_tile() {
+    check_attention_and_products(F32Tile::avx2().expect("AVX2 and FMA"));
+}
+
+#[test]
 #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
 fn attention_and_linear_products_keep_the_outputs_on_the_avx512_tile() {
     check_attention_and_products(F32Tile::avx512().expect("AVX-512F"));
     // And `mae-run`'s default rewrites choose them on this CPU.
-    let (ours, done) = optimize(typed(&attention_block(13, 3, 8)), Rewrites::All).unwrap();
+    let (ours, done) = optimize(typed(&attention_block(13, 3, 8)), Rewrites::All, auto()).unwrap();
     assert_eq!((done.attentions, done.dense_products), (1, 4), "{done:?}");
     assert!(done.describe(Rewrites::All).contains("1 attentions fused"));
-    let (_, without) = optimize(typed(&attention_block(13, 3, 8)), Rewrites::NoProducts).unwrap();
+    let (_, without) = optimize(
+        typed(&attention_block(13, 3, 8)),
+        Rewrites::NoProducts,
+        auto(),
+    )
+    .unwrap();
     assert_eq!(
         (without.attentions, without.dense_products),
         (0, 0),
@@ -229,7 +246,7 @@ fn check_patch_products(tile: F32Tile) {
     assert_eq!(patch_products(&mut ours, tile).unwrap(), 1, "{ours}");
     ours.optimize().unwrap();
     assert_eq!(count::<PatchProduct>(&ours), 1, "{ours}");
-    let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
     let x: Tensor = tract_ndarray::Array4::from_shape_vec((2, 3, 8, 12), floats(43, 576))
         .unwrap()
         .into();
@@ -250,10 +267,16 @@ fn patch_embeddings_keep_the_outputs_on_the_portable_tile() {
 }
 
 #[test]
+#[cfg_attr(not(host_avx2), ignore = "needs a CPU with AVX2 and FMA")]
+fn patch_embeddings_keep_the_outputs_on_the_avx2_tile() {
+    check_patch_products(F32Tile::avx2().expect("AVX2 and FMA"));
+}
+
+#[test]
 #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
 fn patch_embeddings_keep_the_outputs_on_the_avx512_tile() {
     check_patch_products(F32Tile::avx512().expect("AVX-512F"));
-    let (ours, done) = optimize(typed(&patch_embedding([4, 4])), Rewrites::All).unwrap();
+    let (ours, done) = optimize(typed(&patch_embedding([4, 4])), Rewrites::All, auto()).unwrap();
     assert_eq!((done.dense_products, count::<PatchProduct>(&ours)), (1, 1));
 }
 
@@ -352,8 +375,8 @@ fn layer_norms_are_fused_and_keep_the_outputs() {
                 .unwrap();
         }
         let model = model.into_typed().unwrap();
-        let (ours, done) = optimize(model.clone(), Rewrites::All).unwrap();
-        let (theirs, none) = optimize(model, Rewrites::None).unwrap();
+        let (ours, done) = optimize(model.clone(), Rewrites::All, auto()).unwrap();
+        let (theirs, none) = optimize(model, Rewrites::None, auto()).unwrap();
         let what = format!("batch {batch:?}");
         assert_eq!(done.layer_norms, 2, "{what}: {done:?}");
         assert_eq!(none, Rewritten::default(), "{what}");
@@ -402,8 +425,8 @@ fn int8_weight(k: i64, n: i64, per_column_zero: bool) -> Vec<pb::TensorProto> {
 /// `model` optimised with the rewrites that keep tract's int8 products (and what they
 /// did), and without any.
 fn both_ways(model: TypedModel) -> (TypedModel, Rewritten, TypedModel) {
-    let (ours, done) = optimize(model.clone(), Rewrites::NoProducts).unwrap();
-    let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+    let (ours, done) = optimize(model.clone(), Rewrites::NoProducts, auto()).unwrap();
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
     (ours, done, theirs)
 }
 
@@ -528,8 +551,8 @@ fn integer_and_own(bytes: &[u8]) -> (usize, TypedModel, Rewritten, TypedModel) {
         .unwrap()
         .into_typed()
         .unwrap();
-    let (ours, done) = optimize(model, Rewrites::NoProducts).unwrap();
-    let (theirs, _) = optimize(typed(bytes), Rewrites::None).unwrap();
+    let (ours, done) = optimize(model, Rewrites::NoProducts, auto()).unwrap();
+    let (theirs, _) = optimize(typed(bytes), Rewrites::None, auto()).unwrap();
     (integer, ours, done, theirs)
 }
 
@@ -594,10 +617,15 @@ fn the_quantizer_gives_tracts_numbers() {
         .map(|i| i as f32 * 0.25)
         .chain(floats(4, 4000).iter().map(|v| v * 300.0))
         .collect();
-    for (inv, zp) in [(1.0f32, 128u8), (2.0, 0), (0.37, 255), (41.5, 3)] {
+    let vectors = [Vector::Portable, auto().vector];
+    for ((inv, zp), vector) in [(1.0f32, 128u8), (2.0, 0), (0.37, 255), (41.5, 3)]
+        .into_iter()
+        .flat_map(|q| vectors.map(|v| (q, v)))
+    {
         let op = QuantU8 {
             inv_scale_bits: inv.to_bits(),
             zero_point: zp,
+            vector,
         };
         let x = tract_ndarray::Array1::from(xs.clone())
             .into_tensor()
@@ -611,7 +639,7 @@ fn the_quantizer_gives_tracts_numbers() {
         assert_eq!(
             ram.as_slice::<u8>().unwrap(),
             &want[..],
-            "1/scale {inv}, zero {zp}"
+            "1/scale {inv}, zero {zp}, {vector:?}"
         );
     }
 }
@@ -658,7 +686,7 @@ fn dequantized_activations_multiply_as_onnx_says() {
     std::fs::write(&path, &bytes).unwrap();
     let (model, integer) = parse(&path, Rewrites::All).unwrap();
     assert_eq!(integer, 0);
-    let (model, _) = optimize(model.into_typed().unwrap(), Rewrites::All).unwrap();
+    let (model, _) = optimize(model.into_typed().unwrap(), Rewrites::All, auto()).unwrap();
     let a: Vec<f32> = floats(31, 24).iter().map(|v| v * 12.0).collect();
     let b: Vec<f32> = floats(32, 30).iter().map(|v| v * 5.0).collect();
     let out = model
@@ -779,7 +807,7 @@ fn check_quant_products(tile: I8Tile) {
     let (k, n) = (70, 45);
     let model = typed(&dynamic_int8(k, n));
     let ours = with_quant_products(model.clone(), tile, 1);
-    let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
     for (case, x) in int8_inputs(5, k as usize).iter().enumerate() {
         let (a, b) = (run(ours.clone(), x), run(theirs.clone(), x));
         assert_eq!(a, b, "{tile:?} dynamic, case {case}: not tract's numbers");
@@ -792,7 +820,7 @@ fn check_quant_products(tile: I8Tile) {
         .filter_map(|n| n.op_as::<QuantProduct>())
         .all(|q| q.weights().end.gelu);
     assert!(folded && !ours.nodes().iter().any(is_gelu_exact), "{ours}");
-    let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
     for (case, x) in int8_inputs(5, k as usize).iter().enumerate() {
         let (a, b) = (run(ours.clone(), x), run(theirs.clone(), x));
         assert_close(&format!("{tile:?} GELU, case {case}"), &a, &b, 1e-5);
@@ -809,7 +837,7 @@ fn check_quant_products(tile: I8Tile) {
         .into_typed()
         .unwrap();
     let ours = with_quant_products(integer.clone(), tile, 1);
-    let (theirs, _) = optimize(integer, Rewrites::NoProducts).unwrap();
+    let (theirs, _) = optimize(integer, Rewrites::NoProducts, auto()).unwrap();
     let x: Tensor = tract_ndarray::Array3::from_shape_vec(
         (1, 4, k as usize),
         floats(5, 4 * k as usize).iter().map(|v| v * 3.0).collect(),
@@ -827,17 +855,34 @@ fn quantized_layers_give_tracts_numbers_on_the_portable_tile() {
 }
 
 #[test]
+#[cfg_attr(not(host_avx_vnni), ignore = "needs a CPU with AVX-VNNI")]
+fn quantized_layers_give_tracts_numbers_on_the_avx_vnni_tile() {
+    check_quant_products(I8Tile::avx_vnni().expect("AVX-VNNI"));
+}
+
+#[test]
+#[cfg_attr(not(host_avx2), ignore = "needs a CPU with AVX2 and FMA")]
+fn quantized_layers_give_tracts_numbers_on_the_avx2_tile() {
+    check_quant_products(I8Tile::avx2().expect("AVX2 and FMA"));
+}
+
+#[test]
 #[cfg_attr(not(host_vnni), ignore = "needs a CPU with AVX-512 VNNI")]
 fn quantized_layers_give_tracts_numbers_on_the_vnni_tile() {
     check_quant_products(I8Tile::vnni().expect("AVX-512 VNNI"));
     // And `mae-run`'s default rewrites choose them on this CPU; `no-products` does not.
-    let (ours, done) = optimize(typed(&dynamic_int8_gelu(70, 45)), Rewrites::All).unwrap();
+    let (ours, done) = optimize(typed(&dynamic_int8_gelu(70, 45)), Rewrites::All, auto()).unwrap();
     assert_eq!(done.quant_products, 1, "{done:?}");
     assert!(done
         .describe(Rewrites::All)
         .contains("1 int8 products on mae-run's packed kernel"));
     assert_eq!(count::<QuantProduct>(&ours), 1);
-    let (_, without) = optimize(typed(&dynamic_int8_gelu(70, 45)), Rewrites::NoProducts).unwrap();
+    let (_, without) = optimize(
+        typed(&dynamic_int8_gelu(70, 45)),
+        Rewrites::NoProducts,
+        auto(),
+    )
+    .unwrap();
     assert_eq!(without.quant_products, 0, "{without:?}");
 }
 
@@ -934,7 +979,7 @@ fn int8_blocks_fuse_attention_and_run_their_layers_on_the_packed_kernel() {
     assert_eq!(count::<SelfAttention>(&ours), 1);
     assert_eq!(count::<QuantProduct>(&ours), 4);
     assert!(!ours.nodes().iter().any(is_gelu_exact), "{ours}");
-    let (theirs, _) = optimize(model, Rewrites::None).unwrap();
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
     let n = (tokens * heads * dim) as usize;
     let x: Tensor = tract_ndarray::Array3::from_shape_vec(
         (1, tokens as usize, (heads * dim) as usize),

@@ -8,7 +8,19 @@ use std::time::Instant;
 use anyhow::bail;
 use serde::Serialize;
 
-use crate::engine::settings::ModelArgs;
+use crate::accel::Rewrites;
+use crate::engine::settings::{BackendKind, ModelArgs, TractSettings};
+use crate::kernels::select::{self, Choice};
+
+/// The kernel paths a tract model runs on (as the backend chose them from the same settings);
+/// none for ONNX Runtime and for tract's own graph.
+fn kernel_paths(model: &ModelArgs) -> anyhow::Result<Option<Choice>> {
+    let settings = TractSettings::from_env()?;
+    if model.backend != BackendKind::Tract || settings.rewrites == Rewrites::None {
+        return Ok(None);
+    }
+    Choice::new(settings.kernels).map(Some)
+}
 
 /// Arguments of `mae-run bench`.
 #[derive(Debug, clap::Args)]
@@ -116,6 +128,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let peak = peak_rss_bytes();
+    let kernels = kernel_paths(&args.model)?;
     let text = match args.format {
         BenchFormat::Json => {
             serde_json::to_string_pretty(&serde_json::json!({
@@ -123,6 +136,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
                 "sha256": engine.file.sha256,
                 "arch": engine.meta.arch,
                 "backend": engine.describe_backend(),
+                "cpu": {
+                    "model": select::cpu_model(),
+                    "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    "features": select::cpu_features(),
+                },
+                "kernels": kernels.as_ref().map(|k| k.to_json()),
                 "input_size": engine.meta.preprocess.input_size,
                 "load_ms": engine.load_time.as_secs_f64() * 1e3,
                 "peak_rss_bytes": peak,
@@ -131,10 +150,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         }
         BenchFormat::Table => {
             let mut s = format!(
-                "model {} ({}) · {}\nload {:.0} ms · peak RSS {}\n",
+                "model {} ({}) · {}\ncpu {}\nload {:.0} ms · peak RSS {}\n",
                 engine.file.path.display(),
                 engine.meta.arch.as_deref().unwrap_or("?"),
                 engine.describe_backend(),
+                select::describe_cpu(),
                 engine.load_time.as_secs_f64() * 1e3,
                 peak.map_or("?".into(), |b| format!("{:.0} MB", b as f64 / 1e6))
             );

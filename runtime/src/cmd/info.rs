@@ -4,6 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use crate::engine::model::{MetaOverrides, ModelFile, ModelMeta};
+use crate::engine::settings::TractSettings;
+use crate::kernels::select::{self, Choice};
 
 /// Arguments of `mae-run info`.
 #[derive(Debug, clap::Args)]
@@ -63,6 +65,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     let meta = ModelMeta::from_file(&file, &MetaOverrides::default());
+    // The kernels tract would run this model on here (MAE_KERNELS, checked against the CPU).
+    let kernels = Choice::new(TractSettings::kernels_from_env()?)?;
     let text = match args.format {
         InfoFormat::Json => {
             let v = serde_json::json!({
@@ -77,6 +81,12 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
                 "metadata": file.props,
                 "mae": meta.as_ref().ok(),
                 "mae_error": meta.as_ref().err().map(|e| format!("{e:#}")),
+                "cpu": {
+                    "model": select::cpu_model(),
+                    "cores": std::thread::available_parallelism().map_or(1, |n| n.get()),
+                    "features": select::cpu_features(),
+                },
+                "tract_kernels": kernels.to_json(),
             });
             serde_json::to_string_pretty(&v)? + "\n"
         }
@@ -138,6 +148,8 @@ pub fn run(args: InfoArgs) -> anyhow::Result<ExitCode> {
                 }
                 Err(e) => s += &format!("mae        not usable as is: {e:#}\n"),
             }
+            s += &format!("cpu        {}\n", select::describe_cpu());
+            s += &format!("kernels    tract: {}\n", kernels.describe());
             if !file.props.is_empty() {
                 s += "metadata\n";
                 for (k, v) in &file.props {

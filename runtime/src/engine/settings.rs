@@ -1,11 +1,12 @@
 //! How a model is to be run, in one place: the command line's model flags ([`ModelArgs`]) and
-//! the environment's tract settings (`MAE_TRACT_PLANS`, `MAE_TRACT_WAIT`, `MAE_TRACT_REWRITES`)
-//! become one [`LoadOptions`].
+//! the environment's tract settings (`MAE_TRACT_PLANS`, `MAE_TRACT_WAIT`, `MAE_TRACT_REWRITES`,
+//! `MAE_KERNELS`) become one [`LoadOptions`].
 
 use std::path::PathBuf;
 
 use crate::accel::Rewrites;
 use crate::engine::model::MetaOverrides;
+use crate::kernels::select::Path;
 
 /// Which engine runs the graph.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
@@ -149,12 +150,33 @@ const REWRITES: Choice<Rewrites> = Choice {
     ],
 };
 
+const KERNELS: Choice<Path> = Choice {
+    env: Path::ENV,
+    values: &[
+        ("auto", "the best path this CPU runs", Path::Auto),
+        (
+            "avx512",
+            "AVX-512F, and AVX-512 VNNI for int8",
+            Path::Avx512,
+        ),
+        (
+            "avx-vnni",
+            "AVX2 and FMA, and the 256-bit AVX-VNNI for int8",
+            Path::AvxVnni,
+        ),
+        ("avx2", "AVX2 and FMA", Path::Avx2),
+        ("portable", "plain Rust, on any CPU", Path::Portable),
+    ],
+};
+
 /// The tract backend's settings, from the environment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TractSettings {
     pub plans: TractPlans,
     pub wait: TractWait,
     pub rewrites: Rewrites,
+    /// The kernel path asked for (checked against the CPU when a model loads).
+    pub kernels: Path,
 }
 
 impl Default for TractSettings {
@@ -164,18 +186,25 @@ impl Default for TractSettings {
             plans: TractPlans::Image,
             wait: TractWait::Spin,
             rewrites: Rewrites::All,
+            kernels: Path::Auto,
         }
     }
 }
 
 impl TractSettings {
-    /// From `MAE_TRACT_PLANS`, `MAE_TRACT_WAIT` and `MAE_TRACT_REWRITES`.
+    /// From `MAE_TRACT_PLANS`, `MAE_TRACT_WAIT`, `MAE_TRACT_REWRITES` and `MAE_KERNELS`.
     pub fn from_env() -> anyhow::Result<Self> {
         Ok(Self {
             plans: PLANS.read()?,
             wait: WAIT.read()?,
             rewrites: REWRITES.read()?,
+            kernels: KERNELS.read()?,
         })
+    }
+
+    /// `MAE_KERNELS`, alone (for `mae-run info`).
+    pub fn kernels_from_env() -> anyhow::Result<Path> {
+        KERNELS.read()
     }
 }
 
@@ -286,7 +315,11 @@ mod tests {
             plans: PLANS.parse(None).unwrap(),
             wait: WAIT.parse(None).unwrap(),
             rewrites: REWRITES.parse(None).unwrap(),
+            kernels: KERNELS.parse(None).unwrap(),
         };
         assert_eq!(defaults, TractSettings::default());
+        assert_eq!(KERNELS.parse(Some("avx-vnni")).unwrap(), Path::AvxVnni);
+        let err = KERNELS.parse(Some("sse")).unwrap_err().to_string();
+        assert!(err.contains(Path::ENV) && err.contains("avx2"), "{err}");
     }
 }

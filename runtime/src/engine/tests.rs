@@ -204,6 +204,7 @@ fn the_one_image_plan_matches_the_symbolic_plan() {
             TractSettings {
                 plans: TractPlans::Image,
                 rewrites: Rewrites::All,
+                kernels: crate::kernels::select::Path::Auto,
                 wait: TractWait::Spin,
             },
         )
@@ -217,6 +218,7 @@ fn the_one_image_plan_matches_the_symbolic_plan() {
             TractSettings {
                 plans: TractPlans::Symbolic,
                 rewrites: Rewrites::All,
+                kernels: crate::kernels::select::Path::Auto,
                 wait: TractWait::Sleep,
             },
         )
@@ -248,6 +250,7 @@ fn the_one_image_plan_matches_the_symbolic_plan() {
         TractSettings {
             plans: TractPlans::Image,
             rewrites: Rewrites::All,
+            kernels: crate::kernels::select::Path::Auto,
             wait: TractWait::Spin,
         },
     )
@@ -275,6 +278,7 @@ fn fixed_batches_are_not_split() {
         TractSettings {
             plans: TractPlans::Symbolic,
             rewrites: Rewrites::All,
+            kernels: crate::kernels::select::Path::Auto,
             wait: TractWait::Spin,
         },
     )
@@ -289,6 +293,7 @@ fn fixed_batches_are_not_split() {
         TractSettings {
             plans: TractPlans::Image,
             rewrites: Rewrites::All,
+            kernels: crate::kernels::select::Path::Auto,
             wait: TractWait::Spin,
         },
     )

@@ -11,6 +11,7 @@ use crate::accel::{Rewrites, Rewritten};
 use crate::engine::backend::{output_roles, Backend, OutputTensor, RawOutputs};
 use crate::engine::model::ModelMeta;
 use crate::engine::settings::{Parallel, TractPlans, TractSettings, TractWait};
+use crate::kernels::select::Choice;
 
 type Plan = Arc<TypedRunnableModel>;
 
@@ -26,6 +27,7 @@ pub(crate) struct TractBackend {
     pub(crate) plans: Plans,
     pub(crate) rewritten: Rewritten,
     rewrites: Rewrites,
+    kernels: Choice,
     /// The threads tract splits operators over (more than one thread asked for).
     pool: Option<Arc<rayon::ThreadPool>>,
     size: usize,
@@ -64,7 +66,9 @@ impl TractBackend {
             plans: mode,
             wait,
             rewrites,
+            kernels,
         } = settings;
+        let kernels = Choice::new(kernels)?;
         // tract's matrix products are single-threaded unless given a pool. Each run names
         // its executor (see `run`): the plan runs on one of the pool's threads, so that the
         // pool's threads are all the threads there are.
@@ -91,7 +95,7 @@ impl TractBackend {
             };
             let shape: TVec<TDim> = tvec![batch, 3.into(), (s as i64).into(), (s as i64).into()];
             model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
-            let (model, mut done) = crate::accel::optimize(model.into_typed()?, rewrites)?;
+            let (model, mut done) = crate::accel::optimize(model.into_typed()?, rewrites, kernels)?;
             done.integer_products = integer;
             tracing::debug!("tract rewrites: {done:?}");
             let plan = model.into_runnable()?;
@@ -108,6 +112,7 @@ impl TractBackend {
             plans,
             rewritten,
             rewrites,
+            kernels,
             pool,
             size: s,
             roles: output_roles(&meta.output_names),
@@ -202,7 +207,7 @@ impl TractBackend {
 impl Backend for TractBackend {
     fn describe(&self) -> String {
         format!(
-            "tract 0.23 (CPU, {} threads, parallel over {}, {}, {})",
+            "tract 0.23 (CPU, {} threads, parallel over {}, {}, {}{})",
             self.threads.max(1),
             match self.parallel {
                 Parallel::Images => "images",
@@ -219,7 +224,11 @@ impl Backend for TractBackend {
                     TractPlans::ENV
                 ),
             },
-            self.rewritten.describe(self.rewrites)
+            self.rewritten.describe(self.rewrites),
+            match self.rewrites {
+                Rewrites::None => String::new(),
+                _ => format!("; kernels: {}", self.kernels.describe()),
+            }
         ) + match (self.threads > 1, self.wait) {
             (false, _) => "",
             (true, TractWait::Spin) => {

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
-use crate::kernels::driver::{Aligned, Strides, MR, NR};
+use crate::kernels::driver::{Aligned, Body, Strides, MR, NR};
 use crate::kernels::f32::{pack_panel, F32Tile};
 
 /// Multi-head self-attention over one image's `qkv` (`tokens × 3·heads·dim`, token-major: the
@@ -140,25 +140,46 @@ fn softmax_columns(
         exp.run_with_params(scores, 0.0)?;
         return Ok(cpu.column_sums(scores).map(f32::recip));
     }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = tile;
-    let mut max = [f32::NEG_INFINITY; NR];
-    for s in scores.chunks_exact(NR) {
-        for (m, v) in max.iter_mut().zip(s) {
-            *m = if *v > *m { *v } else { *m };
-        }
-    }
-    for s in scores.chunks_exact_mut(NR) {
-        for (v, m) in s.iter_mut().zip(&max) {
-            *v -= m;
-        }
-    }
+    let vector = tile.vector();
+    vector.run(SubtractColumnMax(scores));
     exp.run_with_params(scores, 0.0)?;
-    let mut sum = [0f32; NR];
-    for s in scores.chunks_exact(NR) {
-        for (t, v) in sum.iter_mut().zip(s) {
-            *t += v;
+    Ok(vector.run(ColumnSums(scores)).map(f32::recip))
+}
+
+/// Each value of `scores` (`rows × NR`) less its column's largest, as a [`Body`].
+struct SubtractColumnMax<'a>(&'a mut [f32]);
+
+impl Body for SubtractColumnMax<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let mut max = [f32::NEG_INFINITY; NR];
+        for s in self.0.chunks_exact(NR) {
+            for (m, v) in max.iter_mut().zip(s) {
+                *m = if *v > *m { *v } else { *m };
+            }
+        }
+        for s in self.0.chunks_exact_mut(NR) {
+            for (v, m) in s.iter_mut().zip(&max) {
+                *v -= m;
+            }
         }
     }
-    Ok(sum.map(f32::recip))
+}
+
+/// The sums of the columns of `scores` (`rows × NR`), as a [`Body`].
+struct ColumnSums<'a>(&'a [f32]);
+
+impl Body for ColumnSums<'_> {
+    type Out = [f32; NR];
+    #[inline(always)]
+    fn run(self) -> [f32; NR] {
+        let mut sum = [0f32; NR];
+        for s in self.0.chunks_exact(NR) {
+            for (t, v) in sum.iter_mut().zip(s) {
+                *t += v;
+            }
+        }
+        sum
+    }
 }

@@ -18,6 +18,14 @@ pub const MR: usize = 12;
 /// One tile's outputs, row by row.
 pub type Acc = [[f32; NR]; MR];
 
+/// Plain loops that the compiler vectorises, run by `crate::kernels::vector::Vector::run`
+/// compiled for the chosen instruction set (its `run` is inlined there): the same operations,
+/// so the same values, on every path.
+pub trait Body {
+    type Out;
+    fn run(self) -> Self::Out;
+}
+
 /// Where element `(row, col)` of a matrix lies in its slice: `row * self.row + col * self.col`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Strides {
@@ -29,6 +37,7 @@ pub struct Strides {
 pub trait Plain: Copy + Default + PartialEq {}
 impl Plain for f32 {}
 impl Plain for i8 {}
+impl Plain for i16 {}
 
 /// A zeroed buffer of `len` values that starts on a cache line, so that the tiles' 64-byte
 /// loads of weight panels (each a whole number of lines long) never straddle two lines.
@@ -137,6 +146,8 @@ pub trait Tile: Sync {
     fn panel(&self, p: usize) -> Self::Panel<'_>;
     /// `acc` = the tile of activation panel `a` by `panel`.
     fn tile<'a>(&'a self, panel: &Self::Panel<'a>, a: &[Self::A], acc: &mut Acc);
+    /// Where the loops around the tiles (GELU's scaling) run.
+    fn vector(&self) -> crate::kernels::vector::Vector;
 }
 
 /// Checks that an `m × k` input and an `m × n` output (`extents`) lie within slices of
@@ -337,7 +348,7 @@ pub fn run_panels<T: Tile>(
                 let mut acc = [[0f32; NR]; MR];
                 tile.tile(&panel, ap, &mut acc);
                 if let Some(erf) = erf {
-                    crate::kernels::gelu::apply(acc.as_flattened_mut(), erf)?;
+                    crate::kernels::gelu::apply(acc.as_flattened_mut(), erf, tile.vector())?;
                 }
                 out.store(&acc, t, (p - p0) * NR, (rows, cols));
             }

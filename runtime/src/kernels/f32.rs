@@ -4,7 +4,7 @@
 //! The weights are packed in panels of [`NR`] columns, `[n / NR][k][NR]`; the activations per
 //! product in panels of [`MR`] rows, `[m / MR][k][MR]`, from whatever strides they have. The
 //! AVX-512 tile (`x86_64/avx512.rs`) and the portable one here give the same sums, in the same
-//! order.
+//! order, as do the AVX2 tile (`x86_64/avx2.rs`) and the portable one.
 
 use crate::kernels::driver::{self, Acc, Aligned, Ending, Strides, Tile, MR, NR};
 
@@ -51,21 +51,55 @@ pub enum F32Tile {
     /// AVX-512F intrinsics: only made where the CPU has them.
     #[cfg(target_arch = "x86_64")]
     Avx512(crate::kernels::x86_64::avx512::Avx512),
+    /// AVX2 and FMA intrinsics: only made where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    Avx2(crate::kernels::x86_64::avx2::Avx2),
     /// Plain Rust, on any CPU.
     Portable,
 }
 
 impl std::fmt::Debug for F32Tile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512(_) => "Avx512",
-            Self::Portable => "Portable",
-        })
+        f.write_str(self.name())
     }
 }
 
 impl F32Tile {
+    /// The tile's instruction set, as `MAE_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512(_) => "avx512",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(_) => "avx2",
+            Self::Portable => "portable",
+        }
+    }
+
+    /// The vector code that goes with this tile (attention's softmax).
+    pub fn vector(self) -> crate::kernels::vector::Vector {
+        use crate::kernels::vector::Vector;
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx512(cpu) => Vector::Avx512(cpu),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(cpu) => Vector::Avx2(cpu),
+            Self::Portable => Vector::Portable,
+        }
+    }
+
+    /// The AVX2 tile, where this CPU runs it.
+    pub fn avx2() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::kernels::x86_64::avx2::Avx2::detect().map(Self::Avx2)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
     /// The AVX-512 tile, where this CPU runs it.
     pub fn avx512() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
@@ -78,11 +112,6 @@ impl F32Tile {
         }
     }
 
-    /// The fastest tile this CPU runs.
-    pub fn native() -> Self {
-        Self::avx512().unwrap_or(Self::Portable)
-    }
-
     /// `acc = bias + a · w`: `a` one activation panel (`k · MR` values), `w` one weight panel
     /// (`k · NR`).
     pub(crate) fn run(self, a: &[f32], w: &[f32], k: usize, bias: &[f32; NR], acc: &mut Acc) {
@@ -90,6 +119,8 @@ impl F32Tile {
         match self {
             #[cfg(target_arch = "x86_64")]
             Self::Avx512(cpu) => cpu.f32_tile(a, w, k, bias, acc),
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(cpu) => cpu.f32_tile(a, w, k, bias, acc),
             Self::Portable => portable_tile(a, w, k, bias, acc),
         }
     }
@@ -132,6 +163,10 @@ impl<'w> Tile for Panels<'w> {
 
     fn tile<'a>(&'a self, (wp, bias): &Self::Panel<'a>, a: &[f32], acc: &mut Acc) {
         self.tile.run(a, wp, self.w.k, bias, acc);
+    }
+
+    fn vector(&self) -> crate::kernels::vector::Vector {
+        self.tile.vector()
     }
 }
 

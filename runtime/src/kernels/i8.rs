@@ -10,11 +10,15 @@
 //! The weights are packed in panels of [`NR`] columns by groups of four rows,
 //! `[n / NR][k / 4][NR][4]`, the activations in panels of [`MR`] rows, `[m / MR][k / 4][MR][4]`:
 //! one AVX-512 VNNI instruction (`x86_64/vnni.rs`) multiplies four uint8 values of a row by four
-//! int8 weights of each of 16 columns and adds the four products to the column's sum. The
-//! portable tile gives the same sums on any CPU.
+//! int8 weights of each of 16 columns and adds the four products to the column's sum, and one
+//! AVX-VNNI instruction (`x86_64/avx_vnni.rs`) does the same for 8 columns. The AVX2 tile
+//! (`x86_64/avx2.rs`) works on both widened to int16 in pairs of rows, `[n / NR][k / 2][NR][2]`
+//! and `[m / MR][k / 2][MR][2]` ([`PackedI8::prepare`]). The portable tile gives the same sums
+//! on any CPU.
 
 use crate::kernels::driver::{self, Acc, Aligned, Ending, Strides, Tile, MR, NR};
 use crate::kernels::quantize::{ActivationQuant, Quantizer};
+use crate::kernels::vector::Vector;
 
 /// A `k × n` int8 weight matrix in panels of [`NR`] columns and groups of four rows (the last
 /// of each zero-padded), its column sums, each column's scale and bias (padded alike).
@@ -24,7 +28,10 @@ pub struct PackedI8 {
     pub n: usize,
     /// Groups of four rows: `k / 4`, rounded up.
     quads: usize,
+    /// The weights in groups of four rows; empty once widened for the AVX2 tile.
     panels: Aligned<i8>,
+    /// The weights widened to int16 in pairs of rows, for the AVX2 tile.
+    wide: Option<Aligned<i16>>,
     col_sums: Vec<i32>,
     scales: Vec<f32>,
     /// The bias and GELU the tiles fold in after scaling.
@@ -71,6 +78,7 @@ impl PackedI8 {
             n,
             quads,
             panels,
+            wide: None,
             col_sums,
             scales: padded,
             end: Ending::new(n),
@@ -78,9 +86,74 @@ impl PackedI8 {
         })
     }
 
+    /// Lays the weights out for `tile`: the AVX2 tile takes them widened to int16 in pairs of
+    /// rows (and the int8 panels are dropped); every other tile, as they are.
+    pub fn prepare(mut self, tile: I8Tile) -> Self {
+        if tile.widens() && self.wide.is_none() {
+            let size = self.quads * NR * 4;
+            let mut wide = Aligned::<i16>::zeroed(self.panels.len());
+            for (q, w) in self
+                .panels
+                .chunks_exact(size.max(1))
+                .zip(wide.chunks_exact_mut(size.max(1)))
+            {
+                widen_quads(q, w, NR);
+            }
+            self.wide = Some(wide);
+            self.panels = Aligned::zeroed(0);
+        }
+        self
+    }
+
+    /// Whether the weights are laid out for `tile`.
+    fn fits(&self, tile: I8Tile) -> bool {
+        tile.widens() == self.wide.is_some()
+    }
+
     fn panel(&self, p: usize) -> &[i8] {
         let size = self.quads * NR * 4;
         &self.panels[p * size..(p + 1) * size]
+    }
+
+    fn wide_panel(&self, p: usize) -> &[i16] {
+        let size = self.quads * NR * 4;
+        self.wide
+            .as_ref()
+            .map_or(&[], |w| &w[p * size..(p + 1) * size])
+    }
+
+    /// How panel `p`'s sums become float32, for an input of zero point `zero` and scale
+    /// `factor`.
+    fn scaling(&self, p: usize, zero: u8, factor: f32) -> Scaling<'_> {
+        let mut scale = [0f32; NR];
+        let mut offset = [0i32; NR];
+        for j in 0..NR {
+            // As tract's graph: the weights' scale times the input's, then the sum times it.
+            scale[j] = self.scales[p * NR + j] * factor;
+            offset[j] = zero as i32 * self.col_sums[p * NR + j];
+        }
+        Scaling {
+            offset,
+            scale,
+            bias: self.end.bias(p),
+        }
+    }
+}
+
+/// A panel in groups of four rows (`[quads][width][4]`) widened into pairs of rows
+/// (`[2 · quads][width][2]`).
+fn widen_quads<T: Copy + Into<i16>>(quads: &[T], pairs: &mut [i16], width: usize) {
+    for (q, p) in quads
+        .chunks_exact(width * 4)
+        .zip(pairs.chunks_exact_mut(width * 4))
+    {
+        let (first, second) = p.split_at_mut(width * 2);
+        for (j, four) in q.chunks_exact(4).enumerate() {
+            first[j * 2] = four[0].into();
+            first[j * 2 + 1] = four[1].into();
+            second[j * 2] = four[2].into();
+            second[j * 2 + 1] = four[3].into();
+        }
     }
 }
 
@@ -90,21 +163,83 @@ pub enum I8Tile {
     /// AVX-512 VNNI intrinsics: only made where the CPU has them.
     #[cfg(target_arch = "x86_64")]
     Vnni(crate::kernels::x86_64::vnni::Vnni),
+    /// AVX-VNNI (256-bit) intrinsics: only made where the CPU has them.
+    #[cfg(target_arch = "x86_64")]
+    AvxVnni(crate::kernels::x86_64::avx_vnni::AvxVnni),
+    /// AVX2 intrinsics on int16 pairs: only made where the CPU has AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    Avx2(crate::kernels::x86_64::avx2::Avx2),
     /// Plain Rust, on any CPU.
     Portable,
 }
 
 impl std::fmt::Debug for I8Tile {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            #[cfg(target_arch = "x86_64")]
-            Self::Vnni(_) => "Vnni",
-            Self::Portable => "Portable",
-        })
+        f.write_str(self.name())
     }
 }
 
 impl I8Tile {
+    /// The tile's instruction set, as `MAE_KERNELS` spells it.
+    pub fn name(self) -> &'static str {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni(_) => "avx512-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Self::AvxVnni(_) => "avx-vnni",
+            #[cfg(target_arch = "x86_64")]
+            Self::Avx2(_) => "avx2",
+            Self::Portable => "portable",
+        }
+    }
+
+    /// The vector code that goes with this tile (the quantizer of its input).
+    pub fn vector(self) -> Vector {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Self::Vnni(_) => crate::kernels::x86_64::avx512::Avx512::detect()
+                .map_or(Vector::Portable, Vector::Avx512),
+            #[cfg(target_arch = "x86_64")]
+            Self::AvxVnni(_) | Self::Avx2(_) => {
+                crate::kernels::x86_64::avx2::Avx2::detect().map_or(Vector::Portable, Vector::Avx2)
+            }
+            Self::Portable => Vector::Portable,
+        }
+    }
+
+    /// Whether the tile takes its operands widened to int16 ([`PackedI8::prepare`]).
+    fn widens(self) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if let Self::Avx2(_) = self {
+            return true;
+        }
+        false
+    }
+
+    /// The AVX-VNNI tile, where this CPU runs it.
+    pub fn avx_vnni() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::kernels::x86_64::avx_vnni::AvxVnni::detect().map(Self::AvxVnni)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
+    /// The AVX2 tile, where this CPU runs it.
+    pub fn avx2() -> Option<Self> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            crate::kernels::x86_64::avx2::Avx2::detect().map(Self::Avx2)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            None
+        }
+    }
+
     /// The AVX-512 VNNI tile, where this CPU runs it.
     pub fn vnni() -> Option<Self> {
         #[cfg(target_arch = "x86_64")]
@@ -175,23 +310,7 @@ impl<'w> Tile for Panels<'w> {
     }
 
     fn panel(&self, p: usize) -> Self::Panel<'_> {
-        let w = self.w;
-        let mut scale = [0f32; NR];
-        let mut offset = [0i32; NR];
-        for j in 0..NR {
-            // As tract's graph: the weights' scale times the input's, then the sum times it.
-            scale[j] = w.scales[p * NR + j] * self.factor;
-            offset[j] = self.zero as i32 * w.col_sums[p * NR + j];
-        }
-        let bias = w.end.bias(p);
-        (
-            w.panel(p),
-            Scaling {
-                offset,
-                scale,
-                bias,
-            },
-        )
+        (self.w.panel(p), self.w.scaling(p, self.zero, self.factor))
     }
 
     fn tile<'a>(&'a self, (wp, scaling): &Self::Panel<'a>, a: &[u8], acc: &mut Acc) {
@@ -201,12 +320,62 @@ impl<'w> Tile for Panels<'w> {
                 let s = (&scaling.offset, &scaling.scale, scaling.bias);
                 cpu.tile(a, wp, self.w.quads, s, acc)
             }
+            #[cfg(target_arch = "x86_64")]
+            I8Tile::AvxVnni(cpu) => {
+                let s = (&scaling.offset, &scaling.scale, scaling.bias);
+                cpu.tile(a, wp, self.w.quads, s, acc)
+            }
+            // Widened panels run through `Wide` instead.
+            #[cfg(target_arch = "x86_64")]
+            I8Tile::Avx2(_) => unreachable!("int16 panels"),
             I8Tile::Portable => {
                 let mut sums = [[0i32; NR]; MR];
                 portable_tile(a, wp, self.w.quads, &mut sums);
                 scaling.apply(&sums, acc);
             }
         }
+    }
+
+    fn vector(&self) -> Vector {
+        self.tile.vector()
+    }
+}
+
+/// The int8 product on int16 pairs (the AVX2 tile), as a [`Tile`] of the driver.
+#[cfg(target_arch = "x86_64")]
+struct Wide<'w> {
+    w: &'w PackedI8,
+    cpu: crate::kernels::x86_64::avx2::Avx2,
+    zero: u8,
+    factor: f32,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl<'w> Tile for Wide<'w> {
+    type A = i16;
+    type Panel<'a>
+        = (&'a [i16], Scaling<'a>)
+    where
+        Self: 'a;
+
+    fn a_panel_len(&self) -> usize {
+        self.w.quads * MR * 4
+    }
+
+    fn panel(&self, p: usize) -> Self::Panel<'_> {
+        (
+            self.w.wide_panel(p),
+            self.w.scaling(p, self.zero, self.factor),
+        )
+    }
+
+    fn tile<'a>(&'a self, (wp, scaling): &Self::Panel<'a>, a: &[i16], acc: &mut Acc) {
+        let s = (&scaling.offset, &scaling.scale, scaling.bias);
+        self.cpu.i16_tile(a, wp, self.w.quads * 2, s, acc)
+    }
+
+    fn vector(&self) -> Vector {
+        Vector::Avx2(self.cpu)
     }
 }
 
@@ -215,6 +384,8 @@ thread_local! {
     /// next.
     static SCRATCH: std::cell::RefCell<(Vec<u8>, Vec<u8>)> =
         const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+    /// The packed activations widened to int16, for the AVX2 tile.
+    static WIDE: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One panel's quantized rows, on the thread that packs them.
     static ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
@@ -275,7 +446,12 @@ pub fn quant_product(
         return Ok(());
     };
     let (pool, erf) = (start.pool.as_deref(), start.erf.as_deref());
-    let quantizer = Quantizer::of(a, w.quant);
+    anyhow::ensure!(
+        w.fits(tile),
+        "int8 product: weights not laid out for the {} tile",
+        tile.name()
+    );
+    let quantizer = Quantizer::of(a, w.quant, tile.vector());
     let size = w.quads * MR * 4;
     let len = m.div_ceil(MR) * size;
     SCRATCH.with_borrow_mut(|(quantized, packed)| -> anyhow::Result<()> {
@@ -309,11 +485,32 @@ pub fn quant_product(
             let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
             driver::for_each_panel(packed, size, pool, one);
         }
+        let (zero, factor) = (quantizer.zero, quantizer.factor);
+        #[cfg(target_arch = "x86_64")]
+        if let I8Tile::Avx2(cpu) = tile {
+            return WIDE.with_borrow_mut(|wide| {
+                if wide.len() < len {
+                    wide.resize(len, 0);
+                }
+                let wide = &mut wide[..len];
+                let packed = &*packed;
+                driver::for_each_panel(wide, size, pool, |(t, p)| {
+                    widen_quads(&packed[t * size..(t + 1) * size], p, MR)
+                });
+                let tiles = Wide {
+                    w,
+                    cpu,
+                    zero,
+                    factor,
+                };
+                driver::run_panels(&tiles, wide, (m, n), erf, c, c_strides, pool)
+            });
+        }
         let tiles = Panels {
             w,
             tile,
-            zero: quantizer.zero,
-            factor: quantizer.factor,
+            zero,
+            factor,
         };
         driver::run_panels(&tiles, packed, (m, n), erf, c, c_strides, pool)
     })

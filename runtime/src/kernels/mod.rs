@@ -13,7 +13,10 @@ pub mod driver;
 pub mod f32;
 pub mod gelu;
 pub mod i8;
+pub mod layer_norm;
 pub mod quantize;
+pub mod select;
+pub mod vector;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;
 

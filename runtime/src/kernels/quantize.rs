@@ -1,11 +1,12 @@
 //! Float32 activations to uint8, as ONNX `DynamicQuantizeLinear` (the range of each input,
 //! widened to hold zero) and `QuantizeLinear` (a calibrated scale) define it and tract computes
 //! it: `x / scale` or `x · (1 / scale)` rounded half to even, plus the zero point, saturated.
-//! The portable code here is written so that the compiler vectorises it; the AVX-512 forms
-//! (`x86_64/avx512.rs`) give the same bytes.
+//! The portable code here is written so that the compiler vectorises it, and runs compiled for
+//! the path's instruction set ([`Vector`]); the explicit AVX-512 forms (`x86_64/avx512.rs`) give
+//! the same bytes.
 
-#[cfg(target_arch = "x86_64")]
-use crate::kernels::x86_64::avx512::Avx512;
+use crate::kernels::driver::Body;
+use crate::kernels::vector::Vector;
 
 /// How the float32 activations of an int8 product become uint8.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,19 +42,51 @@ pub fn quantize_into(xs: &[f32], ys: &mut [u8], zero_point: u8, scaled: impl Fn(
 }
 
 /// `(scale, zero point)` of `xs`'s range widened to hold zero, as ONNX's
-/// `DynamicQuantizeLinear` defines them (and tract computes them).
-pub fn dynamic_range(xs: &[f32]) -> (f32, u8) {
+/// `DynamicQuantizeLinear` defines them (and tract computes them), on `vector`.
+pub fn dynamic_range(xs: &[f32], vector: Vector) -> (f32, u8) {
     #[cfg(target_arch = "x86_64")]
-    if let Some(cpu) = Avx512::detect() {
+    if let Vector::Avx512(cpu) = vector {
         let (lo, hi) = cpu.range_lanes(xs);
         let rest = xs.chunks_exact(16).remainder();
         return range_to_quant(fold_min(&lo, rest), fold_max(&hi, rest));
     }
-    let (min, max) = range_portable(xs);
+    let (min, max) = vector.run(Range(xs));
     range_to_quant(min, max)
 }
 
+/// [`range_portable`], as a [`Body`].
+struct Range<'a>(&'a [f32]);
+
+impl Body for Range<'_> {
+    type Out = (f32, f32);
+    #[inline(always)]
+    fn run(self) -> (f32, f32) {
+        range_portable(self.0)
+    }
+}
+
+/// [`quantize_into`] of `xs` into `ys`, scaled as `scaled` says, as a [`Body`].
+pub(crate) struct Quantize<'a> {
+    pub xs: &'a [f32],
+    pub ys: &'a mut [u8],
+    pub zero_point: u8,
+    pub scaled: Scaled,
+}
+
+impl Body for Quantize<'_> {
+    type Out = ();
+    #[inline(always)]
+    fn run(self) {
+        let (xs, ys, zero) = (self.xs, self.ys, self.zero_point);
+        match self.scaled {
+            Scaled::Times(f) => quantize_into(xs, ys, zero, |v| v * f),
+            Scaled::Over(d) => quantize_into(xs, ys, zero, |v| v / d),
+        }
+    }
+}
+
 /// The smallest and largest of `xs` and zero, on 16 lanes the compiler may vectorise.
+#[inline(always)]
 pub(crate) fn range_portable(xs: &[f32]) -> (f32, f32) {
     const LANES: usize = 16;
     let (mut lo, mut hi) = ([0f32; LANES], [0f32; LANES]);
@@ -115,21 +148,21 @@ pub struct Quantizer {
     pub zero: u8,
     scaled: Option<Scaled>,
     pub factor: f32,
-    /// Quantize on AVX-512 (decided once per product).
-    #[cfg(target_arch = "x86_64")]
-    cpu: Option<Avx512>,
+    /// The instruction set it runs on.
+    vector: Vector,
 }
 
 impl Quantizer {
-    /// The quantizer of `a` (a dynamic quantization takes the range of all of it).
-    pub fn of(a: &[f32], quant: ActivationQuant) -> Self {
+    /// The quantizer of `a` (a dynamic quantization takes the range of all of it), on
+    /// `vector`.
+    pub fn of(a: &[f32], quant: ActivationQuant, vector: Vector) -> Self {
         let (zero, scaled, factor) = match quant {
             ActivationQuant::Static {
                 inv_scale,
                 zero_point,
             } => (zero_point, Some(Scaled::Times(inv_scale)), 1.0),
             ActivationQuant::Dynamic => {
-                let (scale, zero) = dynamic_range(a);
+                let (scale, zero) = dynamic_range(a, vector);
                 // A range of zero (all zeros) leaves every value at the zero point.
                 (zero, (scale > 0.0).then_some(Scaled::Over(scale)), scale)
             }
@@ -138,32 +171,38 @@ impl Quantizer {
             zero,
             scaled,
             factor,
-            #[cfg(target_arch = "x86_64")]
-            cpu: Avx512::detect(),
+            vector,
         }
     }
 
     /// `xs` quantized into `ys` (as long).
     pub fn run(self, xs: &[f32], ys: &mut [u8]) {
-        let Some(scaled) = self.scaled else {
-            ys.fill(self.zero);
-            return;
-        };
-        let n = xs.len().min(ys.len());
-        #[allow(unused_mut)]
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if let Some(cpu) = self.cpu {
-            let factor = match scaled {
-                Scaled::Times(f) => (f, false),
-                Scaled::Over(d) => (d, true),
-            };
-            done = cpu.quantize(&xs[..n], &mut ys[..n], self.zero, factor);
-        }
-        let (xs, ys) = (&xs[done..n], &mut ys[done..n]);
-        match scaled {
-            Scaled::Times(f) => quantize_into(xs, ys, self.zero, |v| v * f),
-            Scaled::Over(d) => quantize_into(xs, ys, self.zero, |v| v / d),
+        match self.scaled {
+            Some(scaled) => quantize(xs, ys, self.zero, scaled, self.vector),
+            None => ys.fill(self.zero),
         }
     }
+}
+
+/// `xs` quantized into `ys` (as long): `scaled(x)` rounded half to even, plus `zero_point`,
+/// saturated, on `vector`.
+pub fn quantize(xs: &[f32], ys: &mut [u8], zero_point: u8, scaled: Scaled, vector: Vector) {
+    let n = xs.len().min(ys.len());
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if let Vector::Avx512(cpu) = vector {
+        let factor = match scaled {
+            Scaled::Times(f) => (f, false),
+            Scaled::Over(d) => (d, true),
+        };
+        done = cpu.quantize(&xs[..n], &mut ys[..n], zero_point, factor);
+    }
+    let (xs, ys) = (&xs[done..n], &mut ys[done..n]);
+    vector.run(Quantize {
+        xs,
+        ys,
+        zero_point,
+        scaled,
+    });
 }

@@ -7,9 +7,14 @@ use super::attention::attention;
 use super::driver::{Aligned, Strides, NR};
 use super::f32::{product, F32Tile, PackedWeights};
 use super::i8::{quant_product, I8Tile, PackedI8};
-use super::quantize::{dynamic_range, quantize_into, range_portable, ActivationQuant, Scaled};
+use super::layer_norm::layer_norm;
+use super::quantize::{
+    dynamic_range, quantize, quantize_into, range_portable, ActivationQuant, Scaled,
+};
 #[cfg(target_arch = "x86_64")]
 use super::quantize::{fold_max, fold_min};
+use super::select::{Choice, Path};
+use super::vector::Vector;
 
 /// Runs each named check on every float32 tile.
 macro_rules! f32_tiles {
@@ -23,6 +28,11 @@ macro_rules! f32_tiles {
             #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
             fn avx512() {
                 super::$check(super::F32Tile::avx512().expect("AVX-512F"));
+            }
+            #[test]
+            #[cfg_attr(not(host_avx2), ignore = "needs a CPU with AVX2 and FMA")]
+            fn avx2() {
+                super::$check(super::F32Tile::avx2().expect("AVX2 and FMA"));
             }
         }
     )*};
@@ -41,6 +51,42 @@ macro_rules! i8_tiles {
             fn vnni() {
                 super::$check(super::I8Tile::vnni().expect("AVX-512 VNNI"));
             }
+            #[test]
+            #[cfg_attr(not(host_avx_vnni), ignore = "needs a CPU with AVX-VNNI")]
+            fn avx_vnni() {
+                super::$check(super::I8Tile::avx_vnni().expect("AVX-VNNI"));
+            }
+            #[test]
+            #[cfg_attr(not(host_avx2), ignore = "needs a CPU with AVX2 and FMA")]
+            fn avx2() {
+                super::$check(super::I8Tile::avx2().expect("AVX2 and FMA"));
+            }
+        }
+    )*};
+}
+
+/// Runs each named check on every instruction set of the vectorised loops.
+macro_rules! vectors {
+    ($($check:ident),* $(,)?) => {$(
+        mod $check {
+            #[test]
+            fn portable() {
+                super::$check(super::Vector::Portable);
+            }
+            #[test]
+            #[cfg(target_arch = "x86_64")]
+            #[cfg_attr(not(host_avx512), ignore = "needs a CPU with AVX-512F")]
+            fn avx512() {
+                let cpu = crate::kernels::x86_64::avx512::Avx512::detect().expect("AVX-512F");
+                super::$check(super::Vector::Avx512(cpu));
+            }
+            #[test]
+            #[cfg(target_arch = "x86_64")]
+            #[cfg_attr(not(host_avx2), ignore = "needs a CPU with AVX2 and FMA")]
+            fn avx2() {
+                let cpu = crate::kernels::x86_64::avx2::Avx2::detect().expect("AVX2 and FMA");
+                super::$check(super::Vector::Avx2(cpu));
+            }
         }
     )*};
 }
@@ -53,6 +99,11 @@ f32_tiles!(
 i8_tiles!(
     int8_products_give_onnxs_numbers,
     int8_products_over_threads_match_one_thread,
+);
+vectors!(
+    quantizers_give_the_portable_bytes_and_ranges,
+    layer_norm_gives_the_portable_values,
+    gelu_gives_the_portable_values,
 );
 
 fn values(n: usize, seed: u32) -> Vec<f32> {
@@ -320,7 +371,9 @@ fn int8_products_give_onnxs_numbers(tile: I8Tile) {
             let wv: Vec<i8> = values(k * n, 2).iter().map(|v| (v * 127.0) as i8).collect();
             let scales: Vec<f32> = values(n, 3).iter().map(|v| 0.01 + v.abs() * 0.02).collect();
             let bias = values(n, 4);
-            let mut w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &scales, quant).unwrap();
+            let mut w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &scales, quant)
+                .unwrap()
+                .prepare(tile);
             w.end.add_bias(&bias);
             let want = direct(&a, (m, k, n), &wv, &scales, &bias, quant);
             for (a_strides, laid) in both_layouts(&a, m, k) {
@@ -349,11 +402,12 @@ fn int8_products_give_onnxs_numbers(tile: I8Tile) {
     let wv: Vec<i8> = values(k * n, 5).iter().map(|v| (v * 128.0) as i8).collect();
     let dynamic = ActivationQuant::Dynamic;
     let w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &[0.5], dynamic).unwrap();
+    let laid = w.clone().prepare(tile);
     let s = Strides { row: k, col: 1 };
     let cs = Strides { row: n, col: 1 };
     let mut x = vec![0f32; m * n];
     let mut y = vec![0f32; m * n];
-    quant_product(&a, m, s, &w, &mut x, cs, tile).unwrap();
+    quant_product(&a, m, s, &laid, &mut x, cs, tile).unwrap();
     quant_product(&a, m, s, &w, &mut y, cs, I8Tile::Portable).unwrap();
     assert_eq!(x, y);
     assert!(x.iter().any(|v| v.abs() > 1.0), "outputs near zero");
@@ -369,7 +423,9 @@ fn int8_products_over_threads_match_one_thread(tile: I8Tile) {
         for &(m, k, n) in &[(197, 41, 300), (5, 7, 3), (1, 9, 70)] {
             let a = values(m * k, 8);
             let wv: Vec<i8> = values(k * n, 9).iter().map(|v| (v * 127.0) as i8).collect();
-            let mut w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &[0.02], quant).unwrap();
+            let mut w = PackedI8::new(k, n, |kk, j| wv[kk * n + j], &[0.02], quant)
+                .unwrap()
+                .prepare(tile);
             w.end.add_bias(&values(n, 10));
             w.end.gelu = true;
             for (a_strides, laid) in both_layouts(&a, m, k) {
@@ -484,14 +540,142 @@ fn short_slices_and_wrong_scales_are_refused() {
 
 #[test]
 fn the_dynamic_range_holds_zero() {
-    assert_eq!(dynamic_range(&[]), (0.0, 0));
-    let (s, z) = dynamic_range(&[0.0, 2.0, -3.0, -2.5, 1.34, 0.5]);
+    let p = Vector::Portable;
+    assert_eq!(dynamic_range(&[], p), (0.0, 0));
+    let (s, z) = dynamic_range(&[0.0, 2.0, -3.0, -2.5, 1.34, 0.5], p);
     assert!((s - 5.0 / 255.0).abs() < 1e-9 && z == 153, "{s} {z}");
-    let (s, z) = dynamic_range(&[1.0, 2.1, 4.0]);
+    let (s, z) = dynamic_range(&[1.0, 2.1, 4.0], p);
     assert!((s - 4.0 / 255.0).abs() < 1e-9 && z == 0, "{s} {z}");
     // Past the 16-wide lanes: the minimum in the remainder.
     let mut v = vec![3.0f32; 37];
     v[36] = -1.0;
-    let (s, z) = dynamic_range(&v);
+    let (s, z) = dynamic_range(&v, p);
     assert!((s - 4.0 / 255.0).abs() < 1e-9 && z == 64, "{s} {z}");
+}
+
+/// The quantizer and the dynamic range on `vector` give the portable loops' bytes and ranges,
+/// on every awkward value and length.
+fn quantizers_give_the_portable_bytes_and_ranges(vector: Vector) {
+    let v = awkward_values();
+    for len in [0, 1, 7, 15, 16, 17, 100, v.len()] {
+        let xs = &v[v.len() - len..];
+        for zero in [0u8, 1, 77, 128, 255] {
+            for scaled in [Scaled::Times(0.37), Scaled::Over(3.1)] {
+                let mut want = vec![0u8; len];
+                match scaled {
+                    Scaled::Times(f) => quantize_into(xs, &mut want, zero, |x| x * f),
+                    Scaled::Over(d) => quantize_into(xs, &mut want, zero, |x| x / d),
+                }
+                let mut got = vec![0u8; len];
+                quantize(xs, &mut got, zero, scaled, vector);
+                assert_eq!(got, want, "{vector:?}: {len} values, zero point {zero}");
+            }
+        }
+        let finite: Vec<f32> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+        let (s, z) = dynamic_range(&finite, vector);
+        let (t, y) = dynamic_range(&finite, Vector::Portable);
+        assert_eq!(
+            (s.to_bits(), z),
+            (t.to_bits(), y),
+            "{vector:?}: {len} values"
+        );
+    }
+}
+
+/// LayerNorm on `vector` gives the portable loops' values, bit for bit, in both layouts.
+fn layer_norm_gives_the_portable_values(vector: Vector) {
+    for (outer, d, inner) in [(1, 768, 197), (2, 12, 7), (3, 16, 1), (2, 1, 5), (1, 37, 1)] {
+        let x: Vec<f32> = values(outer * d * inner, 7)
+            .iter()
+            .map(|v| v * 3.0 + 0.5)
+            .collect();
+        let (mut got, mut want) = (vec![f32::NAN; x.len()], vec![f32::NAN; x.len()]);
+        layer_norm(&x, &mut got, (d, inner), 1e-6, vector);
+        layer_norm(&x, &mut want, (d, inner), 1e-6, Vector::Portable);
+        assert!(
+            got.iter()
+                .zip(&want)
+                .all(|(a, b)| a.to_bits() == b.to_bits()),
+            "{vector:?}: {outer}x{d}x{inner}"
+        );
+        assert!(got.iter().all(|v| v.is_finite()));
+    }
+}
+
+/// GELU on `vector` gives the portable loops' values, bit for bit.
+fn gelu_gives_the_portable_values(vector: Vector) {
+    let erf = super::gelu::erf_if(true).unwrap().unwrap();
+    let x: Vec<f32> = values(1000, 3).iter().map(|v| v * 6.0).collect();
+    let (mut got, mut want) = (x.clone(), x.clone());
+    super::gelu::apply(&mut got, &*erf, vector).unwrap();
+    super::gelu::apply(&mut want, &*erf, Vector::Portable).unwrap();
+    assert_eq!(got, want, "{vector:?}");
+    // GELU(x) lies between min(x, 0) and max(x, 0).
+    assert!(x
+        .iter()
+        .zip(&got)
+        .all(|(x, g)| *g <= x.max(0.0) + 1e-6 && *g >= x.min(0.0) - 0.2));
+}
+
+#[test]
+fn every_path_this_cpu_runs_is_chosen_by_name_and_auto_picks_the_first() {
+    let available: Vec<Path> = Path::NAMED.into_iter().filter(|p| p.available()).collect();
+    assert!(available.contains(&Path::Portable));
+    for path in available.iter().copied() {
+        let choice = Choice::new(path).unwrap();
+        let k = choice.products.expect("products on a named path");
+        assert_eq!(k.path, path);
+        let text = choice.describe();
+        assert!(
+            text.contains(path.name()) && text.contains("forced"),
+            "{text}"
+        );
+        if path == Path::Portable {
+            assert_eq!(
+                (k.f32, k.i8, k.vector),
+                (F32Tile::Portable, I8Tile::Portable, Vector::Portable)
+            );
+        } else {
+            assert_ne!(k.f32, F32Tile::Portable, "{path:?}");
+            assert_ne!(k.i8, I8Tile::Portable, "{path:?}");
+        }
+    }
+    let auto = Choice::new(Path::Auto).unwrap();
+    match available.first() {
+        Some(&Path::Portable) => assert!(auto.products.is_none(), "{}", auto.describe()),
+        Some(&best) => assert_eq!(auto.products.unwrap().path, best),
+        None => unreachable!(),
+    }
+    for path in Path::NAMED.into_iter().filter(|p| !p.available()) {
+        let err = Choice::new(path).unwrap_err().to_string();
+        assert!(
+            err.contains("lacks") && err.contains(&path.needs()),
+            "{err}"
+        );
+    }
+}
+
+#[test]
+fn a_path_the_cpu_lacks_is_refused_with_what_it_lacks_and_what_it_has() {
+    // A CPU with SSE4.2 alone (as if detected): every path but the portable one is refused.
+    let has = |f: &str| f == "sse4.2";
+    for path in [Path::Avx512, Path::AvxVnni, Path::Avx2] {
+        let err = path.refusal(&has, &["sse4.2"]).expect("refused");
+        assert!(
+            err.contains(path.name()) && err.contains(&path.needs()) && err.contains("sse4.2"),
+            "{err}"
+        );
+    }
+    assert_eq!(Path::Portable.refusal(&has, &["sse4.2"]), None);
+    assert_eq!(Path::Auto.refusal(&has, &["sse4.2"]), None);
+    // AVX2 without AVX-VNNI: avx-vnni alone is refused.
+    let has = |f: &str| ["avx2", "fma"].contains(&f);
+    assert!(Path::AvxVnni.refusal(&has, &["avx2", "fma"]).is_some());
+    assert_eq!(Path::Avx2.refusal(&has, &["avx2", "fma"]), None);
+    let err = "avx1024".parse::<Path>().unwrap_err();
+    assert!(
+        err.contains("MAE_KERNELS") && err.contains("avx-vnni"),
+        "{err}"
+    );
+    assert_eq!(" AVX2".parse::<Path>().unwrap(), Path::Avx2);
 }

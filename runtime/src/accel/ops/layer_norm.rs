@@ -7,6 +7,8 @@ use tract_onnx::tract_core::internal::*;
 use tract_onnx::tract_core::ops::nn::{Reduce, Reducer, RmsNorm};
 
 use crate::accel::graph::{self, Replacement};
+use crate::kernels::layer_norm::layer_norm;
+use crate::kernels::vector::Vector;
 
 /// `(x - mean(x)) / sqrt(var(x) + eps)` over one axis, float32: a LayerNorm without its
 /// scale and shift (tract folds those into the next product).
@@ -15,6 +17,7 @@ pub struct LayerNormCore {
     pub axis: usize,
     /// `eps`, as its bits (so the op can be compared and hashed).
     pub eps_bits: u32,
+    pub vector: Vector,
 }
 
 impl LayerNormCore {
@@ -52,7 +55,8 @@ impl EvalOp for LayerNormCore {
         let inner: usize = shape[self.axis + 1..].iter().product();
         {
             let mut ram = out.try_as_plain_ram_mut()?;
-            layer_norm_core(xs, ram.as_slice_mut::<f32>()?, d, inner, self.eps());
+            let ys = ram.as_slice_mut::<f32>()?;
+            layer_norm(xs, ys, (d, inner), self.eps(), self.vector);
         }
         Ok(tvec!(out.into_tvalue()))
     }
@@ -68,66 +72,6 @@ impl TypedOp for LayerNormCore {
         Ok(tvec!(f32::fact(inputs[0].shape.clone())))
     }
     as_op!();
-}
-
-/// Normalises `xs` (blocks of `d × inner`, the normalised axis of length `d` with stride
-/// `inner`) into `ys`: two passes for the mean and the variance, one to write.
-pub(crate) fn layer_norm_core(xs: &[f32], ys: &mut [f32], d: usize, inner: usize, eps: f32) {
-    if d == 0 || inner == 0 {
-        return;
-    }
-    let block = d * inner;
-    if inner == 1 {
-        for (x, y) in xs.chunks_exact(d).zip(ys.chunks_exact_mut(d)) {
-            let mean = lane_sum(x, |v| v) / d as f32;
-            let var = lane_sum(x, |v| (v - mean) * (v - mean)) / d as f32;
-            let r = 1.0 / (var + eps).sqrt();
-            for (o, v) in y.iter_mut().zip(x) {
-                *o = (v - mean) * r;
-            }
-        }
-        return;
-    }
-    let mut mean = vec![0f32; inner];
-    let mut scale = vec![0f32; inner];
-    for (x, y) in xs.chunks_exact(block).zip(ys.chunks_exact_mut(block)) {
-        mean.fill(0.0);
-        for row in x.chunks_exact(inner) {
-            for (m, v) in mean.iter_mut().zip(row) {
-                *m += v;
-            }
-        }
-        mean.iter_mut().for_each(|m| *m /= d as f32);
-        scale.fill(0.0);
-        for row in x.chunks_exact(inner) {
-            for ((s, v), m) in scale.iter_mut().zip(row).zip(&mean) {
-                *s += (v - m) * (v - m);
-            }
-        }
-        scale
-            .iter_mut()
-            .for_each(|s| *s = 1.0 / (*s / d as f32 + eps).sqrt());
-        for (row, out) in x.chunks_exact(inner).zip(y.chunks_exact_mut(inner)) {
-            for (((o, v), m), s) in out.iter_mut().zip(row).zip(&mean).zip(&scale) {
-                *o = (v - m) * s;
-            }
-        }
-    }
-}
-
-/// `Σ f(x)` in 16 lanes (so that the compiler vectorises it), then across them.
-#[inline(always)]
-fn lane_sum(xs: &[f32], f: impl Fn(f32) -> f32) -> f32 {
-    const LANES: usize = 16;
-    let mut acc = [0f32; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..LANES {
-            acc[i] += f(c[i]);
-        }
-    }
-    acc.iter().sum::<f32>() + rest.iter().map(|&v| f(v)).sum::<f32>()
 }
 
 /// Finds tract's LayerNorm expansion in an optimised model, `RmsNorm(x - sum(x) · 1/d)` over
@@ -159,14 +103,15 @@ fn match_layer_norm(model: &TypedModel, rms: &TypedNode) -> Option<(OutletId, us
     sums_x.then_some((x, op.axis, eps))
 }
 
-/// Replaces each LayerNorm expansion in an optimised model with one [`LayerNormCore`];
-/// returns how many.
-pub fn fuse_layer_norms(model: &mut TypedModel) -> TractResult<usize> {
+/// Replaces each LayerNorm expansion in an optimised model with one [`LayerNormCore`] on
+/// `vector`; returns how many.
+pub fn fuse_layer_norms(model: &mut TypedModel, vector: Vector) -> TractResult<usize> {
     graph::replace_nodes(model, |model, node| {
         Ok(match_layer_norm(model, node).map(|(input, axis, eps)| {
             let op = LayerNormCore {
                 axis,
                 eps_bits: eps.to_bits(),
+                vector,
             };
             Replacement::one(input, op, node.id)
         }))

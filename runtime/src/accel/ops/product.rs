@@ -557,7 +557,8 @@ fn match_quant(
         |kk, j| wv[axes.weight_index(kk, j)],
         &scales,
         quant,
-    )?;
+    )?
+    .prepare(tile);
     let op = Product::new(packed, &axes, xs, out_shape, tile);
     Ok(Some((x, op, mul.id)))
 }

@@ -8,20 +8,22 @@ use tract_onnx::tract_core::ops::element_wise::ElementWiseOp;
 use tract_onnx::tract_core::ops::quant::QuantizeLinearU8;
 
 use crate::accel::graph::{self, Replacement};
-use crate::kernels::quantize::{dynamic_range, quantize_into};
+use crate::kernels::quantize::{dynamic_range, quantize, Scaled};
+use crate::kernels::vector::Vector;
 
-/// `xs` quantised to uint8 (shape `shape`): `scaled(x)` rounded half to even, plus the zero
-/// point, saturated.
+/// `xs` quantised to uint8 (shape `shape`) on `vector`: `scaled(x)` rounded half to even, plus
+/// the zero point, saturated.
 fn quantize_u8(
     xs: &[f32],
     shape: &[usize],
     zero_point: u8,
-    scaled: impl Fn(f32) -> f32,
+    scaled: Scaled,
+    vector: Vector,
 ) -> TractResult<Tensor> {
     let mut y = Tensor::zero::<u8>(shape)?;
     {
         let mut out = y.try_as_plain_ram_mut()?;
-        quantize_into(xs, out.as_slice_mut::<u8>()?, zero_point, scaled);
+        quantize(xs, out.as_slice_mut::<u8>()?, zero_point, scaled, vector);
     }
     Ok(y)
 }
@@ -30,7 +32,9 @@ fn quantize_u8(
 /// zero, `x / scale` rounded half to even), written so the compiler vectorises it: tract's own
 /// takes the range and rounds element by element.
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]
-pub struct DynamicQuantU8;
+pub struct DynamicQuantU8 {
+    pub vector: Vector,
+}
 
 impl Op for DynamicQuantU8 {
     fn name(&self) -> StaticName {
@@ -46,10 +50,10 @@ impl EvalOp for DynamicQuantU8 {
         let x = args_1!(inputs);
         let ram = x.try_as_plain_ram()?;
         let xs = ram.as_slice::<f32>()?;
-        let (scale, zp) = dynamic_range(xs);
+        let (scale, zp) = dynamic_range(xs, self.vector);
         // A range of zero (all zeros) leaves every value at the zero point.
         let y = if scale > 0.0 {
-            quantize_u8(xs, x.shape(), zp, |x| x / scale)?
+            quantize_u8(xs, x.shape(), zp, Scaled::Over(scale), self.vector)?
         } else {
             Tensor::from_shape(x.shape(), &vec![zp; xs.len()])?
         };
@@ -74,14 +78,14 @@ impl TypedOp for DynamicQuantU8 {
 }
 
 /// Replaces each of tract's `DynamicQuantizeLinearU8` on a float32 input with a
-/// [`DynamicQuantU8`]; returns how many.
-pub fn fuse_dynamic_quant(model: &mut TypedModel) -> TractResult<usize> {
+/// [`DynamicQuantU8`] on `vector`; returns how many.
+pub fn fuse_dynamic_quant(model: &mut TypedModel, vector: Vector) -> TractResult<usize> {
     graph::replace_nodes(model, |model, node| {
         if !graph::is_dynamic_quantizer(node) {
             return Ok(None);
         }
         Ok(graph::f32_input(model, node)?
-            .map(|input| Replacement::one(input, DynamicQuantU8, node.id)))
+            .map(|input| Replacement::one(input, DynamicQuantU8 { vector }, node.id)))
     })
 }
 
@@ -93,6 +97,7 @@ pub struct QuantU8 {
     /// `1 / scale`, as its bits.
     pub inv_scale_bits: u32,
     pub zero_point: u8,
+    pub vector: Vector,
 }
 
 impl Op for QuantU8 {
@@ -110,7 +115,13 @@ impl EvalOp for QuantU8 {
         let ram = x.try_as_plain_ram()?;
         let xs = ram.as_slice::<f32>()?;
         let inv = f32::from_bits(self.inv_scale_bits);
-        let y = quantize_u8(xs, x.shape(), self.zero_point, |x| x * inv)?;
+        let y = quantize_u8(
+            xs,
+            x.shape(),
+            self.zero_point,
+            Scaled::Times(inv),
+            self.vector,
+        )?;
         Ok(tvec!(y.into_tvalue()))
     }
 }
@@ -124,8 +135,8 @@ impl TypedOp for QuantU8 {
 }
 
 /// Replaces each of tract's float32 → uint8 `QuantizeLinear` left in an optimised model with
-/// a [`QuantU8`]; returns how many.
-pub fn fuse_quantize(model: &mut TypedModel) -> TractResult<usize> {
+/// a [`QuantU8`] on `vector`; returns how many.
+pub fn fuse_quantize(model: &mut TypedModel, vector: Vector) -> TractResult<usize> {
     graph::replace_nodes(model, |model, node| {
         let Some(q) = node
             .op_as::<ElementWiseOp>()
@@ -136,6 +147,7 @@ pub fn fuse_quantize(model: &mut TypedModel) -> TractResult<usize> {
         let op = QuantU8 {
             inv_scale_bits: q.scale.to_bits(),
             zero_point: q.zero_point,
+            vector,
         };
         Ok(graph::f32_input(model, node)?.map(|input| Replacement::one(input, op, node.id)))
     })

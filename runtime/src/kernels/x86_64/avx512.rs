@@ -5,7 +5,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::driver::{Acc, MR, NR};
+use crate::kernels::driver::{Acc, Body, MR, NR};
 
 /// Proof that this CPU has AVX-512F: only [`Avx512::detect`] makes one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,6 +23,13 @@ impl Avx512 {
         assert!(a.len() >= k * MR && w.len() >= k * NR, "tile: short panels");
         // SAFETY: the token proves AVX-512F; the panels' lengths were just checked.
         unsafe { f32_tile(a, w, k, bias, acc) }
+    }
+
+    /// Runs `body` compiled for AVX-512F: the compiler vectorises its loops on these registers,
+    /// with the same operations (so the same values) as on any other CPU.
+    pub fn run<B: Body>(self, body: B) -> B::Out {
+        // SAFETY: the token proves AVX-512F.
+        unsafe { run(body) }
     }
 
     /// Each value of `scores` (`rows × NR`) less its column's largest.
@@ -58,6 +65,13 @@ impl Avx512 {
         // SAFETY: the token proves AVX-512F.
         unsafe { quantize(xs, ys, zero_point, factor, divide) }
     }
+}
+
+/// # Safety
+/// The CPU must have AVX-512F.
+#[target_feature(enable = "avx512f")]
+unsafe fn run<B: Body>(body: B) -> B::Out {
+    body.run()
 }
 
 /// # Safety

@@ -2,5 +2,7 @@
 //! `detect`, after the CPU was seen to have the instructions) is what makes its `unsafe`
 //! intrinsics sound: every safe method takes one.
 
+pub mod avx2;
 pub mod avx512;
+pub mod avx_vnni;
 pub mod vnni;
