@@ -10,7 +10,9 @@
 #        which is slow, ROUNDS (3): alternating batch-1 rounds (tract and ORT, fp32 and both
 #        int8 forms; then bench and a 1-client serve) for median ratios that one slow spell of a
 #        shared machine does not decide, P99_ITERS (100): iterations and requests of each side
-#        of the bench / 1-client serve rounds
+#        of the bench / 1-client serve rounds, PATH_ROUNDS (3) and PATH_ITERS (10): the
+#        kernel-path rounds (scripts/bench/kernel_paths.sh), ONLY_PATHS=1: the models, the
+#        kernel paths and the table, nothing else
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 model=${1:-vit_base_patch16}
@@ -30,6 +32,14 @@ say() { printf '\033[1m[bench]\033[0m %s\n' "$*"; }
 say "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); binaries $BIN"
 say "1. random $model weights, exported fp32, int8 (dynamic) and int8 (static, 32 calibration images)"
 "$root/scripts/bench/vit_models.sh" "$out" "$model" "$BIN"
+say "   $("$BIN/mae-run" info --model "$out/$model.onnx" | grep -E '^(cpu|kernels) ')"
+if [ "${ONLY_PATHS:-0}" = 1 ]; then
+  say "2. kernel paths only (ONLY_PATHS=1)"
+  BIN=$BIN THREADS=$threads "$root/scripts/bench/kernel_paths.sh" "$out" "$model"
+  say "3. the table"
+  "$py" "$root/scripts/bench/table.py" "$out" --model "$model" --threads "$threads" | tee "$out/table.md"
+  exit 0
+fi
 
 bench() { # name model backend threads batches [extra mae-run flags]
   "$BIN/mae-run" bench --model "$2" --backend "$3" --threads "$4" --batch-size "$5" \
@@ -68,6 +78,8 @@ for r in $(seq "$rounds"); do
   bench "round-$r-tract-int8s" "$out/$model.int8s.onnx" tract "$threads" 1 --parallel ops
   bench "round-$r-ort-int8s" "$out/$model.int8s.onnx" ort "$threads" 1
 done
+say "   kernel paths forced one by one, with tract's own kernels and ONNX Runtime"
+BIN=$BIN THREADS=$threads "$root/scripts/bench/kernel_paths.sh" "$out" "$model"
 say "3. ONNX Runtime's Python InferenceSession, same file and threads"
 "$py" "$root/scripts/bench/ort_python.py" "$out/$model.onnx" --threads "$threads" \
   --iterations "$iters" > "$out/ort-python-fp32.json"

@@ -29,8 +29,10 @@ set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 shared="$root/../shared/data"
 mednist=${MEDNIST:-"$shared/mednist.zip"}
-targets=("pneumoniamnist=${PNEUMONIA:-$shared/medmnist/pneumoniamnist.npz}"
-         "breastmnist=${BREAST:-$shared/medmnist/breastmnist.npz}")
+# BreastMNIST first: its sweep takes minutes where PneumoniaMNIST's takes hours, so a run cut
+# short still has one whole target.
+targets=("breastmnist=${BREAST:-$shared/medmnist/breastmnist.npz}"
+         "pneumoniamnist=${PNEUMONIA:-$shared/medmnist/pneumoniamnist.npz}")
 out=${OUT:-"$root/runs/results-transfer"}
 bin=${BIN:-"$root/target/release"}
 [ -x "$bin/mae-train" ] || bin="$root/target/debug"
@@ -40,7 +42,7 @@ if [ "$smoke" = 1 ]; then
   out=${OUT:-"$root/runs/results-transfer-smoke"}
   : "${PT_EPOCHS:=1}" "${PT_WARMUP:=0}" "${TARGET_PT_EPOCHS:=1}" "${CONTINUE_EPOCHS:=1}"
   : "${FT_EPOCHS:=1}" "${FT_EPOCHS_LARGE:=1}" "${TARGET_EPOCHS:=1}" "${LP_EPOCHS:=1}" "${SEEDS:=0}" "${LP_BATCH:=32}"
-  targets=("${targets[1]}")
+  targets=("${targets[0]}")
 fi
 pt_epochs=${PT_EPOCHS:-40}
 seeds=${SEEDS:-0,1,2}
