@@ -492,3 +492,233 @@ fn serve_answers_the_maps() {
     assert_eq!(code, 400);
     assert!(v["error"].as_str().unwrap().contains("99"), "{v}");
 }
+
+/// Spearman's rank correlation of two maps (ranks of ties averaged).
+fn spearman(a: &[f32], b: &[f32]) -> f64 {
+    fn ranks(v: &[f32]) -> Vec<f64> {
+        let mut order: Vec<usize> = (0..v.len()).collect();
+        order.sort_by(|&i, &j| v[i].total_cmp(&v[j]));
+        let mut r = vec![0.0; v.len()];
+        let mut i = 0;
+        while i < order.len() {
+            let mut j = i;
+            while j + 1 < order.len() && v[order[j + 1]] == v[order[i]] {
+                j += 1;
+            }
+            for &k in &order[i..=j] {
+                r[k] = (i + j) as f64 / 2.0;
+            }
+            i = j + 1;
+        }
+        r
+    }
+    let (ra, rb) = (ranks(a), ranks(b));
+    let n = ra.len() as f64;
+    let (ma, mb) = (ra.iter().sum::<f64>() / n, rb.iter().sum::<f64>() / n);
+    let cov: f64 = ra.iter().zip(&rb).map(|(x, y)| (x - ma) * (y - mb)).sum();
+    let va: f64 = ra.iter().map(|x| (x - ma).powi(2)).sum();
+    let vb: f64 = rb.iter().map(|y| (y - mb).powi(2)).sum();
+    if va == 0.0 || vb == 0.0 {
+        return 0.0;
+    }
+    cov / (va * vb).sqrt()
+}
+
+/// The trust checks of Adebayo et al. (2018) on a small ViT trained (by the fixture
+/// `explain_trust.py`) to name the colour of one 7×7 square at a random place in 28×28 noise:
+/// - pointing game: the maximum of the true class's map must fall on the square (2 pixels of
+///   tolerance; a grid map points at its cell's centre) more often than the image's centre
+///   does, for Grad-CAM and occlusion;
+/// - model randomisation (cascading, from the top): re-initialising the head, then the blocks
+///   from the top down, must take each method's maps further from the trained model's
+///   (Spearman rank correlation, mean over the images), the fully randomised model's furthest.
+///
+/// Rollout's pointing figure is reported, not asserted: it reads neither the class nor the
+/// head (its correlation after the head alone is re-initialised is 1, which is asserted).
+#[test]
+fn trust_checks_on_a_trained_model() {
+    const TEST: usize = 48;
+    const OBJECT: usize = 7;
+    const TOLERANCE: usize = 2;
+    /// Slack on "falls": a step may sit this much above the one before it (noise of 48 maps).
+    const SLACK: f64 = 0.05;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let job = serde_json::json!({"size": SIZE, "patch": 4, "embed_dim": 48, "depth": 2,
+                                 "heads": 3, "train": 480, "test": TEST, "epochs": 6,
+                                 "object": OBJECT});
+    let mut child = Command::new(python())
+        .arg(workspace_root().join("tests/fixtures/explain_trust.py"))
+        .arg(dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let input = serde_json::to_vec(&job).unwrap();
+    child.stdin.take().unwrap().write_all(&input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "explain_trust.py failed");
+    let facts: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let accuracy = facts["test_accuracy"].as_f64().unwrap();
+    assert!(
+        accuracy >= 0.9,
+        "the model did not learn the task: test accuracy {accuracy}"
+    );
+    let labels: Vec<usize> = serde_json::from_value(facts["labels"].clone()).unwrap();
+    let boxes: Vec<[usize; 4]> = serde_json::from_value(facts["boxes"].clone()).unwrap();
+    let cascade: Vec<String> = serde_json::from_value(facts["cascade"].clone()).unwrap();
+    assert_eq!((labels.len(), boxes.len(), cascade.len()), (TEST, TEST, 3));
+
+    let models = ["trained", "random0", "random1", "random2"];
+    let cfg = VitConfig {
+        img_size: SIZE,
+        patch_size: 4,
+        in_chans: 3,
+        num_classes: 3,
+        embed_dim: 48,
+        depth: 2,
+        num_heads: 3,
+        mlp_ratio: 4.0,
+        qkv_bias: true,
+        global_pool: true,
+        layer_norm_eps: 1e-6,
+    };
+    for name in models {
+        let tensors = checkpoint::load(&dir.join(format!("{name}.pth")))
+            .unwrap()
+            .tensors;
+        let mut meta = CheckpointMeta::new(
+            CheckpointKind::Classifier,
+            "vit_tiny_patch4_28",
+            ModelConfig::Vit(cfg.clone()),
+            "explain tests",
+        );
+        meta.task = Some(Task::MultiClass);
+        meta.class_names = vec!["red".into(), "green".into(), "blue".into()];
+        meta.preprocess.crop_pct = 1.0;
+        let ck = dir.join(format!("{name}.safetensors"));
+        checkpoint::safetensors::write(&ck, &tensors, Some(&meta)).unwrap();
+        TestCommand::new("mae-export", dir)
+            .args(["--onnx", "--checkpoint", ck.to_str().unwrap()])
+            .args([
+                "--explain",
+                "rollout,gradcam",
+                "--output",
+                &format!("{name}.onnx"),
+            ])
+            .stdout();
+    }
+    let images: Vec<String> = (0..TEST).map(|i| format!("test{i}.png")).collect();
+    // maps[model][method][image]: the true class's map and its side.
+    let methods = ["rollout", "gradcam", "occlusion"];
+    let mut maps = vec![vec![Vec::new(); methods.len()]; models.len()];
+    for (mi, name) in models.iter().enumerate() {
+        for (ki, method) in methods.iter().enumerate() {
+            let heat = dir.join(format!("{name}-{method}"));
+            // Windows larger than the object, so that some hide all of it: 7 × 7 positions.
+            TestCommand::new("mae-run", dir)
+                .args(["predict", "--model", &format!("{name}.onnx")])
+                .args(["--batch-size", "48"])
+                .args(["--explain", method, "--heatmaps", heat.to_str().unwrap()])
+                .args(["--occlusion-window", "10", "--occlusion-stride", "3"])
+                .args(&images)
+                .stdout();
+            for (i, image) in images.iter().enumerate() {
+                let (shape, values) = read_npy(&heat.join(format!("{image}.{method}.npy")));
+                let side = shape[shape.len() - 1];
+                let per = side * side;
+                let map = if shape.len() == 3 {
+                    values[labels[i] * per..(labels[i] + 1) * per].to_vec()
+                } else {
+                    values
+                };
+                maps[mi][ki].push((map, side));
+            }
+        }
+    }
+
+    let inside = |(y, x): (usize, usize), b: &[usize; 4]| {
+        y + TOLERANCE >= b[0]
+            && y < b[2] + TOLERANCE
+            && x + TOLERANCE >= b[1]
+            && x < b[3] + TOLERANCE
+    };
+    let centre = boxes
+        .iter()
+        .filter(|b| inside((SIZE / 2, SIZE / 2), b))
+        .count();
+    let centre_rate = centre as f64 / TEST as f64;
+    let train_accuracy = facts["train_accuracy"].as_f64().unwrap();
+    println!(
+        "trust checks: ViT depth 2, width 48, patch 4, 28×28 input; train accuracy \
+         {train_accuracy:.3}, test accuracy {accuracy:.3} on {TEST} images"
+    );
+    println!(
+        "{:<10} {:>9} {:>8}  rank correlation with the trained map after re-initialising",
+        "method", "pointing", "centre"
+    );
+    let mut failures = Vec::new();
+    for (ki, method) in methods.iter().enumerate() {
+        let hits = maps[0][ki]
+            .iter()
+            .zip(&boxes)
+            .filter(|((map, side), b)| {
+                let at = (0..map.len()).fold(0, |m, i| if map[i] > map[m] { i } else { m });
+                let cell = SIZE / side;
+                inside(
+                    ((at / side) * cell + cell / 2, (at % side) * cell + cell / 2),
+                    b,
+                )
+            })
+            .count();
+        let rate = hits as f64 / TEST as f64;
+        // corr[k]: after step k of the cascade (head, then the blocks from the top).
+        let corr: Vec<f64> = (1..models.len())
+            .map(|mi| {
+                let pairs = maps[0][ki].iter().zip(&maps[mi][ki]);
+                pairs.map(|((a, _), (b, _))| spearman(a, b)).sum::<f64>() / TEST as f64
+            })
+            .collect();
+        let steps: Vec<String> = cascade
+            .iter()
+            .zip(&corr)
+            .map(|(s, c)| format!("{s} {c:+.2}"))
+            .collect();
+        println!(
+            "{method:<10} {rate:>9.2} {centre_rate:>8.2}  {}",
+            steps.join(", then ")
+        );
+
+        if *method != "rollout" && rate <= centre_rate + 0.1 {
+            failures.push(format!(
+                "{method} points at the object in {rate:.2} of the images, the centre in \
+                 {centre_rate:.2}"
+            ));
+        }
+        let last = corr[corr.len() - 1];
+        if last >= 0.5 {
+            failures.push(format!(
+                "{method}: the fully randomised model's maps still correlate {last:.2}"
+            ));
+        }
+        if corr.iter().any(|&c| last > c + SLACK) {
+            failures.push(format!(
+                "{method}: the fully randomised model is not the furthest: {corr:.2?}"
+            ));
+        }
+        if corr.windows(2).any(|w| w[1] > w[0] + SLACK) {
+            failures.push(format!(
+                "{method}: the correlations rise as more is randomised: {corr:.2?}"
+            ));
+        }
+        if *method == "rollout" {
+            // Rollout reads no head: the first step leaves it unchanged, each block moves it.
+            if corr[0] < 0.99 || !(corr[1] < corr[0] - SLACK && corr[2] < corr[1] - SLACK) {
+                failures.push(format!(
+                    "rollout: expected 1 after the head, then a fall per block: {corr:.2?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
