@@ -8,6 +8,7 @@
 //! The layers, each importing only those below it:
 //! - [`cmd`]: one file per command;
 //! - [`serve`]: the HTTP service (routes, workers, metrics, audit log, transport);
+//! - [`dicom`]: the DICOM node (listener, spool, results as SR and Secondary Capture, outboxes);
 //! - [`explain`]: explanation maps (rollout and Grad-CAM from the graph, occlusion) and heatmaps;
 //! - [`inputs`], [`output`]: what the commands read and write;
 //! - [`engine`]: a loaded model, its settings and its backends;
@@ -16,6 +17,7 @@
 
 pub mod accel;
 pub mod cmd;
+pub mod dicom;
 pub mod engine;
 pub mod explain;
 pub mod inputs;
@@ -57,6 +59,10 @@ pub enum Command {
     Serve(cmd::serve::ServeArgs),
     /// Load time, latency percentiles, throughput and peak memory.
     Bench(cmd::bench::BenchArgs),
+    /// C-ECHO a DICOM node (AE@HOST:PORT).
+    DicomEcho(cmd::dicom_echo::DicomEchoArgs),
+    /// Send DICOM files to a DICOM node by C-STORE.
+    DicomSend(cmd::dicom_send::DicomSendArgs),
 }
 
 fn init_logging(filter: &str) {
@@ -79,6 +85,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calibrate(a) => cmd::calibrate::run(a),
         Command::Serve(a) => cmd::serve::run(a),
         Command::Bench(a) => cmd::bench::run(a),
+        Command::DicomEcho(a) => cmd::dicom_echo::run(a),
+        Command::DicomSend(a) => cmd::dicom_send::run(a),
     }
 }
 

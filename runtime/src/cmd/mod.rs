@@ -2,6 +2,8 @@
 
 pub mod bench;
 pub mod calibrate;
+pub mod dicom_echo;
+pub mod dicom_send;
 pub mod eval;
 pub mod info;
 pub mod predict;

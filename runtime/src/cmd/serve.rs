@@ -6,9 +6,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::bail;
 
+use crate::dicom::args::DicomArgs;
+use crate::engine::model::ModelMeta;
 use crate::engine::settings::ModelArgs;
+use crate::serve::attach::{Attach, Served};
 use crate::serve::audit::AuditLog;
 use crate::serve::auth::ApiKeys;
 use crate::serve::transport::{self, Limits};
@@ -85,6 +90,8 @@ pub struct ServeArgs {
     /// Test hook: sleep this long in every model run (to test saturation and shutdown).
     #[arg(long, hide = true, default_value_t = 0)]
     pub debug_delay_ms: u64,
+    #[command(flatten)]
+    pub dicom: Box<DicomArgs>,
 }
 
 /// Runs `mae-run serve`.
@@ -117,7 +124,23 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
     if args.model_repository.is_some() && args.model.expect_sha256.is_some() {
         bail!("--expect-sha256 names one model file; it does not apply to --model-repository");
     }
+    let attach = match args.dicom.node_config()? {
+        Some(node) if args.model_repository.is_some() => {
+            let _ = node;
+            bail!("--dicom-listen serves one model: give --model, not --model-repository")
+        }
+        Some(node) => Some(Attach(Box::new(move |served: Served| {
+            let served = Arc::new(served);
+            let listen = node.listen;
+            let addr =
+                crate::dicom::start(node, Arc::new(Node(served.clone())), Arc::new(Node(served)))?;
+            eprintln!("mae-run: DICOM node listening on {addr} (asked for {listen})");
+            Ok(())
+        }))),
+        None => None,
+    };
     Ok(Config {
+        attach,
         model: args.model,
         model_repository: args.model_repository,
         listen: args.listen,
@@ -140,4 +163,38 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
             workers: args.workers,
         },
     })
+}
+
+/// The served model as the DICOM node sees it: classification through the model's workers,
+/// audit records into `--audit-log`.
+#[derive(Debug)]
+struct Node(Arc<Served>);
+
+impl crate::dicom::Classify for Node {
+    fn meta(&self) -> &ModelMeta {
+        self.0.meta()
+    }
+
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+
+    fn classify(&self, pixels: Vec<f32>) -> Result<Vec<f32>, String> {
+        let mut scores = self.0.infer(pixels, 1)?;
+        scores
+            .probabilities
+            .pop()
+            .ok_or_else(|| "the model returned no probabilities".to_string())
+    }
+}
+
+impl crate::dicom::Events for Node {
+    fn record(&self, record: serde_json::Value) {
+        tracing::info!("audit: {record}");
+        if let Some(log) = self.0.audit() {
+            if let Err(e) = log.append(&record) {
+                tracing::error!("{e:#}");
+            }
+        }
+    }
 }

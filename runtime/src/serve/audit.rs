@@ -84,8 +84,9 @@ impl AuditLog {
         })
     }
 
-    /// Appends `record` with a `time` field, as one line written with one call, and syncs it.
-    pub fn append(&self, record: &AuditRecord) -> anyhow::Result<()> {
+    /// Appends `record` (an [`AuditRecord`], or another service's record) with a `time`
+    /// field, as one line written with one call, and syncs it.
+    pub fn append(&self, record: &impl serde::Serialize) -> anyhow::Result<()> {
         let mut value = serde_json::to_value(record)?;
         if let Some(o) = value.as_object_mut() {
             o.insert("time".into(), now_rfc3339().into());

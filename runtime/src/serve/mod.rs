@@ -26,6 +26,7 @@
 //! `--max-wait-ms` for more) (`workers.rs`). On SIGINT/SIGTERM the server stops taking
 //! requests, answers every accepted one, and exits.
 
+pub mod attach;
 pub mod audit;
 pub mod auth;
 pub mod metrics;
@@ -83,6 +84,8 @@ pub struct Config {
     pub audit: Option<AuditLog>,
     pub batching: Batching,
     pub limits: transport::Limits,
+    /// A service to start beside HTTP once the models serve (the DICOM node).
+    pub attach: Option<attach::Attach>,
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -104,9 +107,13 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
         tls,
         audit,
         limits,
+        attach,
         ..
     } = config;
     let (shared, batchers) = start_models(models, &b, audit, keys)?;
+    if let Some(attach) = attach {
+        (attach.0)(attach::Served::new(shared.clone(), 0))?;
+    }
     let secured = shared.keys.is_some();
     let scheme = if tls.is_some() { "https" } else { "http" };
     transport::serve(listen, tls, limits, shared.clone(), |addr| {
