@@ -630,3 +630,85 @@ fn oversized_and_broken_instances_get_failure_statuses() {
     assert!(o.status.success(), "{}", text(&o));
     assert_eq!(audit(d, "dicom-received").len(), 1);
 }
+
+/// Faults: the PACS is down while mae-run has results to send, and mae-run is killed with
+/// SIGKILL with them still queued; restarted with the same spool, and the PACS started, every
+/// result arrives, once (counted by SOP Instance UID in Orthanc).
+#[test]
+fn queued_results_survive_a_pacs_outage_and_sigkill() {
+    require_tool("Orthanc", "orthanc");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files = study(&d.join("study"));
+    let model = fixtures().join("binary.onnx");
+    let (http, dicom) = (free_port(), free_port());
+    let forward = format!("ORTHANC@127.0.0.1:{dicom}");
+    let args = [
+        "--forward",
+        &forward,
+        "--forward-retry-first-s",
+        "1",
+        "--forward-retry-max-s",
+        "2",
+    ];
+    let node = Node::start(d, &model, &args);
+    let to = format!("MAE@127.0.0.1:{}", node.port);
+    let mut send = vec!["dicom-send", "--to", &to];
+    send.extend(files.iter().map(|(f, _, _)| p(f)));
+    let o = mae_run(d, &send);
+    assert!(o.status.success(), "{}", text(&o));
+    let start = Instant::now();
+    while audit(d, "dicom-classified").len() < files.len() {
+        assert!(start.elapsed() < Duration::from_secs(60), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The PACS is down: the sends fail and are retried.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(node.log().contains("retrying in"), "{}", node.log());
+    assert!(audit(d, "dicom-sent").is_empty());
+    drop(node); // SIGKILL
+
+    let node = Node::start(d, &model, &args);
+    assert!(node.log().contains("waiting from before"), "{}", node.log());
+    let orthanc = Orthanc::start(d, http, dicom, node.port);
+    let want: Vec<String> = audit(d, "dicom-classified")
+        .iter()
+        .flat_map(|r| {
+            [
+                r["sr_sop_instance_uid"].as_str().unwrap().to_string(),
+                r["sc_sop_instance_uid"].as_str().unwrap().to_string(),
+            ]
+        })
+        .collect();
+    let start = Instant::now();
+    loop {
+        let n = orthanc.get("/instances").as_array().unwrap().len();
+        if n >= want.len() && audit(d, "dicom-sent").len() >= want.len() {
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "{n} of {} results in Orthanc:\n{}",
+            want.len(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let mut got: Vec<String> = orthanc
+        .get("/instances?expand")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["MainDicomTags"]["SOPInstanceUID"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    got.sort();
+    let mut want = want;
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(audit(d, "dicom-sent").len(), want.len());
+}
