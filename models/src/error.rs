@@ -28,6 +28,10 @@ pub enum Error {
     /// A required tensor or field is absent.
     #[error("{}: missing {what}", path.display())]
     Missing { path: PathBuf, what: String },
+
+    /// An explanation's settings or inputs do not fit (the message says which and why).
+    #[error("{0}")]
+    Explain(String),
 }
 
 /// Result alias of the crate.

@@ -7,6 +7,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod digest;
 pub mod error;
+pub mod explain;
 pub mod imaging;
 pub mod input;
 pub mod io;

@@ -493,6 +493,70 @@ fn serve_answers_the_maps() {
     assert!(v["error"].as_str().unwrap().contains("99"), "{v}");
 }
 
+/// `mae-train visualize --explain` computes the maps in libtorch (rollout from the attention
+/// probabilities, Grad-CAM by autograd, occlusion through the shared windows): the same maps,
+/// for the same checkpoints, as `mae-run predict --explain` reads from the graphs that
+/// `mae-export --explain` wrote; a class-token checkpoint is refused Grad-CAM as the exporter
+/// refuses it.
+#[test]
+fn train_visualize_maps_equal_mae_run_maps() {
+    const TOL_VISUALIZE: f32 = 1e-4;
+    let f = fixture();
+    for (model, methods) in [
+        ("gp", &["rollout", "gradcam", "occlusion"][..]),
+        ("cls", &["rollout", "occlusion"][..]),
+    ] {
+        for method in methods {
+            let run = explain(f, model, "tract", method);
+            for i in 0..IMAGES {
+                let out = f.dir.join(format!("{model}-train-img{i}.{method}.png"));
+                let said = TestCommand::new("mae-train", &f.dir)
+                    .args(["visualize", "--checkpoint", &format!("{model}.safetensors")])
+                    .args(["--image", &format!("img{i}.png"), "--explain", method])
+                    .args(["--occlusion-window", &WINDOW.to_string()])
+                    .args(["--occlusion-stride", &STRIDE.to_string()])
+                    .args(["--occlusion-baseline", &BASELINE.to_string()])
+                    .args(["--output", out.to_str().unwrap()])
+                    .stdout();
+                assert!(said.contains(&format!("{method} of")), "{said}");
+                let (shape, got) = read_npy(&out.with_extension("npy"));
+                let (want_shape, want) = read_npy(&run.join(format!("img{i}.png.{method}.npy")));
+                assert_eq!(shape, want_shape, "{model} {method} img{i}");
+                let what = format!("mae-train visualize vs mae-run: {model} {method} img{i}");
+                let d = close(&what, &got, &want, TOL_VISUALIZE);
+                println!("{what}: max |Δ| {d:.2e}");
+                let png = image::open(&out).unwrap();
+                assert_eq!((png.width(), png.height()), (224, 224));
+                let drawn = image::open(run.join(format!("img{i}.png.{method}.png"))).unwrap();
+                let differ = png
+                    .to_rgb8()
+                    .pixels()
+                    .zip(drawn.to_rgb8().pixels())
+                    .filter(|(a, b)| a.0.iter().zip(b.0).any(|(x, y)| x.abs_diff(y) > 1))
+                    .count();
+                assert!(
+                    differ * 100 < 224 * 224,
+                    "{what}: {differ} pixels of the PNGs differ"
+                );
+            }
+        }
+    }
+    let err = TestCommand::new("mae-train", &f.dir)
+        .args(["visualize", "--checkpoint", "cls.safetensors"])
+        .args(["--image", "img0.png", "--explain", "gradcam"])
+        .fails();
+    assert!(
+        err.contains("global-pool head") && err.contains("--explain rollout"),
+        "{err}"
+    );
+    let err = TestCommand::new("mae-train", &f.dir)
+        .args(["visualize", "--checkpoint", "gp.safetensors"])
+        .args(["--image", "img0.png", "--explain", "occlusion"])
+        .args(["--occlusion-window", "99"])
+        .fails();
+    assert!(err.contains("--occlusion-window 99"), "{err}");
+}
+
 /// Spearman's rank correlation of two maps (ranks of ties averaged).
 fn spearman(a: &[f32], b: &[f32]) -> f64 {
     fn ranks(v: &[f32]) -> Vec<f64> {

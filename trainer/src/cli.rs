@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
+use mae_models::explain::heatmap::Colormap;
+use mae_models::explain::Method;
 use serde::Serialize;
 
 /// MAE pretraining, fine-tuning, linear probing and evaluation of Vision Transformers on libtorch.
@@ -40,7 +42,8 @@ pub enum Command {
     Launch(LaunchArgs),
     /// Write (and submit) a SLURM batch script that runs a training command on N nodes.
     Slurm(SlurmArgs),
-    /// Write an MAE reconstruction grid (original | masked | reconstruction | pasted) as PNG.
+    /// Write an MAE reconstruction grid (original | masked | reconstruction | pasted) as PNG,
+    /// or with --explain a classifier's heatmap (rollout, gradcam, occlusion) and its map.
     Visualize(VisualizeArgs),
     /// The data-efficiency experiment: fine-tune (and linear-probe) and test every training-set
     /// size × seed × initialisation, then tabulate and plot (sweep.csv, sweep.md, sweep.png).
@@ -203,20 +206,63 @@ pub struct BenchArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct VisualizeArgs {
-    /// MAE pretraining checkpoint.
+    /// The checkpoint: an MAE pretraining checkpoint (the reconstruction grid), or with
+    /// --explain a classifier (fine-tuned or linear-probed).
     #[arg(long)]
     pub checkpoint: PathBuf,
-    /// Image to reconstruct.
+    /// Image to reconstruct or explain.
     #[arg(long)]
     pub image: PathBuf,
+    /// Fraction of patches masked in the reconstruction grid.
     #[arg(long, default_value_t = 0.75)]
     pub mask_ratio: f64,
     /// Seed of the masking noise.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
-    /// Output PNG (default: `<image stem>.mae.png` beside the current folder).
+    /// Output PNG (default: `<image stem>.mae.png` in the current folder; with --explain
+    /// `<image file name>.<method>.png`, as `mae-run predict --heatmaps` names it). With
+    /// --explain the map is written beside it as `.npy`.
     #[arg(long, short)]
     pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub explain: VisualizeExplainArgs,
+}
+
+/// Heatmaps of `visualize`: the maps of `mae-run predict --explain`, computed in libtorch.
+#[derive(Debug, Clone, Args)]
+pub struct VisualizeExplainArgs {
+    /// Explain a classifier checkpoint's prediction instead of drawing a reconstruction: a PNG
+    /// of the most probable class's map over the image the model sees, and the map as `.npy`
+    /// (`[h, w]` for rollout, `[classes, h, w]` for gradcam and occlusion). `rollout`:
+    /// attention rollout; `gradcam`: Grad-CAM on the last block's patch tokens (global-pool
+    /// heads only); `occlusion`: one pass of the model per window position (⌈(size − window) /
+    /// stride⌉ + 1 positions along each side).
+    #[arg(long, value_enum, value_name = "METHOD")]
+    pub explain: Option<Method>,
+    /// Colour map of the PNG heatmap.
+    #[arg(long, value_enum, default_value_t = Colormap::Jet, requires = "explain")]
+    pub colormap: Colormap,
+    /// Opacity of the heatmap over the image, from 0 (image only) to 1 (heatmap only).
+    #[arg(long, default_value_t = 0.5, value_name = "A", requires = "explain")]
+    pub opacity: f32,
+    /// Occlusion: side of the square window, in pixels of the model's input (default: the
+    /// input size / 8).
+    #[arg(long, value_name = "PX", requires = "explain")]
+    pub occlusion_window: Option<usize>,
+    /// Occlusion: step between window positions, in pixels (default: half the window; at most
+    /// the window).
+    #[arg(long, value_name = "PX", requires = "explain")]
+    pub occlusion_stride: Option<usize>,
+    /// Occlusion: the value occluded pixels take in the model's normalised input (0: the
+    /// normalisation's mean colour).
+    #[arg(
+        long,
+        default_value_t = 0.0,
+        value_name = "V",
+        allow_negative_numbers = true,
+        requires = "explain"
+    )]
+    pub occlusion_baseline: f32,
 }
 
 /// Device selection.

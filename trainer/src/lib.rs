@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cmd;
 pub mod data;
 pub mod engine;
+pub mod explain;
 pub mod model;
 pub mod optim;
 pub mod plot;

@@ -20,6 +20,7 @@
 //! head), so Grad-CAM there is zero everywhere; such models are refused it and offered rollout.
 
 use mae_models::checkpoint::StateDict;
+use mae_models::explain::GRADCAM_NEEDS_GLOBAL_POOL;
 use mae_models::VitConfig;
 use tract_onnx::pb::tensor_proto::DataType;
 
@@ -69,14 +70,10 @@ impl Explain {
     /// Refuses what this model cannot give, saying why.
     pub fn check(&self, cfg: &VitConfig, has_head: bool) -> Result<(), String> {
         if self.gradcam && !cfg.global_pool {
-            return Err(
-                "gradcam needs a global-pool head (mean of the patch tokens, fc_norm, \
-                 linear): this model classifies from its class token, and a class-token head's \
-                 score has no gradient with respect to the last block's patch tokens, so the \
-                 map would be zero everywhere. Export `--explain rollout` instead (attention \
+            return Err(format!(
+                "{GRADCAM_NEEDS_GLOBAL_POOL} Export `--explain rollout` instead (attention \
                  rollout from the class token), or use `mae-run predict --explain occlusion`"
-                    .into(),
-            );
+            ));
         }
         if self.gradcam && !has_head {
             return Err(

@@ -119,7 +119,7 @@ impl Heatmaps {
             bail!("--opacity {} must be between 0 and 1", args.opacity);
         }
         explain::require(engine, method)?;
-        let occlusion = Occlusion::resolve(
+        let occlusion = Occlusion::resolve::<anyhow::Error>(
             args.occlusion_window,
             args.occlusion_stride,
             args.occlusion_baseline,

@@ -4,90 +4,20 @@
 //!   math lives in the exporter's `onnx/explain.rs`); here they are only split per image;
 //! - `occlusion` ([`occlusion`]) runs any ONNX classifier once per window position.
 //!
-//! [`heatmap`] turns a map into a PNG over the image and a `.npy`. This layer sits beside
-//! `cmd/` and `serve/`, over `engine/`, which never imports it.
+//! [`heatmap`] turns a map into a PNG over the image and a `.npy`. The methods, the maps, the
+//! occlusion windows and the drawing are `mae_models::explain`'s, shared with `mae-train
+//! visualize`. This layer sits beside `cmd/` and `serve/`, over `engine/`, which never imports
+//! it.
 
 pub mod heatmap;
 pub mod occlusion;
 
 use anyhow::{bail, Context};
 
+pub use mae_models::explain::{Explanation, Method};
+
 use crate::engine::backend::OutputTensor;
 use crate::engine::Engine;
-
-/// An explanation method.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Method {
-    /// Attention rollout: an output of models exported with `--explain rollout`.
-    Rollout,
-    /// Grad-CAM on the last block: an output of models exported with `--explain gradcam`.
-    Gradcam,
-    /// Occlusion sensitivity: any classifier, one pass per window position.
-    Occlusion,
-}
-
-impl Method {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Method::Rollout => "rollout",
-            Method::Gradcam => "gradcam",
-            Method::Occlusion => "occlusion",
-        }
-    }
-
-    /// Parses `rollout`, `gradcam` or `occlusion`.
-    pub fn parse(s: &str) -> anyhow::Result<Self> {
-        match s.trim() {
-            "rollout" => Ok(Method::Rollout),
-            "gradcam" => Ok(Method::Gradcam),
-            "occlusion" => Ok(Method::Occlusion),
-            other => bail!("unknown explanation '{other}' (expected rollout, gradcam, occlusion)"),
-        }
-    }
-
-    /// The graph output that holds this method's map (none for occlusion).
-    pub fn graph_output(self) -> Option<&'static str> {
-        match self {
-            Method::Rollout => Some("rollout"),
-            Method::Gradcam => Some("gradcam"),
-            Method::Occlusion => None,
-        }
-    }
-}
-
-/// One image's map: `[classes, h, w]` when `per_class`, else `[h, w]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Explanation {
-    pub method: Method,
-    pub shape: Vec<usize>,
-    pub values: Vec<f32>,
-    pub per_class: bool,
-}
-
-impl Explanation {
-    /// Height and width of the map.
-    pub fn grid(&self) -> (usize, usize) {
-        let n = self.shape.len();
-        (self.shape[n - 2], self.shape[n - 1])
-    }
-
-    /// The map of class `c` (the one map when it is not per class).
-    pub fn class_map(&self, c: usize) -> anyhow::Result<&[f32]> {
-        let (h, w) = self.grid();
-        if !self.per_class {
-            return Ok(&self.values);
-        }
-        let classes = self.shape[0];
-        if c >= classes {
-            bail!(
-                "{} map has {classes} classes, no class {c}",
-                self.method.as_str()
-            );
-        }
-        Ok(&self.values[c * h * w..(c + 1) * h * w])
-    }
-}
 
 /// Fails with what to do when the model does not offer `method`'s output.
 pub fn require(engine: &Engine, method: Method) -> anyhow::Result<()> {

@@ -4,7 +4,7 @@
 
 use mae_models::VitConfig;
 use tch::nn::{self, Module, ModuleT};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 use super::{layer_norm, linear, trunc_normal_};
 
@@ -65,6 +65,26 @@ impl Attention {
             proj: linear(&p / "proj", d, d, 0.02),
             num_heads,
         }
+    }
+}
+
+impl Attention {
+    /// The evaluation pass with its attention probabilities `[b, h, n, n]` written out (the
+    /// softmax of the scaled products that the fused kernel keeps inside), for explanations.
+    pub fn forward_with_probs(&self, xs: &Tensor) -> (Tensor, Tensor) {
+        let (b, n, d) = xs.size3().expect("attention input is [b, n, d]");
+        let h = self.num_heads;
+        // [b, n, 3·d] → [3, b, h, n, d/h]
+        let qkv = xs
+            .apply(&self.qkv)
+            .reshape([b, n, 3, h, d / h])
+            .permute([2, 0, 3, 1, 4]);
+        let (q, k, v) = (qkv.get(0), qkv.get(1), qkv.get(2));
+        let scale = ((d / h) as f64).powf(-0.5);
+        let probs = (q.matmul(&k.transpose(-2, -1)) * scale).softmax(-1, Kind::Float); // [b, h, n, n]
+        let ys = probs.matmul(&v); // [b, h, n, d/h]
+        let ys = ys.transpose(1, 2).reshape([b, n, d]).apply(&self.proj);
+        (ys, probs)
     }
 }
 
@@ -135,6 +155,16 @@ impl Block {
             mlp: Mlp::new(&p / "mlp", d, hidden),
             drop_path,
         }
+    }
+}
+
+impl Block {
+    /// The evaluation pass, with the attention probabilities `[b, h, n, n]`.
+    pub fn forward_with_probs(&self, xs: &Tensor) -> (Tensor, Tensor) {
+        let (ys, probs) = self.attn.forward_with_probs(&xs.apply(&self.norm1));
+        let xs = xs + ys;
+        let ys = xs.apply(&self.norm2).apply(&self.mlp);
+        (&xs + ys, probs)
     }
 }
 
@@ -218,13 +248,24 @@ impl VisionTransformer {
 
     /// The pooled embedding `[b, d]` that the head classifies.
     pub fn forward_features(&self, xs: &Tensor, train: bool) -> Tensor {
-        let xs = xs.apply(&self.patch_embed); // [b, n, d]
-        let b = xs.size()[0];
-        let cls = self.cls_token.expand([b, -1, -1], false);
-        let mut xs = Tensor::cat(&[cls, xs], 1) + &self.pos_embed; // [b, n+1, d]
+        let mut xs = self.embed(xs);
         for blk in &self.blocks {
             xs = blk.forward_t(&xs, train);
         }
+        self.pool(&xs)
+    }
+
+    /// The tokens entering the first block: patches, class token and position `[b, n+1, d]`.
+    fn embed(&self, xs: &Tensor) -> Tensor {
+        let xs = xs.apply(&self.patch_embed); // [b, n, d]
+        let b = xs.size()[0];
+        let cls = self.cls_token.expand([b, -1, -1], false);
+        Tensor::cat(&[cls, xs], 1) + &self.pos_embed // [b, n+1, d]
+    }
+
+    /// The embedding `[b, d]` of the last block's tokens `[b, n+1, d]`: the normalised mean of
+    /// the patch tokens (global pool) or the normalised class token.
+    fn pool(&self, xs: &Tensor) -> Tensor {
         match (&self.fc_norm, &self.norm) {
             (Some(fc_norm), _) => xs
                 .narrow(1, 1, xs.size()[1] - 1)
@@ -232,6 +273,29 @@ impl VisionTransformer {
                 .apply(fc_norm),
             (None, Some(norm)) => xs.apply(norm).select(1, 0),
             (None, None) => unreachable!("one of norm and fc_norm exists by construction"),
+        }
+    }
+
+    /// The evaluation pass up to the last block, for explanations: its tokens `[b, n+1, d]`
+    /// and each block's attention probabilities `[b, h, n+1, n+1]`, in block order.
+    pub fn forward_blocks_with_probs(&self, xs: &Tensor) -> (Tensor, Vec<Tensor>) {
+        let mut xs = self.embed(xs);
+        let mut probs = Vec::with_capacity(self.blocks.len());
+        for blk in &self.blocks {
+            let (ys, p) = blk.forward_with_probs(&xs);
+            xs = ys;
+            probs.push(p);
+        }
+        (xs, probs)
+    }
+
+    /// The head's output for the last block's tokens `[b, n+1, d]`: logits `[b, classes]`
+    /// (the embedding when the model has no head).
+    pub fn head_from_tokens(&self, xs: &Tensor) -> Tensor {
+        let feats = self.pool(xs);
+        match &self.head {
+            Some(h) => feats.apply(h),
+            None => feats,
         }
     }
 }
