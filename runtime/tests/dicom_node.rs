@@ -712,3 +712,135 @@ fn queued_results_survive_a_pacs_outage_and_sigkill() {
     assert_eq!(got, want);
     assert_eq!(audit(d, "dicom-sent").len(), want.len());
 }
+
+/// Test certificates: a CA, the node's certificate (localhost, 127.0.0.1) and a client's, both
+/// issued by the CA, and a second client's from a CA the node does not know, as PEM files in
+/// `dir`.
+fn tls_certificates(dir: &Path) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let ca = |name: &str| {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let (ours, theirs) = (ca("mae test CA"), ca("another CA"));
+    std::fs::write(dir.join("ca.pem"), ours.pem()).unwrap();
+    let leaf = |name: &str, sans: &[&str], issuer: &CertifiedIssuer<'_, KeyPair>| {
+        let sans: Vec<String> = sans.iter().map(|s| s.to_string()).collect();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    };
+    leaf("node", &["localhost", "127.0.0.1"], &ours);
+    leaf("client", &[], &ours);
+    leaf("stranger", &[], &theirs);
+}
+
+/// DICOM TLS (PS3.15 Annex B) with client certificates required: dcmtk's echoscu and storescu
+/// with a certificate of the node's client CA are let in (the image's results are written);
+/// a caller with no certificate, one with a certificate of another CA, and one without TLS
+/// at all are refused, and the audit log says why.
+#[test]
+fn tls_with_client_certificates() {
+    require_tool("echoscu", "dcmtk");
+    require_tool("storescu", "dcmtk");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    tls_certificates(d);
+    let files = study(&d.join("study"));
+    let results = d.join("results");
+    let pem = |n: &str| d.join(n).to_str().unwrap().to_string();
+    let node = Node::start(
+        d,
+        &fixtures().join("binary.onnx"),
+        &[
+            "--results-dir",
+            p(&results),
+            "--dicom-tls-cert",
+            &pem("node.pem"),
+            "--dicom-tls-key",
+            &pem("node.key"),
+            "--dicom-tls-client-ca",
+            &pem("ca.pem"),
+        ],
+    );
+    let port = node.port.to_string();
+    let (key, cert, ca) = (pem("client.key"), pem("client.pem"), pem("ca.pem"));
+    let tls: Vec<&str> = vec!["+tls", &key, &cert, "+cf", &ca, "-aet", "MODALITY"];
+    let mut echo = tls.clone();
+    echo.extend(["-aec", "MAE", "127.0.0.1", &port]);
+    let o = tool("echoscu", &echo);
+    assert!(o.status.success(), "{}\n{}", text(&o), node.log());
+    let mut store = tls.clone();
+    store.extend(["-aec", "MAE", "127.0.0.1", &port, p(&files[0].0)]);
+    let o = tool("storescu", &store);
+    assert!(o.status.success(), "{}\n{}", text(&o), node.log());
+    assert!(node.log().contains("over TLS accepted"), "{}", node.log());
+    let start = Instant::now();
+    while audit(d, "dicom-classified").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(std::fs::read_dir(&results).unwrap().count(), 2);
+
+    let (skey, scert) = (pem("stranger.key"), pem("stranger.pem"));
+    let refused: [(&str, Vec<&str>); 3] = [
+        ("no certificate", vec!["+tla", "+cf", &ca]),
+        ("another CA's", vec!["+tls", &skey, &scert, "+cf", &ca]),
+        ("no TLS", vec![]),
+    ];
+    for (what, args) in &refused {
+        let mut a = args.clone();
+        a.extend([
+            "-to",
+            "5",
+            "-aet",
+            "MODALITY",
+            "-aec",
+            "MAE",
+            "127.0.0.1",
+            &port,
+        ]);
+        let o = tool("echoscu", &a);
+        assert!(!o.status.success(), "{what}: let in\n{}", text(&o));
+    }
+    let start = Instant::now();
+    while audit(d, "dicom-rejected").len() < refused.len() {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reasons: Vec<String> = audit(d, "dicom-rejected")
+        .iter()
+        .map(|r| r["reason"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(reasons.len(), refused.len(), "{reasons:?}");
+    for why in [
+        "peer sent no certificates",
+        "UnknownIssuer",
+        "does the remote support TLS",
+    ] {
+        assert!(
+            reasons.iter().any(|r| r.contains(why)),
+            "{why}: {reasons:?}"
+        );
+    }
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.starts_with("TLS handshake failed")),
+        "{reasons:?}"
+    );
+    assert!(
+        node.log().contains("DICOM TLS handshake with"),
+        "{}",
+        node.log()
+    );
+}

@@ -74,6 +74,19 @@ pub struct DicomArgs {
     /// model's SHA-256); the default, 2.25, makes UUID-derived UIDs.
     #[arg(long, default_value = uids::UUID_ROOT)]
     pub uid_root: String,
+    /// Speak DICOM over TLS (PS3.15 Annex B) on --dicom-listen, with this certificate chain
+    /// (PEM); needs --dicom-tls-key. Every association must then start with a TLS handshake
+    /// (separate from the HTTP server's --tls-cert, which only makes HTTP into HTTPS).
+    #[arg(long, value_name = "FILE", requires_all = ["dicom_listen", "dicom_tls_key"])]
+    pub dicom_tls_cert: Option<PathBuf>,
+    /// The private key of --dicom-tls-cert (PEM: PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "FILE", requires = "dicom_tls_cert")]
+    pub dicom_tls_key: Option<PathBuf>,
+    /// Require a client certificate issued by one of these CA certificates (PEM) from every
+    /// caller; the handshake of a caller without one fails. Without it callers are not asked
+    /// for a certificate.
+    #[arg(long, value_name = "FILE", requires = "dicom_tls_cert")]
+    pub dicom_tls_client_ca: Option<PathBuf>,
     /// Codes of the classes in the SR: a JSON object of class name to {"scheme", "value",
     /// "meaning"} (for example SNOMED CT); other classes get mae's private scheme 99MAE.
     #[arg(long, value_name = "FILE", requires = "dicom_listen")]
@@ -114,6 +127,14 @@ impl DicomArgs {
             .map(Callers::load)
             .transpose()?
             .map(Arc::new);
+        let tls = match (&self.dicom_tls_cert, &self.dicom_tls_key) {
+            (Some(cert), Some(key)) => Some(super::tls::server_config(
+                cert,
+                key,
+                self.dicom_tls_client_ca.as_deref(),
+            )?),
+            _ => None,
+        };
         let codes = match &self.dicom_codes {
             Some(p) => Codes::load(p)?,
             None => Codes::default(),
@@ -122,6 +143,7 @@ impl DicomArgs {
             listen,
             ae_title: self.ae_title.clone(),
             callers,
+            tls,
             limits: Limits {
                 max_associations: self.dicom_max_associations,
                 max_pdu: self.dicom_max_pdu,

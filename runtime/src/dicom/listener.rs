@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use bytes::BytesMut;
 use dicom_ul::association::server::AccessControl;
-use dicom_ul::association::{Association, ServerAssociationOptions};
+use dicom_ul::association::{Association, CloseSocket, ServerAssociationOptions};
 use dicom_ul::pdu::{
     AssociationRJ, AssociationRJResult, AssociationRJServiceProviderPresentationReason,
     AssociationRJServiceUserReason, AssociationRJSource, PDataValue, PDataValueType,
@@ -85,7 +85,10 @@ fn accept(ctx: &Arc<Ctx>, stream: TcpStream) {
             "DICOM association from {peer} rejected: {max} associations open \
              (--dicom-max-associations)"
         );
-        let _ = reject_busy(stream, &ctx.cfg);
+        // Over TLS the request is only readable after a handshake: close instead.
+        if ctx.cfg.tls.is_none() {
+            let _ = reject_busy(stream, &ctx.cfg);
+        }
         return;
     }
     let ctx = ctx.clone();
@@ -185,13 +188,84 @@ fn timed_out(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-/// One association, from request to release.
+/// One association, from request (after the TLS handshake with `--dicom-tls-cert`) to
+/// release.
 fn association(ctx: &Ctx, stream: TcpStream, peer: &str) -> anyhow::Result<()> {
     let gate = Gate {
         callers: ctx.cfg.callers.clone(),
         ip: stream.peer_addr().ok().map(|a| a.ip()),
     };
-    let mut assoc = match options(&ctx.cfg, gate).establish(stream) {
+    let options = options(&ctx.cfg, gate);
+    match &ctx.cfg.tls {
+        None => converse(ctx, options.establish(stream), peer, ""),
+        Some(tls) => {
+            let established = options.tls_config(tls.clone()).establish_tls(stream);
+            if let Err(e) = &established {
+                if tls_failed(e) {
+                    let why = chain(e);
+                    warn!("DICOM TLS handshake with {peer} failed: {why}");
+                    ctx.events.record(json!({
+                        "event": "dicom-rejected", "client": peer,
+                        "reason": format!("TLS handshake failed: {why}"),
+                    }));
+                    return Ok(());
+                }
+            }
+            converse(ctx, established, peer, " over TLS")
+        }
+    }
+}
+
+/// Whether an association failed in its TLS handshake: before the ClientHello was taken, or
+/// later, when rustls finishes the handshake on the first read (a missing or untrusted client
+/// certificate shows there, as a rustls error inside an I/O error).
+fn tls_failed(e: &dicom_ul::association::Error) -> bool {
+    use dicom_ul::association::Error;
+    if matches!(e, Error::TlsConnection { .. } | Error::TlsHandshake { .. }) {
+        return true;
+    }
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if err.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io
+                .get_ref()
+                .is_some_and(|inner| inner.is::<rustls::Error>())
+            {
+                return true;
+            }
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// An error and its causes on one line.
+fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        // An I/O error's source() skips the error it wraps; its text already holds it.
+        cur = c.source();
+    }
+    out
+}
+
+/// The association once established (or refused): its P-DATA until release or abort.
+fn converse<S>(
+    ctx: &Ctx,
+    established: Result<ServerAssociation<S>, dicom_ul::association::Error>,
+    peer: &str,
+    over: &str,
+) -> anyhow::Result<()>
+where
+    S: std::io::Read + std::io::Write + CloseSocket,
+{
+    let mut assoc = match established {
         Ok(a) => a,
         Err(dicom_ul::association::Error::Rejected { association_rj, .. }) => {
             warn!(
@@ -220,7 +294,7 @@ fn association(ctx: &Ctx, stream: TcpStream, peer: &str) -> anyhow::Result<()> {
     }
     let refused = assoc.presentation_contexts().len() - accepted;
     info!(
-        "DICOM association from {calling} ({peer}) accepted: {accepted} presentation \
+        "DICOM association from {calling} ({peer}){over} accepted: {accepted} presentation \
          context(s), {refused} refused (SOP class or transfer syntax not taken), PDU up to {} \
          bytes",
         assoc.requestor_max_pdu_length()

@@ -12,7 +12,7 @@
 //! ```
 //!
 //! - `listener.rs`: associations through dicom-ul, C-ECHO and C-STORE SCP, the callers
-//!   (`callers.rs`), the limits; `dimse.rs`: command sets, statuses, the SOP classes and
+//!   (`callers.rs`), DICOM TLS (`tls.rs`), the limits; `dimse.rs`: command sets, statuses, the SOP classes and
 //!   transfer syntaxes taken.
 //! - `sr.rs`, `capture.rs`: the results, UIDs from `uids.rs`, class codes from `codes.rs`, the
 //!   source's Patient and Study from `source.rs`.
@@ -35,6 +35,7 @@ pub mod scu;
 pub mod source;
 pub mod spool;
 pub mod sr;
+pub mod tls;
 pub mod uids;
 
 use std::net::SocketAddr;
@@ -90,6 +91,8 @@ pub struct NodeConfig {
     pub listen: SocketAddr,
     pub ae_title: String,
     pub callers: Option<Arc<Callers>>,
+    /// DICOM TLS (`tls.rs`): every association starts with a handshake.
+    pub tls: Option<Arc<rustls::ServerConfig>>,
     pub limits: Limits,
     pub spool: PathBuf,
     pub results_dir: Option<PathBuf>,
