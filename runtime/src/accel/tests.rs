@@ -199,15 +199,11 @@ fn attention_and_linear_products_keep_the_outputs_on_the_avx2_tile() {
 fn attention_and_linear_products_keep_the_outputs_on_the_avx512_tile() {
     check_attention_and_products(F32Tile::avx512().expect("AVX-512F"));
     // And `mae-run`'s default rewrites choose them on this CPU.
-    let (ours, done) = optimize(typed(&attention_block(13, 3, 8)), Rewrites::All, auto()).unwrap();
+    let block = || typed(&attention_block(13, 3, 8));
+    let (ours, done) = optimize(block(), Rewrites::All, auto()).unwrap();
     assert_eq!((done.attentions, done.dense_products), (1, 4), "{done:?}");
     assert!(done.describe(Rewrites::All).contains("1 attentions fused"));
-    let (_, without) = optimize(
-        typed(&attention_block(13, 3, 8)),
-        Rewrites::NoProducts,
-        auto(),
-    )
-    .unwrap();
+    let (_, without) = optimize(block(), Rewrites::NoProducts, auto()).unwrap();
     assert_eq!(
         (without.attentions, without.dense_products),
         (0, 0),

@@ -3,8 +3,9 @@
 use rayon::prelude::*;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
-use crate::kernels::driver::{Aligned, Body, Strides, MR, NR};
+use crate::kernels::driver::{Aligned, Strides};
 use crate::kernels::f32::{pack_panel, F32Tile};
+use crate::kernels::shape::{Body, MR, NR};
 
 /// Multi-head self-attention over one image's `qkv` (`tokens × 3·heads·dim`, token-major: the
 /// queries, then the keys, then the values, each head's `dim` values together), into `out`

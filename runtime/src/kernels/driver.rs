@@ -10,21 +10,7 @@
 use rayon::prelude::*;
 use tract_linalg::multithread::{current_tract_executor, Executor};
 
-/// Columns of one weight panel (two 16-lane vectors).
-pub const NR: usize = 32;
-/// Rows of one activation panel.
-pub const MR: usize = 12;
-
-/// One tile's outputs, row by row.
-pub type Acc = [[f32; NR]; MR];
-
-/// Plain loops that the compiler vectorises, run by `crate::kernels::vector::Vector::run`
-/// compiled for the chosen instruction set (its `run` is inlined there): the same operations,
-/// so the same values, on every path.
-pub trait Body {
-    type Out;
-    fn run(self) -> Self::Out;
-}
+pub use crate::kernels::shape::{Acc, MR, NR};
 
 /// Where element `(row, col)` of a matrix lies in its slice: `row * self.row + col * self.col`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -1,7 +1,7 @@
 //! The exact (erf) GELU that ends a ViT's MLP, folded into the stores of the products before
 //! it, on tract's vectorised `erf`.
 
-use crate::kernels::driver::Body;
+use crate::kernels::shape::Body;
 use crate::kernels::vector::Vector;
 
 /// tract's `erf` kernel, for layers that end in GELU (`gelu`), else none.

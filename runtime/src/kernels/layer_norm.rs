@@ -2,7 +2,7 @@
 //! shift, which tract folds into the next product): plain loops the compiler vectorises, run
 //! compiled for the path's instruction set.
 
-use crate::kernels::driver::Body;
+use crate::kernels::shape::Body;
 use crate::kernels::vector::Vector;
 
 /// Normalises `xs` into `ys` (blocks of `d × inner`: the normalised axis, of length `d`, at

@@ -16,6 +16,7 @@ pub mod i8;
 pub mod layer_norm;
 pub mod quantize;
 pub mod select;
+pub mod shape;
 pub mod vector;
 #[cfg(target_arch = "x86_64")]
 pub mod x86_64;

@@ -5,7 +5,7 @@
 //! the path's instruction set ([`Vector`]); the explicit AVX-512 forms (`x86_64/avx512.rs`) give
 //! the same bytes.
 
-use crate::kernels::driver::Body;
+use crate::kernels::shape::Body;
 use crate::kernels::vector::Vector;
 
 /// How the float32 activations of an int8 product become uint8.

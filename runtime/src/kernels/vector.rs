@@ -2,7 +2,7 @@
 //! LayerNorm, the quantizers and GELU's scaling): their loops are written once, as plain Rust
 //! ([`Body`]), and compiled for the path's instruction set by [`Vector::run`].
 
-use crate::kernels::driver::Body;
+use crate::kernels::shape::Body;
 
 /// The instruction set that [`Body`] loops are compiled for.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]

@@ -18,7 +18,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::driver::{Acc, Body, MR, NR};
+use crate::kernels::shape::{Acc, Body, MR, NR};
 
 /// Proof that this CPU has AVX2 and FMA: only [`Avx2::detect`] makes one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

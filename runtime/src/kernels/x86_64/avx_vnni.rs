@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::driver::{Acc, MR, NR};
+use crate::kernels::shape::{Acc, MR, NR};
 use crate::kernels::x86_64::avx2::{store_scaled, Scaling};
 
 /// Proof that this CPU has AVX2 and AVX-VNNI: only [`AvxVnni::detect`] makes one.

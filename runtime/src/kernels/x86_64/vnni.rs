@@ -4,7 +4,7 @@
 
 use std::arch::x86_64::*;
 
-use crate::kernels::driver::{Acc, MR, NR};
+use crate::kernels::shape::{Acc, MR, NR};
 
 /// Proof that this CPU has AVX-512F and AVX-512 VNNI: only [`Vnni::detect`] makes one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -192,6 +192,12 @@ pub fn parse_kinds(
 }
 
 /// The training arguments of one cell, without the program name.
+/// Writes `sweep.csv`, `sweep.md` and `sweep.png` in `dir`, each atomically.
+fn write_summary(dir: &Path, rows: &[Row], command_line: &str) -> anyhow::Result<()> {
+    summary::write_tables(dir, rows, command_line)?;
+    chart::sweep_png(&dir.join("sweep.png"), rows)
+}
+
 fn cell_args(cell: &Cell) -> Vec<String> {
     let mut v = vec![cell.kind.command().to_string()];
     v.extend(cell.flags.iter().cloned());
@@ -473,9 +479,9 @@ pub fn sweep(a: &SweepArgs) -> anyhow::Result<ExitCode> {
         );
         mae_models::io::atomic_write(&done, serde_json::to_string_pretty(&row)?.as_bytes())?;
         rows.push(row);
-        summary::write_summary(&a.output_dir, &rows, &command_line)?;
+        write_summary(&a.output_dir, &rows, &command_line)?;
     }
-    summary::write_summary(&a.output_dir, &rows, &command_line)?;
+    write_summary(&a.output_dir, &rows, &command_line)?;
     println!(
         "sweep finished: {total} cells in {:.0}s; results in {}",
         started.elapsed().as_secs_f64(),

@@ -7,8 +7,6 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use super::chart;
-
 /// What a finished cell measured: one row of `sweep.csv`, kept in its `cell.json`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Row {
@@ -183,14 +181,14 @@ fn markdown(rows: &[Row], command_line: &str) -> String {
     md
 }
 
-/// Writes `sweep.csv`, `sweep.md` and `sweep.png` in `dir`, each atomically.
-pub fn write_summary(dir: &Path, rows: &[Row], command_line: &str) -> anyhow::Result<()> {
+/// Writes `sweep.csv` and `sweep.md` in `dir`, each atomically.
+pub fn write_tables(dir: &Path, rows: &[Row], command_line: &str) -> anyhow::Result<()> {
     mae_models::io::atomic_write(&dir.join("sweep.csv"), csv(rows).as_bytes())?;
     mae_models::io::atomic_write(
         &dir.join("sweep.md"),
         markdown(rows, command_line).as_bytes(),
     )?;
-    chart::sweep_png(&dir.join("sweep.png"), rows)
+    Ok(())
 }
 
 #[cfg(test)]
