@@ -24,7 +24,9 @@
 #        FT_EPOCHS (10: MedNIST at 600 and 6000), FT_EPOCHS_LARGE (3: at 36000 and all),
 #        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_BATCH (256), SEEDS (0,1,2),
 #        SMOKE=1: every step on tiny subsets (BreastMNIST only) and one epoch, to check the
-#        pipeline in minutes
+#        pipeline in minutes; for a partial run: TARGETS (breastmnist,pneumoniamnist: which
+#        targets), LARGE=0 (skip MedNIST's 36000 and all cells), SUPERVISED (600,6k,all: which
+#        MedNIST classifiers are (d)); a later full run adds only the cells left out
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 shared="$root/../shared/data"
@@ -43,6 +45,11 @@ if [ "$smoke" = 1 ]; then
   : "${PT_EPOCHS:=1}" "${PT_WARMUP:=0}" "${TARGET_PT_EPOCHS:=1}" "${CONTINUE_EPOCHS:=1}"
   : "${FT_EPOCHS:=1}" "${FT_EPOCHS_LARGE:=1}" "${TARGET_EPOCHS:=1}" "${LP_EPOCHS:=1}" "${SEEDS:=0}" "${LP_BATCH:=32}"
   targets=("${targets[0]}")
+fi
+if [ -n "${TARGETS:-}" ]; then
+  keep=()
+  for t in "${targets[@]}"; do [[ ",$TARGETS," == *",${t%%=*},"* ]] && keep+=("$t"); done
+  targets=("${keep[@]}")
 fi
 pt_epochs=${PT_EPOCHS:-40}
 seeds=${SEEDS:-0,1,2}
@@ -102,6 +109,7 @@ timed "$bin/mae-train" sweep --train-samples "$small" --seeds "$seeds" \
   --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
   --output-dir "$out/mednist-small" -- "${arch[@]}" $tuning --data-path "$mednist" \
   --epochs "${FT_EPOCHS:-10}"
+[ "${LARGE:-1}" = 0 ] && say "   (LARGE=0: $large left out)" || \
 timed "$bin/mae-train" sweep --train-samples "$large" --seeds 0 \
   --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
   --output-dir "$out/mednist-large" -- "${arch[@]}" $tuning --data-path "$mednist" \
@@ -112,6 +120,11 @@ classifier() { # size: the MedNIST classifier fine-tuned from MAE on that many i
   echo "$out/$sweep/cells/mae/n$1/seed0/checkpoint-best.safetensors"
 }
 if [ "$smoke" = 1 ]; then sup=(600=60 all=120); else sup=(600=600 6k=6000 all=all); fi
+if [ -n "${SUPERVISED:-}" ]; then
+  keep=()
+  for s in "${sup[@]}"; do [[ ",$SUPERVISED," == *",${s%%=*},"* ]] && keep+=("$s"); done
+  sup=("${keep[@]}")
+fi
 
 for t in "${targets[@]}"; do
   name=${t%%=*}
@@ -141,7 +154,7 @@ if [ "$smoke" = 1 ]; then say "   (smoke run: nothing copied)"; exit 0; fi
 dst="$root/docs/results/transfer"
 mkdir -p "$dst"
 for d in mednist-small mednist-large; do
-  for f in sweep.csv sweep.md sweep.png; do cp "$out/$d/$f" "$dst/$d-$f"; done
+  for f in sweep.csv sweep.md sweep.png; do [ ! -f "$out/$d/$f" ] || cp "$out/$d/$f" "$dst/$d-$f"; done
 done
 cp "$pt_mednist/log.txt" "$dst/pretrain-mednist-log.txt"
 for t in "${targets[@]}"; do
