@@ -722,6 +722,92 @@ fn trickling_clients_do_not_block_others_and_are_cut_off() {
     assert_eq!(request(&s.addr, "GET", "/healthz", &[], b"").0, 200);
 }
 
+/// A TCP connection to `addr` from the loopback address `from` (all of 127/8 is loopback on
+/// Linux), as a blocking std stream.
+fn connect_from(from: &str, addr: &str) -> TcpStream {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let tcp = rt.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{from}:0").parse().unwrap()).unwrap();
+        socket.connect(addr.parse().unwrap()).await.unwrap()
+    });
+    let tcp = tcp.into_std().unwrap();
+    tcp.set_nonblocking(false).unwrap();
+    tcp
+}
+
+/// One address holding many half-sent request heads takes only its own share of the
+/// connections (`--max-connections-per-client`, at its default): its connections over the
+/// share get 503 naming the per-client cap, and a client from another address is still served.
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let model = fixtures().join("multiclass.onnx");
+    let s = Served::start(&[
+        "--model",
+        p(&model),
+        "--max-connections",
+        "48",
+        "--header-timeout-ms",
+        "20000",
+    ]);
+    let half = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ";
+    let mut held = Vec::new();
+    let mut refused = 0;
+    for _ in 0..64 {
+        let mut c = connect_from("127.0.0.1", &s.addr);
+        c.write_all(half).unwrap();
+        c.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut buf = [0u8; 512];
+        match c.read(&mut buf) {
+            Ok(n) if n > 0 => {
+                let answer = String::from_utf8_lossy(&buf[..n]).to_string();
+                assert!(
+                    answer.starts_with("HTTP/1.1 503") && answer.contains("from this address"),
+                    "{answer:?}"
+                );
+                refused += 1;
+            }
+            // Still waiting for the rest of its head: held open.
+            _ => held.push(c),
+        }
+    }
+    assert_eq!(
+        (held.len(), refused),
+        (32, 32),
+        "the default cap is 32 per address"
+    );
+    // 32 of 48 connections are taken; another address gets a slot and its answer.
+    let mut other = connect_from("127.0.0.2", &s.addr);
+    other
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = other.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    // Once the first address closes some, it is served again.
+    held.truncate(20);
+    std::thread::sleep(Duration::from_millis(300));
+    let mut again = connect_from("127.0.0.1", &s.addr);
+    again
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    again
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = again.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+}
+
 /// A self-signed certificate for `localhost` and its key, as PEM files in `dir`.
 fn test_certificate(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
     let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();

@@ -75,6 +75,12 @@ pub struct ServeArgs {
     /// Open connections at most; more are answered 503 and closed.
     #[arg(long, default_value_t = 256)]
     pub max_connections: usize,
+    /// Open connections of one client address at most (an IPv6 client counted by its /64);
+    /// more from it are answered 503 and closed, so that one address holding connections open
+    /// (slow or half-sent requests) cannot take every slot. Raise it behind a reverse proxy,
+    /// whose connections all come from one address.
+    #[arg(long, default_value_t = 32)]
+    pub max_connections_per_client: usize,
     /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -113,8 +119,8 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
             args.listen
         );
     }
-    if args.max_connections == 0 {
-        bail!("--max-connections must be at least 1");
+    if args.max_connections == 0 || args.max_connections_per_client == 0 {
+        bail!("--max-connections and --max-connections-per-client must be at least 1");
     }
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(transport::tls_config(cert, key)?),
@@ -160,6 +166,7 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
             header_timeout: Duration::from_millis(args.header_timeout_ms),
             body_timeout: Duration::from_millis(args.body_timeout_ms),
             max_connections: args.max_connections,
+            max_connections_per_client: args.max_connections_per_client,
             workers: args.workers,
         },
     })

@@ -1,7 +1,9 @@
 //! The HTTP side of `mae-run serve`: HTTP/1.1 by hyper on a small tokio runtime, TLS by rustls
 //! (ring provider), and the limits that keep one client from holding the service:
 //!
-//! - a cap on open connections (`--max-connections`; beyond it, 503 and close);
+//! - a cap on open connections (`--max-connections`; beyond it, 503 and close), and on those of
+//!   one client address (`--max-connections-per-client`; an IPv6 client by its /64), so that
+//!   one address holding connections open cannot take every slot;
 //! - a deadline for the request head (`--header-timeout-ms`, hyper's header read timeout; also
 //!   the TLS handshake's) and a size limit on it (`--max-header-bytes`, 431 beyond);
 //! - a deadline for the body (`--body-timeout-ms`, 408) and a size limit (`--max-body-bytes`,
@@ -13,10 +15,11 @@
 //! worker. Decoding, preprocessing and waiting for the model happen on at most `--workers`
 //! blocking threads at once.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -44,6 +47,7 @@ pub struct Limits {
     pub header_timeout: Duration,
     pub body_timeout: Duration,
     pub max_connections: usize,
+    pub max_connections_per_client: usize,
     pub workers: usize,
 }
 
@@ -75,6 +79,59 @@ pub fn tls_config(cert: &Path, key: &Path) -> anyhow::Result<Arc<rustls::ServerC
         .with_context(|| format!("--tls-cert {} and its key", cert.display()))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Arc::new(cfg))
+}
+
+/// The open connections of each client address, against `--max-connections-per-client`.
+struct PerClient {
+    max: usize,
+    open: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One open connection counted against its client; the count drops with it.
+struct ClientSlot {
+    table: Arc<PerClient>,
+    client: IpAddr,
+}
+
+/// The address a client is counted under: IPv4 as it is (an IPv4-mapped IPv6 address as its
+/// IPv4 one), IPv6 by its /64, the smallest block a host is usually given.
+fn client_key(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let bits = u128::from(v6) & !((1u128 << 64) - 1);
+            IpAddr::V6(Ipv6Addr::from(bits))
+        }
+        v4 => v4,
+    }
+}
+
+impl PerClient {
+    /// A slot for one more connection of `ip`, unless it has `max` open.
+    fn take(table: &Arc<Self>, ip: IpAddr) -> Option<ClientSlot> {
+        let client = client_key(ip);
+        let mut open = table.open.lock().unwrap_or_else(|e| e.into_inner());
+        let n = open.entry(client).or_insert(0);
+        if *n >= table.max {
+            return None;
+        }
+        *n += 1;
+        Some(ClientSlot {
+            table: table.clone(),
+            client,
+        })
+    }
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.table.open.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = open.get_mut(&self.client) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
 }
 
 /// What every connection's requests need.
@@ -117,6 +174,10 @@ pub(crate) fn serve(
         .context("cannot install the SIGINT/SIGTERM handler")?;
         let max_connections = limits.max_connections;
         let conns = Arc::new(Semaphore::new(max_connections));
+        let per_client = Arc::new(PerClient {
+            max: limits.max_connections_per_client.max(1),
+            open: Mutex::new(HashMap::new()),
+        });
         let ctx = Arc::new(Ctx {
             shared,
             workers: Arc::new(Semaphore::new(limits.workers.max(1))),
@@ -124,6 +185,7 @@ pub(crate) fn serve(
         });
         let acceptor = tls.map(TlsAcceptor::from);
         let mut stop = stop_rx.clone();
+        let mut last_warned = None;
         loop {
             let (tcp, peer) = tokio::select! {
                 r = listener.accept() => match r {
@@ -137,13 +199,28 @@ pub(crate) fn serve(
                 },
                 _ = stop.wait_for(|s| *s) => break,
             };
+            let Some(slot) = PerClient::take(&per_client, peer.ip()) else {
+                // At most a line a second: a client flooding the cap must not flood the log.
+                if last_warned.is_none_or(|t: Instant| t.elapsed() >= Duration::from_secs(1)) {
+                    last_warned = Some(Instant::now());
+                    tracing::warn!(
+                        "connection from {peer} refused: {} open from {} \
+                         (--max-connections-per-client)",
+                        per_client.max,
+                        client_key(peer.ip())
+                    );
+                }
+                tokio::spawn(refuse(tcp, acceptor.is_none(), PER_CLIENT_FULL));
+                continue;
+            };
             let Ok(permit) = conns.clone().try_acquire_owned() else {
-                tokio::spawn(refuse(tcp, acceptor.is_none()));
+                tokio::spawn(refuse(tcp, acceptor.is_none(), ALL_FULL));
                 continue;
             };
             let (ctx, acceptor, stop) = (ctx.clone(), acceptor.clone(), stop_rx.clone());
             tokio::spawn(async move {
                 let _permit = permit;
+                let _slot = slot;
                 let _ = tcp.set_nodelay(true);
                 match acceptor {
                     None => connection(TokioIo::new(tcp), peer, ctx, stop).await,
@@ -165,10 +242,15 @@ pub(crate) fn serve(
     })
 }
 
-/// Answers a connection over the cap with 503 and closes it.
-async fn refuse(mut tcp: TcpStream, plain: bool) {
+/// The 503 bodies of a connection over `--max-connections` and over
+/// `--max-connections-per-client`.
+const ALL_FULL: &str = r#"{"error":"too many open connections; retry later"}"#;
+const PER_CLIENT_FULL: &str =
+    r#"{"error":"too many open connections from this address; close some and retry"}"#;
+
+/// Answers a connection over a cap with 503 (over TLS, only closes it) and closes it.
+async fn refuse(mut tcp: TcpStream, plain: bool, body: &str) {
     if plain {
-        let body = r#"{"error":"too many open connections; retry later"}"#;
         let msg = format!(
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n\
              Content-Length: {}\r\nConnection: close\r\nRetry-After: 1\r\n\r\n{body}",
@@ -328,4 +410,45 @@ async fn read_body(
         return Err(too_large());
     }
     Ok(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn each_client_gets_its_own_cap() {
+        let table = Arc::new(PerClient {
+            max: 2,
+            open: Mutex::new(HashMap::new()),
+        });
+        let a: IpAddr = "127.0.0.1".parse().unwrap();
+        let b: IpAddr = "127.0.0.2".parse().unwrap();
+        let (a1, a2) = (PerClient::take(&table, a), PerClient::take(&table, a));
+        assert!(a1.is_some() && a2.is_some());
+        assert!(PerClient::take(&table, a).is_none());
+        // The same address written as IPv4-mapped IPv6 is the same client.
+        assert!(PerClient::take(&table, "::ffff:127.0.0.1".parse().unwrap()).is_none());
+        assert!(PerClient::take(&table, b).is_some());
+        drop(a1);
+        assert!(PerClient::take(&table, a).is_some());
+        assert!(
+            !table.open.lock().unwrap().contains_key(&b),
+            "b's count not dropped"
+        );
+    }
+
+    #[test]
+    fn ipv6_clients_count_by_their_64() {
+        let x: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let y: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        let z: IpAddr = "2001:db8:1:3::1".parse().unwrap();
+        assert_eq!(client_key(x), client_key(y));
+        assert_ne!(client_key(x), client_key(z));
+        assert_eq!(
+            client_key("10.0.0.7".parse().unwrap()).to_string(),
+            "10.0.0.7"
+        );
+    }
 }
