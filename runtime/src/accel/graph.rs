@@ -237,6 +237,8 @@ pub struct Replacement {
     pub input: OutletId,
     pub ops: Vec<Box<dyn TypedOp>>,
     pub replaced: usize,
+    /// Further outlets of the model that the last op's outputs replace: (outlet, output slot).
+    pub also: Vec<(OutletId, usize)>,
 }
 
 impl Replacement {
@@ -246,6 +248,7 @@ impl Replacement {
             input,
             ops: vec![Box::new(op)],
             replaced,
+            also: Vec::new(),
         }
     }
 }
@@ -267,8 +270,12 @@ pub fn replace_nodes(
         for (k, op) in r.ops.into_iter().enumerate() {
             wires = patch.wire_node(format!("{name}.rewritten.{k}"), op, &wires)?;
         }
-        for (slot, wire) in wires.iter().enumerate() {
+        let replaced = model.node(r.replaced).outputs.len();
+        for (slot, wire) in wires.iter().enumerate().take(replaced) {
             patch.shunt_outside(model, OutletId::new(r.replaced, slot), *wire)?;
+        }
+        for (outlet, slot) in r.also {
+            patch.shunt_outside(model, outlet, wires[slot])?;
         }
         patch.apply(model)?;
         count += 1;

@@ -16,6 +16,10 @@ use crate::kernels::shape::{Body, MR, NR};
 /// weight layout of the second product `vᵀ · p`, so nothing is packed between the two; the
 /// softmax runs down the columns (its exponential on tract's own kernel) and divides the
 /// outputs by its sums. Heads split over the thread pool of tract's current executor.
+///
+/// With `probabilities` (`heads × tokens × tokens`: per head, each query's row over the keys),
+/// the softmax's outputs are written there too, for graphs that read them (attention rollout).
+#[allow(clippy::too_many_arguments)]
 pub fn attention(
     qkv: &[f32],
     tokens: usize,
@@ -23,6 +27,7 @@ pub fn attention(
     dim: usize,
     scale: f32,
     out: &mut [f32],
+    probabilities: Option<&mut [f32]>,
     tile: F32Tile,
 ) -> anyhow::Result<()> {
     let width = heads * dim;
@@ -32,6 +37,13 @@ pub fn attention(
         qkv.len(),
         out.len()
     );
+    if let Some(p) = &probabilities {
+        anyhow::ensure!(
+            p.len() == heads * tokens * tokens,
+            "attention: {} probabilities for {heads} heads of {tokens} × {tokens}",
+            p.len()
+        );
+    }
     if tokens == 0 || width == 0 {
         return Ok(());
     }
@@ -44,16 +56,37 @@ pub fn attention(
             head.push(piece);
         }
     }
-    let one_head = |(h, mut dst): (usize, Vec<&mut [f32]>)| -> anyhow::Result<()> {
-        head(qkv, (tokens, heads, dim), h, scale, &*exp, tile, &mut dst)
+    // Each head's block of the probabilities, or none.
+    let blocks: Vec<Option<&mut [f32]>> = match probabilities {
+        Some(p) => p.chunks_exact_mut(tokens * tokens).map(Some).collect(),
+        None => (0..heads).map(|_| None).collect(),
     };
+    let one_head = |(h, (mut dst, probs)): (usize, HeadWork)| {
+        head(
+            qkv,
+            (tokens, heads, dim),
+            h,
+            scale,
+            &*exp,
+            tile,
+            &mut dst,
+            probs,
+        )
+    };
+    let work = columns.into_iter().zip(blocks);
     match current_tract_executor() {
-        Executor::MultiThread(pool) => {
-            pool.install(|| columns.into_par_iter().enumerate().try_for_each(one_head))
-        }
-        _ => columns.into_iter().enumerate().try_for_each(one_head),
+        Executor::MultiThread(pool) => pool.install(|| {
+            work.collect::<Vec<_>>()
+                .into_par_iter()
+                .enumerate()
+                .try_for_each(one_head)
+        }),
+        _ => work.enumerate().try_for_each(one_head),
     }
 }
+
+/// What one head writes: its columns of every token's output, and its probabilities.
+type HeadWork<'a> = (Vec<&'a mut [f32]>, Option<&'a mut [f32]>);
 
 /// Head `h` of [`attention`], into `dst` (each token's `dim` outputs of this head).
 #[allow(clippy::too_many_arguments)]
@@ -65,6 +98,7 @@ fn head(
     exp: &dyn tract_linalg::reduce::MapReduce<f32, f32>,
     tile: F32Tile,
     dst: &mut [&mut [f32]],
+    mut probs: Option<&mut [f32]>,
 ) -> anyhow::Result<()> {
     let width = heads * dim;
     let row = Strides {
@@ -108,6 +142,15 @@ fn head(
             }
         }
         let inv = softmax_columns(&mut scores, exp, tile)?;
+        if let Some(p) = probs.as_deref_mut() {
+            // Query `first + c`'s row: column `c` of the scores, times its sum's inverse.
+            for (c, i) in inv.iter().enumerate().take(cols) {
+                let row = &mut p[(first + c) * tokens..][..tokens];
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v = scores[k * NR + c] * i;
+                }
+            }
+        }
         // The outputs, transposed: `dim × NR`, each row one of the head's values.
         for (t, vp) in values.chunks_exact(tokens * MR).enumerate() {
             tile.run(vp, &scores, tokens, &zero, &mut acc);

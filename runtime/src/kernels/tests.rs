@@ -252,10 +252,13 @@ fn attention_matches_a_direct_softmax(tile: F32Tile) {
             .collect();
         let scale = 0.3f32;
         let mut out = vec![f32::NAN; tokens * width];
-        attention(&qkv, tokens, heads, dim, scale, &mut out, tile).unwrap();
+        attention(&qkv, tokens, heads, dim, scale, &mut out, None, tile).unwrap();
+        // With the probabilities written out (on two threads): the same outputs.
         let mut threaded = vec![f32::NAN; tokens * width];
+        let mut probs = vec![f32::NAN; heads * tokens * tokens];
         on_threads(2, || {
-            attention(&qkv, tokens, heads, dim, scale, &mut threaded, tile).unwrap()
+            let p = Some(&mut probs[..]);
+            attention(&qkv, tokens, heads, dim, scale, &mut threaded, p, tile).unwrap()
         });
         assert_eq!(
             out.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
@@ -277,6 +280,15 @@ fn attention_matches_a_direct_softmax(tile: F32Tile) {
                 let max = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let e: Vec<f64> = s.iter().map(|v| (v - max).exp()).collect();
                 let sum: f64 = e.iter().sum();
+                for (j, e) in e.iter().enumerate() {
+                    let got = probs[(h * tokens + i) * tokens + j] as f64;
+                    assert!(
+                        (got - e / sum).abs() <= 1e-6,
+                        "{tile:?} {tokens}×{heads}×{dim}, head {h}, query {i}, key {j}: \
+                         probability {got} against {}",
+                        e / sum
+                    );
+                }
                 for d in 0..dim {
                     let want: f64 = (0..tokens).map(|j| e[j] / sum * at(j, 2, h, d)).sum();
                     let got = out[i * width + h * dim + d] as f64;

@@ -20,6 +20,9 @@ pub struct SelfAttention {
     leading_one: bool,
     /// The scale of the queries, as its bits.
     scale_bits: u32,
+    /// The softmax's outputs as a second output, of this shape (`[heads, tokens, tokens]`),
+    /// where the graph reads them elsewhere too (attention rollout).
+    probabilities: Option<TVec<usize>>,
     tile: F32Tile,
 }
 
@@ -40,11 +43,16 @@ impl Op for SelfAttention {
     }
     fn info(&self) -> TractResult<Vec<String>> {
         Ok(vec![format!(
-            "{} tokens, {} heads × {}, scale {}",
+            "{} tokens, {} heads × {}, scale {}{}",
             self.tokens,
             self.heads,
             self.dim,
-            f32::from_bits(self.scale_bits)
+            f32::from_bits(self.scale_bits),
+            if self.probabilities.is_some() {
+                ", probabilities out"
+            } else {
+                ""
+            }
         )])
     }
     op_as_typed_op!();
@@ -64,20 +72,36 @@ impl EvalOp for SelfAttention {
         );
         let ram = qkv.try_as_plain_ram()?;
         let mut out = Tensor::zero::<f32>(&self.output_shape())?;
+        let mut probs = match &self.probabilities {
+            Some(shape) => Some(Tensor::zero::<f32>(shape)?),
+            None => None,
+        };
         {
             let mut o = out.try_as_plain_ram_mut()?;
+            let mut p = match probs.as_mut() {
+                Some(p) => Some(p.try_as_plain_ram_mut()?),
+                None => None,
+            };
+            let p = match p.as_mut() {
+                Some(p) => Some(p.as_slice_mut::<f32>()?),
+                None => None,
+            };
             let scale = f32::from_bits(self.scale_bits);
             let (x, y) = (ram.as_slice::<f32>()?, o.as_slice_mut::<f32>()?);
-            crate::kernels::attention::attention(x, t, h, d, scale, y, self.tile)?;
+            crate::kernels::attention::attention(x, t, h, d, scale, y, p, self.tile)?;
         }
-        Ok(tvec!(out.into_tvalue()))
+        let mut outputs = tvec!(out.into_tvalue());
+        outputs.extend(probs.map(Tensor::into_tvalue));
+        Ok(outputs)
     }
 }
 
 impl TypedOp for SelfAttention {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
         graph::expect_f32(inputs, "SelfAttention")?;
-        Ok(tvec!(f32::fact(&*self.output_shape())))
+        let mut facts = tvec!(f32::fact(&*self.output_shape()));
+        facts.extend(self.probabilities.iter().map(|shape| f32::fact(&**shape)));
+        Ok(facts)
     }
     as_op!();
 }
@@ -122,12 +146,15 @@ fn attention_signatures() -> [Signature; 3] {
 /// attention weights and the values (`node`): `qkv` reshaped to `[1, T, 3, H, D]`, moved to
 /// `[3, 1, H, T, D]`, the queries (gathered, times a scalar), keys and values gathered, the
 /// scores' product, the softmax over the keys, the product with the values, `[T, H, D]`.
-/// Returns `qkv`'s outlet and the op to put in place of `node`.
+/// Where the graph reads the softmax's outputs elsewhere too (attention rollout), the op gives
+/// them as a second output, of the softmax's shape (`[heads, tokens, tokens]`).
+/// Returns `qkv`'s outlet, the op to put in place of `node`, and the softmax's outlet where
+/// the op gives its outputs.
 fn match_attention(
     model: &TypedModel,
     node: &TypedNode,
     tile: F32Tile,
-) -> Option<(OutletId, SelfAttention)> {
+) -> Option<(OutletId, SelfAttention, Option<OutletId>)> {
     use tract_onnx::tract_core::ops::array::Gather;
     use tract_onnx::tract_core::ops::change_axes::AxisOp;
     use tract_onnx::tract_core::ops::nn::{Softmax, SoftmaxKind};
@@ -200,22 +227,43 @@ fn match_attention(
     if out.datum_type != f32::datum_type() {
         return None;
     }
+    let probs = OutletId::from(softmax.id);
+    let read_elsewhere = model
+        .outlet_successors(probs)
+        .iter()
+        .any(|i| i.node != node.id)
+        || model.output_outlets().ok()?.contains(&probs);
+    let probabilities = if read_elsewhere {
+        let shape = model.outlet_fact(probs).ok()?.shape.as_concrete()?.to_vec();
+        if shape[..] != [heads, tokens, tokens] {
+            return None;
+        }
+        Some(shape.into())
+    } else {
+        None
+    };
     let op = SelfAttention {
         tokens,
         heads,
         dim,
         leading_one,
         scale_bits: scale.to_bits(),
+        probabilities,
         tile,
     };
-    Some((qkv, op))
+    Some((qkv, op, read_elsewhere.then_some(probs)))
 }
 
 /// Puts a [`SelfAttention`] in place of each ViT attention in a decluttered model (before
 /// tract's codegen); returns how many.
 pub fn fuse_attention(model: &mut TypedModel, tile: F32Tile) -> TractResult<usize> {
     graph::replace_nodes(model, |model, node| {
-        Ok(match_attention(model, node, tile)
-            .map(|(input, op)| Replacement::one(input, op, node.id)))
+        Ok(
+            match_attention(model, node, tile).map(|(input, op, probs)| {
+                let mut r = Replacement::one(input, op, node.id);
+                r.also.extend(probs.map(|p| (p, 1)));
+                r
+            }),
+        )
     })
 }
