@@ -291,6 +291,18 @@ fn v2_errors_are_json() {
     assert!(json_of(&resp)["error"].is_string());
     let (code, _, _) = request(&s.addr, "GET", "/v2/models/multiclass/versions/7", &[], b"");
     assert_eq!(code, 404);
+    // One --model: no repository, no index.
+    let (code, _, resp) = request(&s.addr, "POST", "/v2/repository/index", &[], b"");
+    assert_eq!(code, 404);
+    assert!(json_of(&resp)["error"]
+        .as_str()
+        .unwrap()
+        .contains("--model-repository"));
+    let (_, _, resp) = request(&s.addr, "GET", "/v2", &[], b"");
+    assert!(!json_of(&resp)["extensions"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("model_repository")));
     let (code, _, _) = request(&s.addr, "GET", "/v2/models/multiclass/versions/1", &[], b"");
     assert_eq!(code, 200);
     let (code, _, _) = request(&s.addr, "GET", infer, &[], b"");
@@ -445,6 +457,53 @@ fn model_repository_serves_each_model_with_its_own_batcher() {
     assert_eq!(get("/v2/models/pneumonia/versions/3/ready")["ready"], true);
     let (code, _, _) = request(&s.addr, "GET", "/v2/models/pneumonia/versions/1", &[], b"");
     assert_eq!(code, 404);
+
+    // Triton's repository index, through Triton's client: every version, READY.
+    require_tritonclient();
+    let script = r#"
+import json, sys
+import tritonclient.http as http
+c = http.InferenceServerClient(sys.argv[1])
+print(json.dumps({"index": c.get_model_repository_index(),
+                  "extensions": c.get_server_metadata()["extensions"]}))
+"#;
+    let out = Command::new(PYTHON)
+        .args(["-c", script, &s.addr])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = json_of(&out.stdout);
+    let ready = |name: &str, version: &str| serde_json::json!({"name": name, "version": version, "state": "READY"});
+    let index = serde_json::json!([
+        ready("animals", "1"),
+        ready("animals", "2"),
+        ready("pneumonia", "3")
+    ]);
+    assert_eq!(got["index"], index);
+    assert!(
+        got["extensions"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!("model_repository")),
+        "{got}"
+    );
+    let (code, _, body) = request(
+        &s.addr,
+        "POST",
+        "/v2/repository/index",
+        &[],
+        br#"{"ready": true}"#,
+    );
+    assert_eq!((code, json_of(&body)), (200, index));
+    for bad in [&br#"{"ready": 1}"#[..], br#"{"model": "x"}"#, b"[1]", b"{"] {
+        let (code, _, body) = request(&s.addr, "POST", "/v2/repository/index", &[], bad);
+        assert_eq!(code, 400, "{}", String::from_utf8_lossy(bad));
+        assert!(json_of(&body)["error"].is_string());
+    }
 
     let png = std::fs::read(fixtures().join("images/rgb.png")).unwrap();
     let body = format!(

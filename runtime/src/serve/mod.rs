@@ -97,6 +97,7 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
         many => format!("{} models", many.len()),
     };
     let b = config.batching.clone();
+    let repository = config.model_repository.is_some();
     let running = match models[0].2.lanes() {
         0 | 1 => format!("max batch {}", b.max_batch),
         n => format!("{n} model workers"),
@@ -110,7 +111,7 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
         attach,
         ..
     } = config;
-    let (shared, batchers) = start_models(models, &b, audit, keys)?;
+    let (shared, batchers) = start_models(models, &b, audit, keys, repository)?;
     if let Some(attach) = attach {
         (attach.0)(attach::Served::new(shared.clone(), 0))?;
     }
@@ -203,6 +204,7 @@ fn start_models(
     b: &Batching,
     audit: Option<AuditLog>,
     keys: Option<ApiKeys>,
+    repository: bool,
 ) -> anyhow::Result<(Arc<Shared>, Vec<std::thread::JoinHandle<()>>)> {
     let mut slots = Vec::new();
     let mut engines = Vec::new();
@@ -252,6 +254,7 @@ fn start_models(
         keys,
         next_id: AtomicU64::new(1),
         timeout: b.timeout,
+        repository,
     });
     let delay = b.delay;
     let mut threads = Vec::new();

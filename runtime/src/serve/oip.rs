@@ -132,12 +132,17 @@ pub fn model_metadata(
     })
 }
 
-/// `GET /v2`.
-pub fn server_metadata() -> Value {
+/// `GET /v2`; serving a model repository adds Triton's `model_repository` extension (its
+/// index).
+pub fn server_metadata(repository: bool) -> Value {
+    let mut extensions = vec!["binary_tensor_data", "classification"];
+    if repository {
+        extensions.push("model_repository");
+    }
     json!({
         "name": "mae-run",
         "version": env!("CARGO_PKG_VERSION"),
-        "extensions": ["binary_tensor_data", "classification"],
+        "extensions": extensions,
     })
 }
 

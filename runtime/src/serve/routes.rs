@@ -22,6 +22,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v2" => "/v2",
         "/v2/health/live" => "/v2/health/live",
         "/v2/health/ready" => "/v2/health/ready",
+        "/v2/repository/index" => "/v2/repository/index",
         p if p.starts_with("/v2/models/") => {
             if p.ends_with("/infer") {
                 "/v2/models/{name}/infer"
@@ -65,9 +66,11 @@ pub fn gate(
     Err(route_error(path, 401, msg).with_header("WWW-Authenticate", "Bearer"))
 }
 
-/// Whether a request's body is read: only the prediction routes take one.
+/// Whether a request's body is read: only the prediction routes and the repository index
+/// take one.
 pub fn takes_body(method: &Method, path: &str) -> bool {
-    *method == Method::POST && (path == "/v1/predict" || path.ends_with("/infer"))
+    *method == Method::POST
+        && (path == "/v1/predict" || path.ends_with("/infer") || path == "/v2/repository/index")
 }
 
 /// Answers a request whose token (if needed) has been checked and whose body has been read.

@@ -72,6 +72,8 @@ pub struct Shared {
     pub next_id: AtomicU64,
     /// Time a request may wait for its prediction.
     pub timeout: Duration,
+    /// Serving a `--model-repository` (which adds Triton's repository index).
+    pub repository: bool,
 }
 
 impl Shared {

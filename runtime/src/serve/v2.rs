@@ -1,5 +1,6 @@
 //! The Open Inference Protocol's routes (KServe v2, as Triton speaks it): server and model
-//! metadata, health, readiness and `infer`, on the codec of `oip.rs`.
+//! metadata, health, readiness and `infer`, on the codec of `oip.rs`; with
+//! `--model-repository`, Triton's repository index.
 
 use hyper::Method;
 use serde_json::json;
@@ -53,7 +54,13 @@ pub fn route(req: &mut Req, shared: &Shared) -> Reply {
     let method = req.method.clone();
     let get = method == Method::GET || method == Method::HEAD;
     match segments.as_slice() {
-        [] if get => json_response(200, &oip::server_metadata()),
+        [] if get => json_response(200, &oip::server_metadata(shared.repository)),
+        ["repository", "index"] if !shared.repository => v2_error(
+            404,
+            "the model repository extension is served with --model-repository, not --model",
+        ),
+        ["repository", "index"] if method == Method::POST => repository_index(req, shared),
+        ["repository", "index"] => v2_error(405, "method not allowed"),
         ["health", "live"] if get => json_response(200, &json!({"live": true})),
         ["health", "ready"] if get => json_response(200, &json!({"ready": true})),
         ["models", name, rest @ ..] => {
@@ -83,6 +90,34 @@ pub fn route(req: &mut Req, shared: &Shared) -> Reply {
         [] | ["health", "live"] | ["health", "ready"] => v2_error(405, "method not allowed"),
         _ => v2_error(404, &format!("not found: {path}")),
     }
+}
+
+/// `POST /v2/repository/index` (Triton's model repository extension): every model version
+/// served, each READY (a repository is loaded whole at start, or mae-run does not start).
+/// The body may be empty or `{"ready": BOOL}`; both answers are the same list.
+fn repository_index(req: &Req, shared: &Shared) -> Reply {
+    if !req.body.iter().all(u8::is_ascii_whitespace) {
+        let body: serde_json::Value = match serde_json::from_slice(&req.body) {
+            Ok(v) => v,
+            Err(e) => return v2_error(400, &format!("the request body is not JSON: {e}")),
+        };
+        let Some(fields) = body.as_object() else {
+            return v2_error(400, "the request body must be a JSON object");
+        };
+        for (k, v) in fields {
+            match k.as_str() {
+                "ready" if v.is_boolean() => {}
+                "ready" => return v2_error(400, "'ready' must be true or false"),
+                other => return v2_error(400, &format!("unknown field '{other}' (only 'ready')")),
+            }
+        }
+    }
+    let index: Vec<serde_json::Value> = shared
+        .models
+        .iter()
+        .map(|s| json!({"name": s.name, "version": s.version, "state": "READY"}))
+        .collect();
+    json_response(200, &serde_json::Value::Array(index))
 }
 
 /// `POST /v2/models/NAME[/versions/V]/infer`.
