@@ -41,6 +41,36 @@ fn engine_with(model: &str, opts: &LoadOptions) -> Engine {
     .unwrap_or_else(|e| panic!("{model} on {:?}: {e:#}", opts.kind))
 }
 
+/// `e`'s probabilities and logits on `model`'s reference tensor equal PyTorch's, at the
+/// reference batch and (the same rows, the batch dimension being dynamic) at batch 1.
+fn check_against_pytorch(e: &mut Engine, model: &str, what: &str) {
+    let r = &reference()["tensor"][model];
+    let x = read_f32(&fixtures().join(format!("tensor_{model}.f32")));
+    let batch = r["batch"].as_u64().unwrap() as usize;
+    let raw = e.run_raw(&x, batch).unwrap();
+    let dp = assert_close(
+        &format!("{what} probabilities"),
+        raw.probabilities.as_ref().unwrap(),
+        &floats(&r["probabilities"]),
+        PROB_TOL,
+    );
+    let dl = assert_close(
+        &format!("{what} logits"),
+        raw.logits.as_ref().unwrap(),
+        &floats(&r["logits"]),
+        LOGIT_TOL,
+    );
+    eprintln!("{what}: max |Δp| {dp:.2e}, max |Δlogit| {dl:.2e}");
+    let len = e.image_len();
+    let one = e.probabilities(&x[..len], 1).unwrap();
+    assert_close(
+        &format!("{what} batch 1"),
+        &one[0],
+        &floats(&r["probabilities"])[..one[0].len()],
+        PROB_TOL,
+    );
+}
+
 #[test]
 fn probabilities_match_pytorch_on_the_same_tensors() {
     // tract with each matrix product over 2 threads, and with the batch of 4 split over 3
@@ -67,33 +97,8 @@ fn probabilities_match_pytorch_on_the_same_tensors() {
                 "{}",
                 e.describe_backend()
             );
-            let r = &reference()["tensor"][model];
-            let x = read_f32(&fixtures().join(format!("tensor_{model}.f32")));
-            let batch = r["batch"].as_u64().unwrap() as usize;
-            let raw = e.run_raw(&x, batch).unwrap();
             let what = format!("{model} {kind:?} {parallel:?} {threads} threads");
-            let dp = assert_close(
-                &format!("{what} probabilities"),
-                raw.probabilities.as_ref().unwrap(),
-                &floats(&r["probabilities"]),
-                PROB_TOL,
-            );
-            let dl = assert_close(
-                &format!("{what} logits"),
-                raw.logits.as_ref().unwrap(),
-                &floats(&r["logits"]),
-                LOGIT_TOL,
-            );
-            eprintln!("{what}: max |Δp| {dp:.2e}, max |Δlogit| {dl:.2e}");
-            // Batch 1 gives the same rows as the batch (dynamic batch dimension).
-            let len = e.image_len();
-            let one = e.probabilities(&x[..len], 1).unwrap();
-            assert_close(
-                &format!("{what} batch 1"),
-                &one[0],
-                &floats(&r["probabilities"])[..one[0].len()],
-                PROB_TOL,
-            );
+            check_against_pytorch(&mut e, model, &what);
         }
     }
 }
@@ -164,32 +169,7 @@ fn every_kernel_path_matches_pytorch() {
                     && described.contains("linear products on mae-run's packed kernel"),
                 "{described}"
             );
-            let r = &reference()["tensor"][model];
-            let x = read_f32(&fixtures().join(format!("tensor_{model}.f32")));
-            let batch = r["batch"].as_u64().unwrap() as usize;
-            let raw = e.run_raw(&x, batch).unwrap();
-            let what = format!("{model} on {}", path.name());
-            let dp = assert_close(
-                &format!("{what} probabilities"),
-                raw.probabilities.as_ref().unwrap(),
-                &floats(&r["probabilities"]),
-                PROB_TOL,
-            );
-            let dl = assert_close(
-                &format!("{what} logits"),
-                raw.logits.as_ref().unwrap(),
-                &floats(&r["logits"]),
-                LOGIT_TOL,
-            );
-            eprintln!("{what}: max |Δp| {dp:.2e}, max |Δlogit| {dl:.2e}");
-            let len = e.image_len();
-            let one = e.probabilities(&x[..len], 1).unwrap();
-            assert_close(
-                &format!("{what} batch 1"),
-                &one[0],
-                &floats(&r["probabilities"])[..one[0].len()],
-                PROB_TOL,
-            );
+            check_against_pytorch(&mut e, model, &format!("{model} on {}", path.name()));
         }
     }
 }
