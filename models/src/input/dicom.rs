@@ -15,6 +15,10 @@
 //!
 //! Before parsing, every declared element length is checked against the file's size
 //! (`dicom_lengths`), so a small file cannot make the parser reserve gigabytes.
+//!
+//! A data set written in implicit VR under a meta group that declares an explicit VR
+//! transfer syntax (pydicom's `SC_rgb_jpeg.dcm`) is read as implicit VR, with a warning, as
+//! pydicom reads it; its pixel data are still decoded by the declared transfer syntax.
 
 use std::io::Cursor;
 use std::path::Path;
@@ -44,7 +48,7 @@ pub fn decode(bytes: &[u8], name: &Path) -> Result<RgbImage> {
 pub fn decode_frame(bytes: &[u8], name: &Path, frame: u32) -> Result<RgbImage> {
     // dicom-rs decoders are not meant to panic on damaged files; should one, it is a damaged
     // file to the caller.
-    std::panic::catch_unwind(|| decode_inner(bytes, frame))
+    std::panic::catch_unwind(|| decode_inner(bytes, frame, name))
         .unwrap_or_else(|_| Err("the DICOM decoder failed on this file".into()))
         .map_err(|reason| Error::format(name, format!("cannot read DICOM image: {reason}")))
 }
@@ -52,7 +56,7 @@ pub fn decode_frame(bytes: &[u8], name: &Path, frame: u32) -> Result<RgbImage> {
 /// The number of frames of a DICOM file (Number of Frames, 1 when absent), read from its
 /// header without decoding the pixel data.
 pub fn frame_count(bytes: &[u8], name: &Path) -> Result<u32> {
-    std::panic::catch_unwind(|| open(bytes, true).map(|obj| frames_of(&obj)))
+    std::panic::catch_unwind(|| open(bytes, None).map(|obj| frames_of(&obj)))
         .unwrap_or_else(|_| Err("the DICOM parser failed on this file".into()))
         .map_err(|reason| Error::format(name, format!("cannot read DICOM file: {reason}")))
 }
@@ -60,7 +64,7 @@ pub fn frame_count(bytes: &[u8], name: &Path) -> Result<u32> {
 /// [`decode`] without its guard against a panicking decoder, so that fuzzing sees one.
 #[doc(hidden)]
 pub fn decode_unguarded(bytes: &[u8]) -> std::result::Result<RgbImage, String> {
-    decode_inner(bytes, 0)
+    decode_inner(bytes, 0, Path::new("input"))
 }
 
 fn frames_of(obj: &dicom_object::DefaultDicomObject) -> u32 {
@@ -71,11 +75,13 @@ fn frames_of(obj: &dicom_object::DefaultDicomObject) -> u32 {
         .max(1)
 }
 
-/// The parsed file (up to its pixel data when `header_only`), after the length check.
+/// The parsed file after the length check: up to its pixel data without `name`; whole with
+/// it, and `name` in the warning about a data set in the wrong VR.
 fn open(
     bytes: &[u8],
-    header_only: bool,
+    name: Option<&Path>,
 ) -> std::result::Result<dicom_object::DefaultDicomObject, String> {
+    let header_only = name.is_none();
     let body = if is_dicom(bytes) {
         &bytes[128..]
     } else {
@@ -85,6 +91,16 @@ fn open(
         return Err("not a DICOM file (no DICM magic)".into());
     }
     super::dicom_lengths::check(body)?;
+    if let Some((ts, at)) = super::dicom_lengths::implicit_despite_meta(body) {
+        if let Some(name) = name {
+            tracing::warn!(
+                "{}: the file meta information declares transfer syntax {ts} (explicit VR), \
+                 but the data set is written in implicit VR; reading it as implicit VR",
+                name.display()
+            );
+        }
+        return open_implicit(body, at);
+    }
     let options = || {
         let o = OpenFileOptions::new().read_preamble(ReadPreamble::Never);
         if header_only {
@@ -99,8 +115,22 @@ fn open(
         .map_err(|e| e.to_string())
 }
 
-fn decode_inner(bytes: &[u8], frame: u32) -> std::result::Result<RgbImage, String> {
-    let obj = open(bytes, false)?;
+/// The meta group as written and the data set from `at` read as implicit VR little endian.
+fn open_implicit(
+    body: &[u8],
+    at: usize,
+) -> std::result::Result<dicom_object::DefaultDicomObject, String> {
+    let meta = dicom_object::FileMetaTable::from_reader(Cursor::new(body))
+        .map_err(|e| format!("cannot read the file meta information: {e}"))?;
+    let implicit = dicom_transfer_syntax_registry::entries::IMPLICIT_VR_LITTLE_ENDIAN.erased();
+    let data = body.get(at..).unwrap_or_default();
+    let obj = dicom_object::InMemDicomObject::read_dataset_with_ts(Cursor::new(data), &implicit)
+        .map_err(|e| format!("cannot read the data set as implicit VR: {e}"))?;
+    Ok(obj.with_exact_meta(meta))
+}
+
+fn decode_inner(bytes: &[u8], frame: u32, name: &Path) -> std::result::Result<RgbImage, String> {
+    let obj = open(bytes, Some(name))?;
     if obj.element_opt(tags::PIXEL_DATA).ok().flatten().is_none() {
         return Err("the file has no pixel data".into());
     }
@@ -660,13 +690,32 @@ fn jpeg_bytes(obj: &dicom_object::DefaultDicomObject, frame: u32) -> Option<Vec<
     let pixel_data = obj.element(tags::PIXEL_DATA).ok()?;
     let fragments = pixel_data.value().fragments()?;
     let frames = frames_of(obj);
-    if frames <= 1 {
-        Some(fragments.iter().flatten().copied().collect())
+    let bytes = if frames <= 1 {
+        fragments.iter().flatten().copied().collect()
     } else if fragments.len() == frames as usize {
-        fragments.get(frame as usize).cloned()
+        fragments.get(frame as usize)?.clone()
     } else {
-        None
+        return None;
+    };
+    Some(without_short_adobe(bytes))
+}
+
+/// The stream without an Adobe APP14 segment too short to hold its colour transform (as in
+/// pydicom's `SC_rgb_jpeg.dcm`): libjpeg, and so pydicom, ignore such a segment, while
+/// zune-jpeg refuses the stream for it.
+fn without_short_adobe(bytes: Vec<u8>) -> Vec<u8> {
+    let mut i = 2;
+    while i + 4 <= bytes.len() && bytes[i] == 0xFF && bytes[i + 1] != 0xDA {
+        let len = usize::from(u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]));
+        let payload = bytes.get(i + 4..i + 2 + len.max(2)).unwrap_or_default();
+        if bytes[i + 1] == 0xEE && payload.starts_with(b"Adobe") && payload.len() < 12 {
+            let mut out = bytes[..i].to_vec();
+            out.extend_from_slice(bytes.get(i + 2 + len..).unwrap_or_default());
+            return out;
+        }
+        i += 2 + len.max(2);
     }
+    bytes
 }
 
 /// The LUT of the first item of a Modality LUT Sequence or VOI LUT Sequence (PS3.3 C.11.1,
@@ -879,6 +928,76 @@ fn ybr_to_rgb(px: &mut [u8]) {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// A 2×2 MONOCHROME2 image written in implicit VR under a meta group that declares
+    /// `ts`.
+    fn implicit_file(ts: &str) -> Vec<u8> {
+        let meta = dicom_object::FileMetaTableBuilder::new()
+            .media_storage_sop_class_uid("1.2.840.10008.5.1.4.1.1.7")
+            .media_storage_sop_instance_uid("1.2.3.4")
+            .transfer_syntax(ts)
+            .build()
+            .unwrap();
+        let mut out = vec![0u8; 128];
+        out.extend(b"DICM");
+        meta.write(&mut out).unwrap();
+        let mut el = |group: u16, element: u16, value: &[u8]| {
+            out.extend(group.to_le_bytes());
+            out.extend(element.to_le_bytes());
+            out.extend((value.len() as u32).to_le_bytes());
+            out.extend(value);
+        };
+        el(0x0008, 0x0016, b"1.2.840.10008.5.1.4.1.1.7\0");
+        el(0x0028, 0x0002, &1u16.to_le_bytes());
+        el(0x0028, 0x0004, b"MONOCHROME2 ");
+        el(0x0028, 0x0010, &2u16.to_le_bytes());
+        el(0x0028, 0x0011, &2u16.to_le_bytes());
+        el(0x0028, 0x0100, &8u16.to_le_bytes());
+        el(0x0028, 0x0101, &8u16.to_le_bytes());
+        el(0x0028, 0x0102, &7u16.to_le_bytes());
+        el(0x0028, 0x0103, &0u16.to_le_bytes());
+        el(0x7FE0, 0x0010, &[0, 50, 100, 200]);
+        out
+    }
+
+    #[test]
+    fn a_short_adobe_segment_is_dropped() {
+        let soi = [0xFF, 0xD8];
+        let short = [
+            0xFF, 0xEE, 0x00, 0x0C, b'A', b'd', b'o', b'b', b'e', 0, 0, 0, 0, 0,
+        ];
+        let full = [
+            0xFF, 0xEE, 0x00, 0x0E, b'A', b'd', b'o', b'b', b'e', 0, 100, 0, 0, 0, 0, 1,
+        ];
+        let dqt = [0xFF, 0xDB, 0x00, 0x03, 7];
+        let stream = |app: &[u8]| [&soi[..], app, &dqt[..]].concat();
+        assert_eq!(without_short_adobe(stream(&short)), stream(&[]));
+        assert_eq!(without_short_adobe(stream(&full)), stream(&full));
+        // Truncated or odd streams come back as they were.
+        assert_eq!(
+            without_short_adobe(vec![0xFF, 0xD8, 0xFF]),
+            [0xFF, 0xD8, 0xFF]
+        );
+    }
+
+    #[test]
+    fn an_implicit_data_set_under_an_explicit_meta_is_read_as_implicit() {
+        let name = Path::new("wrong-vr.dcm");
+        let file = implicit_file("1.2.840.10008.1.2.1");
+        let body = &file[128..];
+        let (ts, _) = super::super::dicom_lengths::implicit_despite_meta(body).unwrap();
+        assert_eq!(ts, "1.2.840.10008.1.2.1");
+        let img = decode(&file, name).unwrap();
+        assert_eq!(img.dimensions(), (2, 2));
+        // Min-max stretch of 0, 50, 100, 200.
+        let grey: Vec<u8> = img.pixels().map(|p| p[0]).collect();
+        assert_eq!(grey, [0, 64, 128, 255]);
+        assert_eq!(frame_count(&file, name).unwrap(), 1);
+        // Declared as implicit VR, the same bytes are simply a good file.
+        let honest = implicit_file("1.2.840.10008.1.2");
+        assert!(super::super::dicom_lengths::implicit_despite_meta(&honest[128..]).is_none());
+        assert_eq!(decode(&honest, name).unwrap(), img);
+    }
 
     #[test]
     fn window_follows_the_standard() {

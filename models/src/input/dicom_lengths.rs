@@ -30,6 +30,42 @@ pub(super) fn check(body: &[u8]) -> Result<(), String> {
     check_with(body, INFLATE_LIMIT)
 }
 
+/// The transfer syntaxes whose data set is implicit VR, big endian or deflated: a data set
+/// that reads as implicit VR under any other is a writer's mistake ([`implicit_despite_meta`]).
+const NOT_EXPLICIT_LITTLE: [&str; 4] = [
+    "1.2.840.10008.1.2",
+    "1.2.840.10008.1.2.2",
+    "1.2.840.10008.1.2.1.99",
+    "1.2.840.10008.1.2.1.99.1",
+];
+
+/// Whether a data set's first element reads as implicit VR: where explicit VR has its two VR
+/// letters, it has bytes that are no VR (the low bytes of a length). pydicom tells the two
+/// apart the same way.
+fn looks_implicit(data_set: &[u8]) -> bool {
+    let Some(first) = data_set.get(..6) else {
+        return false;
+    };
+    let group = u16::from_le_bytes([first[0], first[1]]);
+    group != 0x0002 && group != 0xFFFE && VR::from_binary([first[4], first[5]]).is_none()
+}
+
+/// A file whose meta information declares an explicit VR little endian transfer syntax
+/// (native or encapsulated) but whose data set is written in implicit VR, as in pydicom's
+/// `SC_rgb_jpeg.dcm`: the declared transfer syntax and where the data set starts in `body`.
+pub(super) fn implicit_despite_meta(body: &[u8]) -> Option<(String, usize)> {
+    let mut walk = Walk {
+        bytes: body,
+        pos: if body.starts_with(b"DICM") { 4 } else { 0 },
+        explicit: true,
+        big_endian: false,
+        what: "file meta information",
+    };
+    let ts = walk.meta().ok()??;
+    let rest = body.get(walk.pos..)?;
+    (!NOT_EXPLICIT_LITTLE.contains(&ts.as_str()) && looks_implicit(rest)).then_some((ts, walk.pos))
+}
+
 fn check_with(body: &[u8], limit: usize) -> Result<(), String> {
     let start = if body.starts_with(b"DICM") { 4 } else { 0 };
     let mut walk = Walk {
@@ -61,6 +97,8 @@ fn check_with(body: &[u8], limit: usize) -> Result<(), String> {
                 Ok(_) => data_set(&inflated, true, false),
             }
         }
+        // Read as the parser will be told to read it (`implicit_despite_meta`).
+        _ if looks_implicit(rest) => data_set(rest, false, false),
         _ => data_set(rest, true, false),
     }
 }
