@@ -96,6 +96,27 @@ impl Node {
     fn log(&self) -> String {
         self.log.lock().unwrap().clone()
     }
+
+    /// The value of the series `series` (name and labels, as written) in the HTTP server's
+    /// `/metrics`, or `None` without it.
+    fn metric(&self, series: &str) -> Option<f64> {
+        let start = Instant::now();
+        let http = loop {
+            let log = self.log();
+            if let Some(rest) = log.split("http://").nth(1) {
+                break rest.split_whitespace().next().unwrap().to_string();
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "{log}");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut s = TcpStream::connect(&http).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    }
 }
 
 impl Drop for Node {
@@ -666,6 +687,24 @@ fn queued_results_survive_a_pacs_outage_and_sigkill() {
     std::thread::sleep(Duration::from_millis(1500));
     assert!(node.log().contains("retrying in"), "{}", node.log());
     assert!(audit(d, "dicom-sent").is_empty());
+    // /metrics: one association, every instance received and classified, their results
+    // waiting, the oldest for over a second.
+    let n = files.len() as f64;
+    let dest = format!("{{destination=\"{forward}\"}}");
+    let metric = |node: &Node, series: &str| node.metric(series).unwrap_or(f64::NAN);
+    assert_eq!(
+        metric(&node, "mae_dicom_associations_total{result=\"accepted\"}"),
+        1.0
+    );
+    assert_eq!(metric(&node, "mae_dicom_instances_received_total"), n);
+    assert_eq!(metric(&node, "mae_dicom_instances_classified_total"), n);
+    assert_eq!(metric(&node, "mae_dicom_spool_pending"), 0.0);
+    assert_eq!(
+        metric(&node, &format!("mae_dicom_queue_length{dest}")),
+        2.0 * n
+    );
+    assert!(metric(&node, &format!("mae_dicom_queue_oldest_seconds{dest}")) >= 1.0);
+    assert_eq!(metric(&node, "mae_dicom_associations_open"), 0.0);
     drop(node); // SIGKILL
 
     let node = Node::start(d, &model, &args);
@@ -711,6 +750,15 @@ fn queued_results_survive_a_pacs_outage_and_sigkill() {
     want.sort();
     assert_eq!(got, want);
     assert_eq!(audit(d, "dicom-sent").len(), want.len());
+    // The restarted node sent what the first one queued, and its outbox is empty.
+    let sent = format!("mae_dicom_results_sent_total{dest}");
+    assert_eq!(metric(&node, &sent), want.len() as f64);
+    assert_eq!(metric(&node, &format!("mae_dicom_queue_length{dest}")), 0.0);
+    assert_eq!(
+        metric(&node, &format!("mae_dicom_queue_oldest_seconds{dest}")),
+        0.0
+    );
+    assert_eq!(metric(&node, "mae_dicom_instances_received_total"), 0.0);
 }
 
 /// Test certificates: a CA, the node's certificate (localhost, 127.0.0.1) and a client's, both

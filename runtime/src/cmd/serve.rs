@@ -11,11 +11,13 @@ use std::sync::Arc;
 use anyhow::bail;
 
 use crate::dicom::args::DicomArgs;
+use crate::dicom::{queue, NodeConfig};
 use crate::engine::model::ModelMeta;
 use crate::engine::settings::ModelArgs;
 use crate::serve::attach::{Attach, Served};
 use crate::serve::audit::AuditLog;
 use crate::serve::auth::ApiKeys;
+use crate::serve::metrics::{DestinationLabels, DicomMetrics};
 use crate::serve::transport::{self, Limits};
 use crate::serve::{Batching, Config};
 
@@ -136,6 +138,7 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
             bail!("--dicom-listen serves one model: give --model, not --model-repository")
         }
         Some(node) => Some(Attach(Box::new(move |served: Served| {
+            watch_queues(&served, &node);
             let served = Arc::new(served);
             let listen = node.listen;
             let addr =
@@ -172,8 +175,36 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
     })
 }
 
+/// Sets the DICOM node's queue gauges before each scrape of `/metrics`: what waits in the
+/// spool to be classified, and in each `--forward` outbox (how many, and the oldest's age).
+fn watch_queues(served: &Served, node: &NodeConfig) {
+    let outboxes: Vec<(DestinationLabels, PathBuf)> = node
+        .forward
+        .iter()
+        .map(|p| {
+            (
+                DestinationLabels::new(&p.to_string()),
+                queue::outbox_dir(&node.spool, p),
+            )
+        })
+        .collect();
+    let incoming = node.spool.join("incoming");
+    served
+        .metrics()
+        .before_render(Box::new(move |d: &DicomMetrics| {
+            d.spool_pending.set(queue::backlog(&incoming).0 as i64);
+            for (labels, dir) in &outboxes {
+                let (n, oldest) = queue::backlog(dir);
+                d.queue_length.get_or_create(labels).set(n as i64);
+                d.queue_oldest_seconds
+                    .get_or_create(labels)
+                    .set(oldest.as_secs() as i64);
+            }
+        }));
+}
+
 /// The served model as the DICOM node sees it: classification through the model's workers,
-/// audit records into `--audit-log`.
+/// audit records into `--audit-log`, and the node's counters in `/metrics`.
 #[derive(Debug)]
 struct Node(Arc<Served>);
 
@@ -196,7 +227,41 @@ impl crate::dicom::Classify for Node {
 }
 
 impl crate::dicom::Events for Node {
+    fn association(&self, open: bool) {
+        if let Some(d) = self.0.metrics().dicom() {
+            if open {
+                d.association(true);
+                d.associations_open.inc();
+            } else {
+                d.associations_open.dec();
+            }
+        }
+    }
+
     fn record(&self, record: serde_json::Value) {
+        if let Some(d) = self.0.metrics().dicom() {
+            let destination =
+                || DestinationLabels::new(record["destination"].as_str().unwrap_or(""));
+            match record["event"].as_str() {
+                Some("dicom-received") => {
+                    d.received.inc();
+                }
+                Some("dicom-classified") => {
+                    d.classified.inc();
+                }
+                Some("dicom-failed") => {
+                    d.not_classified.inc();
+                }
+                Some("dicom-rejected") => d.association(false),
+                Some("dicom-sent") => {
+                    d.sent.get_or_create(&destination()).inc();
+                }
+                Some("dicom-given-up") => {
+                    d.given_up.get_or_create(&destination()).inc();
+                }
+                _ => {}
+            }
+        }
         tracing::info!("audit: {record}");
         if let Some(log) = self.0.audit() {
             if let Err(e) = log.append(&record) {

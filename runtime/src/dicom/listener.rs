@@ -85,6 +85,10 @@ fn accept(ctx: &Arc<Ctx>, stream: TcpStream) {
             "DICOM association from {peer} rejected: {max} associations open \
              (--dicom-max-associations)"
         );
+        ctx.events.record(json!({
+            "event": "dicom-rejected", "client": peer,
+            "reason": format!("{max} associations open (--dicom-max-associations)"),
+        }));
         // Over TLS the request is only readable after a handshake: close instead.
         if ctx.cfg.tls.is_none() {
             let _ = reject_busy(stream, &ctx.cfg);
@@ -299,6 +303,8 @@ where
          bytes",
         assoc.requestor_max_pdu_length()
     );
+    ctx.events.association(true);
+    let _ended = Ended(&*ctx.events);
     let mut conv = Conversation {
         ctx,
         calling: &calling,
@@ -348,6 +354,15 @@ where
                 return Err(e).context(format!("association with {calling} broken"));
             }
         }
+    }
+}
+
+/// Tells the events an association ended, however it ends.
+struct Ended<'a>(&'a dyn Events);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        self.0.association(false);
     }
 }
 

@@ -61,9 +61,12 @@ pub trait Classify: Send + Sync {
     fn classify(&self, pixels: Vec<f32>) -> Result<Vec<f32>, String>;
 }
 
-/// Where the node's audit records go (one JSON object per state change).
+/// Where the node's audit records go (one JSON object per state change), and the changes the
+/// metrics count but the audit log does not.
 pub trait Events: Send + Sync + std::fmt::Debug {
     fn record(&self, record: serde_json::Value);
+    /// An association accepted (`true`) or, later, ended (`false`).
+    fn association(&self, _open: bool) {}
 }
 
 /// Audit records to the log only (no `--audit-log`).

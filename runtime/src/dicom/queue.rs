@@ -49,6 +49,25 @@ pub struct Outbox {
     wake: Mutex<Sender<()>>,
 }
 
+/// The outbox folder of `peer` under the spool `spool`.
+pub fn outbox_dir(spool: &Path, peer: &Peer) -> PathBuf {
+    spool.join("outbox").join(folder_name(peer))
+}
+
+/// What waits in a folder of DICOM files: how many, and how long the oldest has waited (by
+/// its modification time: when it was queued).
+pub fn backlog(dir: &Path) -> (usize, Duration) {
+    let files = dicom_files(dir).unwrap_or_default();
+    let now = SystemTime::now();
+    let oldest = files
+        .iter()
+        .filter_map(|p| fs::metadata(p).and_then(|m| m.modified()).ok())
+        .filter_map(|t| now.duration_since(t).ok())
+        .max()
+        .unwrap_or_default();
+    (files.len(), oldest)
+}
+
 /// The folder name of a destination: its AE title, host and port, other characters as `_`.
 fn folder_name(peer: &Peer) -> String {
     format!("{}@{}_{}", peer.ae, peer.host, peer.port)
@@ -73,7 +92,7 @@ impl Outbox {
         retry: Retry,
         events: Arc<dyn Events>,
     ) -> anyhow::Result<Arc<Self>> {
-        let dir = spool.join("outbox").join(folder_name(&peer));
+        let dir = outbox_dir(spool, &peer);
         fs::create_dir_all(dir.join("failed"))
             .with_context(|| format!("cannot create the outbox {}", dir.display()))?;
         clear_partial(&dir).with_context(|| format!("cannot read {}", dir.display()))?;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::engine::model::ModelMeta;
 use crate::engine::Scores;
 use crate::serve::audit::AuditLog;
+use crate::serve::metrics::Metrics;
 use crate::serve::state::Shared;
 use crate::serve::workers;
 
@@ -36,6 +37,11 @@ impl Served {
     pub fn infer(&self, pixels: Vec<f32>, images: usize) -> Result<Scores, String> {
         workers::infer(&self.shared, &self.shared.models[self.slot], pixels, images)
             .map_err(|(code, msg)| format!("{msg} ({code})"))
+    }
+
+    /// The server's series (`/metrics`).
+    pub fn metrics(&self) -> &Metrics {
+        &self.shared.metrics
     }
 
     /// The server's `--audit-log`, if any.

@@ -1,5 +1,7 @@
 //! `GET /metrics`: the server's Prometheus series, kept and written out (text format 0.0.4) by
-//! `prometheus-client`.
+//! `prometheus-client`; with `--dicom-listen`, the DICOM node's too ([`DicomMetrics`]).
+
+use std::sync::OnceLock;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -53,8 +55,111 @@ struct InfoLabels {
     arch: String,
 }
 
+/// `result` of an association: `accepted` or `rejected`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+/// `destination` of a result: a `--forward` peer, `AE@HOST:PORT`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DestinationLabels {
+    pub destination: String,
+}
+
+impl DestinationLabels {
+    pub fn new(destination: &str) -> Self {
+        Self {
+            destination: destination.to_string(),
+        }
+    }
+}
+
+/// The DICOM node's series: what it was sent and what it sent on; the gauges of the queues are
+/// set just before each scrape by the hook given to [`Metrics::before_render`].
+#[derive(Debug, Clone, Default)]
+pub struct DicomMetrics {
+    pub associations: Family<ResultLabels, Counter>,
+    pub associations_open: Gauge,
+    pub received: Counter,
+    pub classified: Counter,
+    pub not_classified: Counter,
+    pub spool_pending: Gauge,
+    pub sent: Family<DestinationLabels, Counter>,
+    pub given_up: Family<DestinationLabels, Counter>,
+    pub queue_length: Family<DestinationLabels, Gauge>,
+    pub queue_oldest_seconds: Family<DestinationLabels, Gauge>,
+}
+
+impl DicomMetrics {
+    /// An association `accepted` or rejected.
+    pub fn association(&self, accepted: bool) {
+        let result = if accepted { "accepted" } else { "rejected" };
+        self.associations
+            .get_or_create(&ResultLabels {
+                result: result.to_string(),
+            })
+            .inc();
+    }
+
+    fn register(&self, r: &mut Registry) {
+        r.register(
+            "mae_dicom_associations",
+            "DICOM associations, by result (accepted, or rejected: caller, limit or TLS)",
+            self.associations.clone(),
+        );
+        r.register(
+            "mae_dicom_associations_open",
+            "DICOM associations open now",
+            self.associations_open.clone(),
+        );
+        r.register(
+            "mae_dicom_instances_received",
+            "Instances received by C-STORE and kept in the spool (answered Success)",
+            self.received.clone(),
+        );
+        r.register(
+            "mae_dicom_instances_classified",
+            "Received instances classified, their results written and queued",
+            self.classified.clone(),
+        );
+        r.register(
+            "mae_dicom_instances_not_classified",
+            "Received instances that could not be decoded (moved to the spool's failed/)",
+            self.not_classified.clone(),
+        );
+        r.register(
+            "mae_dicom_spool_pending",
+            "Received instances waiting to be classified",
+            self.spool_pending.clone(),
+        );
+        r.register(
+            "mae_dicom_results_sent",
+            "Results (SR and Secondary Capture) stored by each --forward destination",
+            self.sent.clone(),
+        );
+        r.register(
+            "mae_dicom_results_given_up",
+            "Results given up after --forward-give-up-s, by destination",
+            self.given_up.clone(),
+        );
+        r.register(
+            "mae_dicom_queue_length",
+            "Results waiting in each --forward outbox",
+            self.queue_length.clone(),
+        );
+        r.register(
+            "mae_dicom_queue_oldest_seconds",
+            "Age of the oldest result waiting in each --forward outbox (0 when empty)",
+            self.queue_oldest_seconds.clone(),
+        );
+    }
+}
+
+/// A hook run before each scrape, to set gauges read from elsewhere (the DICOM queues).
+type BeforeRender = Box<dyn Fn(&DicomMetrics) + Send + Sync>;
+
 /// Every series the server keeps.
-#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     requests: Family<RouteLabels, Counter>,
@@ -68,6 +173,16 @@ pub struct Metrics {
     model_queue_depth: Family<ModelLabels, Gauge>,
     model_requests: Family<ModelCodeLabels, Counter>,
     model_info: Family<InfoLabels, Gauge>,
+    dicom: Option<DicomMetrics>,
+    before_render: OnceLock<BeforeRender>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("dicom", &self.dicom.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Default for Metrics {
@@ -91,6 +206,8 @@ impl Metrics {
             model_queue_depth: Family::default(),
             model_requests: Family::default(),
             model_info: Family::default(),
+            dicom: None,
+            before_render: OnceLock::new(),
         };
         let r = &mut m.registry;
         // prometheus-client adds `_total` to counters and a full stop to the help.
@@ -152,6 +269,24 @@ impl Metrics {
         m
     }
 
+    /// The same series and the DICOM node's.
+    pub fn with_dicom(mut self) -> Self {
+        let dicom = DicomMetrics::default();
+        dicom.register(&mut self.registry);
+        self.dicom = Some(dicom);
+        self
+    }
+
+    /// The DICOM node's series, when registered.
+    pub fn dicom(&self) -> Option<&DicomMetrics> {
+        self.dicom.as_ref()
+    }
+
+    /// Runs `hook` before each scrape (one hook; a second is ignored).
+    pub fn before_render(&self, hook: BeforeRender) {
+        let _ = self.before_render.set(hook);
+    }
+
     /// A model being served: its info series, and its counters at zero.
     pub fn add_model(&self, labels: &ModelLabels, sha256: &str, arch: Option<&str>) {
         let info = InfoLabels {
@@ -206,6 +341,9 @@ impl Metrics {
             total += n;
         }
         self.queue_depth.set(total as i64);
+        if let (Some(dicom), Some(hook)) = (&self.dicom, self.before_render.get()) {
+            hook(dicom);
+        }
         let mut text = String::new();
         match prometheus_client::encoding::prometheus_text::encode(&mut text, &self.registry) {
             Ok(()) => text,
@@ -216,6 +354,7 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -248,6 +387,38 @@ mod tests {
             "mae_model_info{model=\"a\",version=\"1\",sha256=\"ab12\",arch=\"vit_tiny\"} 1",
             "# TYPE mae_request_duration_seconds histogram",
             "# HELP mae_images_total Images run through the model.",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "no line {line:?} in\n{text}"
+            );
+        }
+        assert!(!text.contains("mae_dicom"), "{text}");
+    }
+
+    #[test]
+    fn dicom_series_with_the_node() {
+        let m = Metrics::new().with_dicom();
+        let d = m.dicom().unwrap();
+        d.association(true);
+        d.association(false);
+        d.received.inc();
+        d.sent
+            .get_or_create(&DestinationLabels::new("PACS@h:104"))
+            .inc_by(2);
+        m.before_render(Box::new(|d: &DicomMetrics| {
+            let dest = DestinationLabels::new("PACS@h:104");
+            d.queue_length.get_or_create(&dest).set(3);
+            d.queue_oldest_seconds.get_or_create(&dest).set(42);
+        }));
+        let text = m.render(&[]);
+        for line in [
+            "mae_dicom_associations_total{result=\"accepted\"} 1",
+            "mae_dicom_associations_total{result=\"rejected\"} 1",
+            "mae_dicom_instances_received_total 1",
+            "mae_dicom_results_sent_total{destination=\"PACS@h:104\"} 2",
+            "mae_dicom_queue_length{destination=\"PACS@h:104\"} 3",
+            "mae_dicom_queue_oldest_seconds{destination=\"PACS@h:104\"} 42",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -111,7 +111,11 @@ pub fn run(config: Config) -> anyhow::Result<ExitCode> {
         attach,
         ..
     } = config;
-    let (shared, batchers) = start_models(models, &b, audit, keys, repository)?;
+    let metrics = match &attach {
+        Some(_) => Metrics::new().with_dicom(),
+        None => Metrics::new(),
+    };
+    let (shared, batchers) = start_models(models, &b, audit, keys, repository, metrics)?;
     if let Some(attach) = attach {
         (attach.0)(attach::Served::new(shared.clone(), 0))?;
     }
@@ -205,6 +209,7 @@ fn start_models(
     audit: Option<AuditLog>,
     keys: Option<ApiKeys>,
     repository: bool,
+    metrics: Metrics,
 ) -> anyhow::Result<(Arc<Shared>, Vec<std::thread::JoinHandle<()>>)> {
     let mut slots = Vec::new();
     let mut engines = Vec::new();
@@ -216,7 +221,6 @@ fn start_models(
             .collect()
     };
     let versions_of: Vec<Vec<String>> = models.iter().map(|(n, _, _)| all_versions(n)).collect();
-    let metrics = Metrics::new();
     for ((name, version_number, engine), versions) in models.into_iter().zip(versions_of) {
         let version = version_number.to_string();
         let (tx, rx) = std::sync::mpsc::sync_channel::<Job>(b.queue_size);
