@@ -892,3 +892,72 @@ fn tls_with_client_certificates() {
         node.log()
     );
 }
+
+/// pydicom's `SC_rgb_jpeg.dcm`, whose meta declares explicit VR over an implicit VR data set,
+/// is taken by C-STORE (mae-run dicom-send sends the data set as written; dcmtk's storescu
+/// cannot read the file) and classified, with a warning naming the mismatch,
+/// as `mae-run predict` classifies it.
+#[test]
+fn a_data_set_in_the_wrong_vr_is_classified_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let out = Command::new(PYTHON)
+        .args([
+            "-c",
+            "from pydicom.data import get_testdata_file as f; print(f('SC_rgb_jpeg.dcm'))",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    let file = PathBuf::from(stdout(&out).trim());
+    let model = fixtures().join("binary.onnx");
+    let node = Node::start(d, &model, &["--results-dir", p(&d.join("r"))]);
+    let port = node.port.to_string();
+    let to = format!("MAE@127.0.0.1:{port}");
+    let o = mae_run(d, &["dicom-send", "--to", &to, p(&file)]);
+    assert!(o.status.success(), "{}\n{}", text(&o), node.log());
+    let start = Instant::now();
+    while audit(d, "dicom-classified").is_empty() {
+        assert!(start.elapsed() < Duration::from_secs(30), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        node.log()
+            .contains("but the data set is written in implicit VR"),
+        "{}",
+        node.log()
+    );
+    let predicted = mae_run(
+        d,
+        &[
+            "predict",
+            "--model",
+            p(&model),
+            "--format",
+            "json",
+            p(&file),
+        ],
+    );
+    assert!(predicted.status.success(), "{}", text(&predicted));
+    assert!(
+        stderr(&predicted).contains("implicit VR"),
+        "{}",
+        text(&predicted)
+    );
+    let row: serde_json::Value = serde_json::from_str(stdout(&predicted).trim()).unwrap();
+    let classified = &audit(d, "dicom-classified")[0];
+    let floats = |v: &serde_json::Value| -> Vec<f32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap() as f32)
+            .collect()
+    };
+    assert_close(
+        "SC_rgb_jpeg.dcm through the node",
+        &floats(&classified["probabilities"]),
+        &floats(&row["predictions"][0]["probabilities"]),
+        SR_PROB_TOL,
+    );
+    assert_eq!(std::fs::read_dir(d.join("r")).unwrap().count(), 2);
+}

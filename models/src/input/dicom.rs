@@ -56,7 +56,14 @@ pub fn decode_frame(bytes: &[u8], name: &Path, frame: u32) -> Result<RgbImage> {
 /// The number of frames of a DICOM file (Number of Frames, 1 when absent), read from its
 /// header without decoding the pixel data.
 pub fn frame_count(bytes: &[u8], name: &Path) -> Result<u32> {
-    std::panic::catch_unwind(|| open(bytes, None).map(|obj| frames_of(&obj)))
+    read_header(bytes, name).map(|obj| frames_of(&obj))
+}
+
+/// A DICOM file's meta group and data set up to its pixel data, read as [`decode`] reads
+/// them (declared lengths checked, a data set in the wrong VR taken as it is written): for
+/// reading its attributes.
+pub fn read_header(bytes: &[u8], name: &Path) -> Result<dicom_object::DefaultDicomObject> {
+    std::panic::catch_unwind(|| open(bytes, None))
         .unwrap_or_else(|_| Err("the DICOM parser failed on this file".into()))
         .map_err(|reason| Error::format(name, format!("cannot read DICOM file: {reason}")))
 }

@@ -1,14 +1,11 @@
 //! The source instance of a result: its header (read up to the pixel data), and the Patient
 //! and General Study modules that every result copies, so that it lands in the same study.
 
-use std::io::Cursor;
-
 use anyhow::{bail, Context};
 use dicom_core::value::DataSetSequence;
 use dicom_core::{DataElement, PrimitiveValue, Tag, VR};
 use dicom_dictionary_std::tags;
-use dicom_object::file::ReadPreamble;
-use dicom_object::{DefaultDicomObject, InMemDicomObject, OpenFileOptions};
+use dicom_object::{DefaultDicomObject, InMemDicomObject};
 
 /// What the results need of the instance they are about.
 #[derive(Debug)]
@@ -45,19 +42,14 @@ fn trimmed(s: &str) -> String {
 impl Source {
     /// Reads the header of a whole DICOM file (preamble, meta, data set).
     pub fn parse(bytes: &[u8]) -> anyhow::Result<Self> {
-        let body = bytes.get(128..).filter(|b| b.starts_with(b"DICM"));
-        let Some(body) = body else {
+        if bytes.get(128..132) != Some(b"DICM") {
             bail!("not a DICOM file (no DICM magic after the preamble)");
-        };
-        let options = || {
-            OpenFileOptions::new()
-                .read_preamble(ReadPreamble::Never)
-                .read_until(tags::PIXEL_DATA)
-        };
-        let header = options()
-            .from_reader(Cursor::new(&body[4..]))
-            .or_else(|_| options().from_reader(Cursor::new(body)))
-            .context("cannot read the DICOM header")?;
+        }
+        // Through the input layer, so that the header is read as the pixels are (a data set
+        // in the wrong VR included).
+        let header =
+            mae_models::input::dicom::read_header(bytes, std::path::Path::new("the instance"))
+                .context("cannot read the DICOM header")?;
         let text = |tag: Tag, what: &str| -> anyhow::Result<String> {
             let v = header
                 .element(tag)
