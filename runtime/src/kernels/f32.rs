@@ -65,15 +65,9 @@ impl std::fmt::Debug for F32Tile {
 }
 
 impl F32Tile {
-    /// The tile's instruction set, as `MAE_KERNELS` spells it.
+    /// The tile's instruction set, as `MAE_KERNELS` spells it: its vector level's.
     pub fn name(self) -> &'static str {
-        match self {
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx512(_) => "avx512",
-            #[cfg(target_arch = "x86_64")]
-            Self::Avx2(_) => "avx2",
-            Self::Portable => "portable",
-        }
+        self.vector().name()
     }
 
     /// The vector code that goes with this tile (attention's softmax).
