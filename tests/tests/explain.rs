@@ -786,3 +786,202 @@ fn trust_checks_on_a_trained_model() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+/// The DICOM node's Secondary Capture shows the model's Grad-CAM beside the image: an image
+/// sent to `mae-run serve --dicom-listen` comes back with, right of the source, the same
+/// overlay `mae-run predict --explain gradcam --heatmaps` draws for it (scaled to the source's
+/// height). `--dicom-heatmap gradcam` with a model that has no Grad-CAM output does not start.
+#[test]
+fn the_dicom_secondary_capture_shows_the_heatmap() {
+    use std::io::BufRead;
+    let f = fixture();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    // The first test image as a DICOM Secondary Capture (8-bit RGB), written by pydicom; and,
+    // later, a Secondary Capture's pixels back out as a PNG.
+    let script = r#"
+import sys
+import numpy as np
+import pydicom
+from PIL import Image
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian
+if sys.argv[1] == "write":
+    a = np.array(Image.open(sys.argv[2]).convert("RGB"))
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
+    ds.SOPInstanceUID = "1.2.826.0.1.3680043.8.498.77.1"
+    ds.StudyInstanceUID = "1.2.826.0.1.3680043.8.498.77.2"
+    ds.SeriesInstanceUID = "1.2.826.0.1.3680043.8.498.77.3"
+    ds.PatientID = "MAE-0002"
+    ds.PatientName = "Test^Heatmap"
+    ds.Modality = "OT"
+    ds.Rows, ds.Columns = a.shape[:2]
+    ds.SamplesPerPixel = 3
+    ds.PhotometricInterpretation = "RGB"
+    ds.PlanarConfiguration = 0
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    ds.PixelData = a.tobytes()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.save_as(sys.argv[3], enforce_file_format=True)
+else:
+    for path in sys.argv[2:]:
+        ds = pydicom.dcmread(path)
+        if ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.7":
+            Image.fromarray(ds.pixel_array).save(path + ".png")
+            print(path + ".png")
+"#;
+    let py = |args: &[&str]| {
+        let out = Command::new(python())
+            .arg("-c")
+            .arg(script)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let sc = d.join("source.dcm");
+    py(&[
+        "write",
+        f.dir.join("img0.png").to_str().unwrap(),
+        sc.to_str().unwrap(),
+    ]);
+
+    // The reference overlay, from mae-run predict.
+    let heat = d.join("heat");
+    TestCommand::new("mae-run", d)
+        .args([
+            "predict",
+            "--model",
+            f.dir.join("gp.onnx").to_str().unwrap(),
+        ])
+        .args(["--explain", "gradcam", "--heatmaps", heat.to_str().unwrap()])
+        .args([sc.to_str().unwrap()])
+        .stdout();
+    let png = std::fs::read_dir(&heat)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|e| e == "png"))
+        .unwrap();
+    let want = image::open(&png).unwrap().to_rgb8();
+
+    let serve = |model: &str, extra: &[&str]| {
+        TestCommand::new("mae-run", d)
+            .args(["serve", "--model", f.dir.join(model).to_str().unwrap()])
+            .args(["--listen", "127.0.0.1:0", "--dicom-listen", "127.0.0.1:0"])
+            .args(["--dicom-spool", d.join("spool").to_str().unwrap()])
+            .args(["--results-dir", d.join("results").to_str().unwrap()])
+            .args(extra)
+            .command()
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    // Asked for by name, a missing output is refused before anything listens.
+    let refused = serve("cls.onnx", &["--dicom-heatmap", "gradcam"])
+        .wait_with_output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(
+        err.contains("--dicom-heatmap") && err.contains("no 'gradcam' output"),
+        "{err}"
+    );
+
+    let mut child = serve("gp.onnx", &[]);
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut early = Vec::new();
+    let port = loop {
+        let Some(Ok(line)) = lines.next() else {
+            let _ = child.kill();
+            panic!("serve exited before its DICOM node listened");
+        };
+        early.push(line.clone());
+        if let Some(rest) = line.split("DICOM node listening on ").nth(1) {
+            break rest
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .rsplit(':')
+                .next()
+                .unwrap()
+                .to_string();
+        }
+    };
+    let log = std::thread::spawn(move || lines.map_while(Result::ok).collect::<Vec<_>>());
+    TestCommand::new("mae-run", d)
+        .args(["dicom-send", "--to", &format!("MAE@127.0.0.1:{port}")])
+        .args([sc.to_str().unwrap()])
+        .stdout();
+    let results = d.join("results");
+    let start = std::time::Instant::now();
+    let files = loop {
+        let files: Vec<String> = std::fs::read_dir(&results)
+            .map(|r| r.map(|e| e.unwrap().path().display().to_string()).collect())
+            .unwrap_or_default();
+        let files: Vec<String> = files.into_iter().filter(|f| f.ends_with(".dcm")).collect();
+        if files.len() == 2 || start.elapsed().as_secs() > 60 {
+            break files;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    early.extend(log.join().unwrap());
+    let log = early.join("\n");
+    assert_eq!(
+        files.len(),
+        2,
+        "an SR and a Secondary Capture; serve's log:\n{log}"
+    );
+    assert!(
+        log.contains("Secondary Captures with the model's gradcam map"),
+        "{log}"
+    );
+    let mut args = vec!["read"];
+    args.extend(files.iter().map(String::as_str));
+    let out = py(&args);
+    let got = image::open(out.trim()).unwrap().to_rgb8();
+
+    // The source, 28 pixels wide, is enlarged 19 times (to at least 512); the overlay stands
+    // right of it at its height, under the band of text.
+    let side = (SIZE * 19) as u32;
+    assert_eq!(
+        got.width(),
+        2 * side,
+        "the source and the heatmap side by side"
+    );
+    let band = got.height() - side;
+    let scaled = image::imageops::resize(&want, side, side, image::imageops::FilterType::Triangle);
+    let mut worst = 0u8;
+    for y in 0..side {
+        for x in 0..side {
+            let (a, b) = (
+                got.get_pixel(side + x, band + y).0,
+                scaled.get_pixel(x, y).0,
+            );
+            for c in 0..3 {
+                worst = worst.max(a[c].abs_diff(b[c]));
+            }
+        }
+    }
+    assert_eq!(
+        worst, 0,
+        "the Secondary Capture's heatmap differs from predict's"
+    );
+    // And the source itself, untouched, on the left.
+    let source = image::open(f.dir.join("img0.png")).unwrap().to_rgb8();
+    assert_eq!(
+        got.get_pixel(19 * 3 + 5, band + 19 * 4 + 5),
+        source.get_pixel(3, 4)
+    );
+}

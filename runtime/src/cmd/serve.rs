@@ -14,6 +14,7 @@ use crate::dicom::args::DicomArgs;
 use crate::dicom::{queue, NodeConfig};
 use crate::engine::model::ModelMeta;
 use crate::engine::settings::ModelArgs;
+use crate::engine::Scores;
 use crate::serve::attach::{Attach, Served};
 use crate::serve::audit::AuditLog;
 use crate::serve::auth::ApiKeys;
@@ -141,9 +142,13 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
             watch_queues(&served, &node);
             let served = Arc::new(served);
             let listen = node.listen;
+            let heat = crate::dicom::heatmap_method(node.heatmap, served.name(), served.meta())?;
             let addr =
                 crate::dicom::start(node, Arc::new(Node(served.clone())), Arc::new(Node(served)))?;
-            eprintln!("mae-run: DICOM node listening on {addr} (asked for {listen})");
+            let heat = heat.map_or("no heatmap".to_string(), |m| {
+                format!("Secondary Captures with the model's {} map", m.as_str())
+            });
+            eprintln!("mae-run: DICOM node listening on {addr} (asked for {listen}); {heat}");
             Ok(())
         }))),
         None => None,
@@ -217,12 +222,12 @@ impl crate::dicom::Classify for Node {
         self.0.name()
     }
 
-    fn classify(&self, pixels: Vec<f32>) -> Result<Vec<f32>, String> {
-        let mut scores = self.0.infer(pixels, 1)?;
-        scores
-            .probabilities
-            .pop()
-            .ok_or_else(|| "the model returned no probabilities".to_string())
+    fn classify(&self, pixels: Vec<f32>) -> Result<Scores, String> {
+        let scores = self.0.infer(pixels, 1)?;
+        if scores.probabilities.len() != 1 {
+            return Err("the model returned no probabilities".to_string());
+        }
+        Ok(scores)
     }
 }
 

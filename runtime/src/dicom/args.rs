@@ -91,6 +91,20 @@ pub struct DicomArgs {
     /// "meaning"} (for example SNOMED CT); other classes get mae's private scheme 99MAE.
     #[arg(long, value_name = "FILE", requires = "dicom_listen")]
     pub dicom_codes: Option<PathBuf>,
+    /// The heatmap beside the image in each Secondary Capture: `auto` takes the model's
+    /// Grad-CAM output (for the predicted class) or else its rollout output, and none when the
+    /// model was exported without `--explain`; `rollout` or `gradcam` require that output.
+    #[arg(long, value_enum, default_value_t = Heatmap::Auto, requires = "dicom_listen")]
+    pub dicom_heatmap: Heatmap,
+}
+
+/// `--dicom-heatmap` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Heatmap {
+    Auto,
+    None,
+    Rollout,
+    Gradcam,
 }
 
 impl DicomArgs {
@@ -161,6 +175,7 @@ impl DicomArgs {
             uid_root: self.uid_root.clone(),
             codes,
             workers: self.dicom_workers,
+            heatmap: self.dicom_heatmap,
         }))
     }
 }

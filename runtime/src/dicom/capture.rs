@@ -1,7 +1,9 @@
 //! The Secondary Capture of one classified image (PS3.3 A.8.1), for viewers that show no SR:
 //! the image as the model saw it before resizing (the input layer's 8-bit RGB), enlarged to at
 //! least 512 pixels wide, under a black band with the result burned in (class, probability,
-//! model and its SHA-256); `BurnedInAnnotation YES`.
+//! model and its SHA-256); `BurnedInAnnotation YES`. When the model has an explanation output,
+//! the image as the model saw it, with the map over it, stands to the right of the source at the
+//! same height, and the band names the map.
 
 use ab_glyph::{point, Font, FontRef, PxScale, ScaleFont};
 use dicom_core::{DataElement, PrimitiveValue, VR};
@@ -25,6 +27,13 @@ const FONT: &[u8] = include_bytes!(concat!(
 ));
 
 const MIN_WIDTH: u32 = 512;
+
+/// An explanation map drawn over the image the model saw, and what it is.
+#[derive(Debug, Clone)]
+pub struct Heat {
+    pub image: RgbImage,
+    pub label: String,
+}
 
 /// Draws `text` in white from (`x`, `y`) (the top of the line) at `size` pixels.
 fn draw_text(img: &mut RgbImage, font: &FontRef<'_>, text: &str, x: f32, y: f32, size: f32) {
@@ -51,18 +60,32 @@ fn draw_text(img: &mut RgbImage, font: &FontRef<'_>, text: &str, x: f32, y: f32,
     }
 }
 
-/// The picture: the image enlarged (nearest neighbour) to at least 512 wide, under a band of
-/// `lines`.
-pub fn render(img: &RgbImage, lines: &[String]) -> anyhow::Result<RgbImage> {
+/// The picture: the image enlarged (nearest neighbour) to at least 512 wide, with `heat` (if
+/// any) scaled to its height on its right, under a band of `lines`.
+pub fn render(
+    img: &RgbImage,
+    heat: Option<&RgbImage>,
+    lines: &[String],
+) -> anyhow::Result<RgbImage> {
     let font = FontRef::try_from_slice(FONT)
         .map_err(|e| anyhow::anyhow!("the embedded font does not load: {e}"))?;
     let (w, h) = img.dimensions();
     let k = MIN_WIDTH.div_ceil(w.max(1)).max(1);
-    let base = if k > 1 {
+    let mut base = if k > 1 {
         imageops::resize(img, w * k, h * k, imageops::FilterType::Nearest)
     } else {
         img.clone()
     };
+    if let Some(heat) = heat {
+        let (hw, hh) = heat.dimensions();
+        let side_h = base.height();
+        let side_w = ((u64::from(hw) * u64::from(side_h)) / u64::from(hh.max(1))).max(1) as u32;
+        let side = imageops::resize(heat, side_w, side_h, imageops::FilterType::Triangle);
+        let mut both = RgbImage::from_pixel(base.width() + side_w, side_h, Rgb([0, 0, 0]));
+        imageops::replace(&mut both, &base, 0, 0);
+        imageops::replace(&mut both, &side, i64::from(base.width()), 0);
+        base = both;
+    }
     let width = base.width();
     let size = (width as f32 / 36.0).max(14.0);
     let line = (size * 1.3).ceil() as u32;
@@ -76,23 +99,32 @@ pub fn render(img: &RgbImage, lines: &[String]) -> anyhow::Result<RgbImage> {
     Ok(out)
 }
 
-/// The lines burned in for `result`.
-pub fn caption(result: &Classified, meta: &ModelMeta, model: &Model) -> Vec<String> {
+/// The lines burned in for `result`, naming the map `heat` when there is one.
+pub fn caption(
+    result: &Classified,
+    meta: &ModelMeta,
+    model: &Model,
+    heat: Option<&str>,
+) -> Vec<String> {
     let class = meta.class_name(result.class_index);
     let p = result
         .probabilities
         .get(result.class_index)
         .copied()
         .unwrap_or(f32::NAN);
-    vec![
+    let mut lines = vec![
         format!("mae-run finding: {class} (p = {p:.4})"),
         format!(
             "model {} · sha256 {}",
             model.name,
             &model.sha256[..16.min(model.sha256.len())]
         ),
-        "computer-generated result, not reviewed".to_string(),
-    ]
+    ];
+    if let Some(label) = heat {
+        lines.push(format!("right: {label}, over the image the model saw"));
+    }
+    lines.push("computer-generated result, not reviewed".to_string());
+    lines
 }
 
 /// The Secondary Capture of `result` for `source` over `img` (the decoded source image), as
@@ -100,12 +132,14 @@ pub fn caption(result: &Classified, meta: &ModelMeta, model: &Model) -> Vec<Stri
 pub fn build(
     source: &Source,
     img: &RgbImage,
+    heat: Option<&Heat>,
     result: &Classified,
     meta: &ModelMeta,
     model: &Model,
     root: &str,
 ) -> anyhow::Result<(String, Vec<u8>)> {
-    let picture = render(img, &caption(result, meta, model))?;
+    let lines = caption(result, meta, model, heat.map(|h| h.label.as_str()));
+    let picture = render(img, heat.map(|h| &h.image), &lines)?;
     let sop_instance = uids::derive(root, &[&source.sop_instance, &model.sha256, "sc"]);
     let series = uids::derive(root, &[&source.series, &model.sha256, "sc-series"]);
     let (date, time) = now_da_tm();
@@ -204,12 +238,25 @@ mod tests {
     #[test]
     fn text_is_burned_into_a_band_above_the_image() {
         let img = RgbImage::from_pixel(64, 32, Rgb([10, 20, 30]));
-        let out = render(&img, &["pneumonia 0.93".into()]).unwrap();
+        let out = render(&img, None, &["pneumonia 0.93".into()]).unwrap();
         assert_eq!(out.width(), 512);
         let band = out.height() - 256;
         assert!(band > 14);
         // White strokes in the band; the image below, enlarged, untouched.
         assert!((0..band).any(|y| (0..512).any(|x| out.get_pixel(x, y).0[0] > 200)));
         assert_eq!(out.get_pixel(511, out.height() - 1).0, [10, 20, 30]);
+    }
+
+    #[test]
+    fn a_heatmap_stands_right_of_the_image_at_its_height() {
+        let img = RgbImage::from_pixel(64, 32, Rgb([10, 20, 30]));
+        let heat = RgbImage::from_pixel(224, 224, Rgb([200, 0, 0]));
+        let out = render(&img, Some(&heat), &["a".into(), "b".into()]).unwrap();
+        // The source enlarged to 512×256, the map scaled to 256×256 beside it.
+        assert_eq!(out.width(), 512 + 256);
+        let band = out.height() - 256;
+        assert_eq!(out.get_pixel(511, out.height() - 1).0, [10, 20, 30]);
+        assert_eq!(out.get_pixel(512 + 128, band + 128).0, [200, 0, 0]);
+        assert_eq!(out.get_pixel(767, out.height() - 1).0, [200, 0, 0]);
     }
 }

@@ -50,15 +50,18 @@ use self::codes::Codes;
 use self::queue::{Outbox, Retry};
 use self::scu::Peer;
 use crate::engine::model::ModelMeta;
+use crate::engine::Scores;
+use crate::explain::Method;
 
 /// The model the node classifies with: the served one, through its workers.
 pub trait Classify: Send + Sync {
     fn meta(&self) -> &ModelMeta;
     /// The name the model is served under.
     fn name(&self) -> &str;
-    /// The probabilities of one preprocessed image; an error is worth retrying later (the
-    /// model was busy or stopping).
-    fn classify(&self, pixels: Vec<f32>) -> Result<Vec<f32>, String>;
+    /// The outputs of one preprocessed image (its probabilities, and its explanation maps
+    /// when the model has them); an error is worth retrying later (the model was busy or
+    /// stopping).
+    fn classify(&self, pixels: Vec<f32>) -> Result<Scores, String>;
 }
 
 /// Where the node's audit records go (one JSON object per state change), and the changes the
@@ -104,6 +107,9 @@ pub struct NodeConfig {
     pub uid_root: String,
     pub codes: Codes,
     pub workers: usize,
+    /// The heatmap of the Secondary Captures, as asked for (resolved against the model's
+    /// outputs by [`start`]).
+    pub heatmap: args::Heatmap,
 }
 
 /// The model as the results name it.
@@ -129,6 +135,7 @@ pub fn start(
     events: Arc<dyn Events>,
 ) -> anyhow::Result<SocketAddr> {
     cfg.codes.check_classes(&classifier.meta().class_names)?;
+    let heatmap = heatmap_method(cfg.heatmap, classifier.name(), classifier.meta())?;
     let cfg = Arc::new(cfg);
     let spool = Arc::new(spool::Spool::open(&cfg.spool)?);
     if let Some(dir) = &cfg.results_dir {
@@ -170,9 +177,36 @@ pub fn start(
         outboxes,
         events: events.clone(),
         model,
+        heatmap,
     });
     processor.start(rx, tx.clone(), cfg.workers)?;
     listener::start(cfg, spool, tx, events)
+}
+
+/// The map `choice` gives with a model whose outputs are `meta.output_names`: `auto` takes
+/// Grad-CAM, else rollout, else none; a method asked for by name must be there.
+pub fn heatmap_method(
+    choice: args::Heatmap,
+    name: &str,
+    meta: &ModelMeta,
+) -> anyhow::Result<Option<Method>> {
+    let has = |m: Method| {
+        m.graph_output()
+            .is_some_and(|o| meta.output_names.iter().any(|n| n == o))
+    };
+    let wanted = match choice {
+        args::Heatmap::None => return Ok(None),
+        args::Heatmap::Auto => {
+            return Ok([Method::Gradcam, Method::Rollout]
+                .into_iter()
+                .find(|&m| has(m)))
+        }
+        args::Heatmap::Rollout => Method::Rollout,
+        args::Heatmap::Gradcam => Method::Gradcam,
+    };
+    crate::explain::require_output(name, &meta.output_names, wanted)
+        .map_err(|e| anyhow::anyhow!("--dicom-heatmap: {e:#}"))?;
+    Ok(Some(wanted))
 }
 
 /// The current UTC time as (year, month, day, hour, minute, second).

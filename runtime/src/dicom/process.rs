@@ -20,6 +20,7 @@ use super::source::Source;
 use super::spool::{write_atomic, Spool};
 use super::{capture, sr, Classified, Classify, Events, Model, NodeConfig};
 use crate::engine;
+use crate::explain::{self, heatmap, Method};
 
 /// Why an instance was not classified.
 enum Failure {
@@ -37,6 +38,8 @@ pub struct Processor {
     pub outboxes: Vec<Arc<Outbox>>,
     pub events: Arc<dyn Events>,
     pub model: Model,
+    /// The map the Secondary Captures show, if any.
+    pub heatmap: Option<Method>,
 }
 
 impl std::fmt::Debug for Processor {
@@ -134,7 +137,12 @@ impl Processor {
         }
         let meta = self.classifier.meta();
         let pixels = preprocess_eval(&img, &meta.preprocess);
-        let probabilities = self.classifier.classify(pixels).map_err(Failure::Later)?;
+        let seen = self.heatmap.map(|_| pixels.clone());
+        let scores = self.classifier.classify(pixels).map_err(Failure::Later)?;
+        let probabilities = scores.probabilities.into_iter().next().unwrap_or_default();
+        if probabilities.is_empty() {
+            return Err(Failure::Later("the model returned no probabilities".into()));
+        }
         let p = engine::label(meta, &probabilities, 1);
         let class_index = p
             .class
@@ -157,8 +165,23 @@ impl Processor {
             &cfg.uid_root,
         )
         .map_err(bad)?;
-        let (sc_uid, sc) = capture::build(&source, &img, &result, meta, &self.model, &cfg.uid_root)
-            .map_err(bad)?;
+        let heat = match (self.heatmap, seen) {
+            (Some(method), Some(seen)) => Some(
+                self.heat(method, &scores.maps, &seen, class_index)
+                    .map_err(bad)?,
+            ),
+            _ => None,
+        };
+        let (sc_uid, sc) = capture::build(
+            &source,
+            &img,
+            heat.as_ref(),
+            &result,
+            meta,
+            &self.model,
+            &cfg.uid_root,
+        )
+        .map_err(bad)?;
         let outputs = [(&sr_uid, &sr), (&sc_uid, &sc)];
         if let Some(dir) = &cfg.results_dir {
             for (uid, bytes) in outputs {
@@ -177,7 +200,12 @@ impl Processor {
         let class = meta.class_name(class_index);
         info!(
             "DICOM {}: {class} ({:.4}); SR {sr_uid}, SC {sc_uid}",
-            source.sop_instance, result.probabilities[class_index]
+            source.sop_instance,
+            result
+                .probabilities
+                .get(class_index)
+                .copied()
+                .unwrap_or(f32::NAN)
         );
         self.events.record(json!({
             "event": "dicom-classified",
@@ -191,7 +219,42 @@ impl Processor {
             "threshold": meta.decision_threshold(),
             "sr_sop_instance_uid": sr_uid,
             "sc_sop_instance_uid": sc_uid,
+            "heatmap": self.heatmap.map(Method::as_str),
         }));
         Ok(())
+    }
+
+    /// The model's `method` map for class `class`, drawn over `seen` (the image as the model
+    /// saw it), as `mae-run predict --heatmaps` draws it.
+    fn heat(
+        &self,
+        method: Method,
+        maps: &[engine::backend::OutputTensor],
+        seen: &[f32],
+        class: usize,
+    ) -> anyhow::Result<capture::Heat> {
+        let meta = self.classifier.meta();
+        let e = explain::split_maps(maps, method, 1)?
+            .into_iter()
+            .next()
+            .ok_or_else(|| anyhow::anyhow!("the model returned no {} map", method.as_str()))?;
+        let p = &meta.preprocess;
+        let image = heatmap::overlay(
+            seen,
+            p.input_size,
+            (p.mean, p.std),
+            e.class_map(class)?,
+            e.grid(),
+            &heatmap::Style {
+                colormap: heatmap::Colormap::Jet,
+                opacity: 0.5,
+                min_side: 224,
+            },
+        )?;
+        let label = match method {
+            Method::Gradcam => format!("Grad-CAM for {}", meta.class_name(class)),
+            _ => "attention rollout".to_string(),
+        };
+        Ok(capture::Heat { image, label })
     }
 }
