@@ -9,7 +9,7 @@
 #   3. each target (PneumoniaMNIST, BreastMNIST) written out as an ImageFolder tree
 #      (`eval_data/{train,val,test}/{class}/`, 28×28 PNG, run at --input-size 64);
 #   4. MAE pretraining on each target's own training images, and (1) continued on them;
-#   5. per target, one sweep: fine-tuning with 100 and all labels × 3 seeds, and linear probing,
+#   5. per target, one sweep: fine-tuning and linear probing with 100 and all labels × 3 seeds,
 #      from (a) scratch, (b) MAE on the target's images, (c) MAE on MedNIST, (d) the MedNIST
 #      classifiers of (2) at 600, 6000 and all (seed 0, from MAE), (e) (c) continued on the
 #      target;
@@ -22,7 +22,7 @@
 #        MEDNIST (../shared/data/mednist.zip), PNEUMONIA, BREAST (../shared/data/medmnist/*.npz),
 #        PT_EPOCHS (40), PT_WARMUP (4), TARGET_PT_EPOCHS (100), CONTINUE_EPOCHS (20),
 #        FT_EPOCHS (10: MedNIST at 600 and 6000), FT_EPOCHS_LARGE (3: at 36000 and all),
-#        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_BATCH (256), SEEDS (0,1,2),
+#        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_BATCH (64: at most the 100-label cells' images), SEEDS (0,1,2),
 #        SMOKE=1: every step on tiny subsets (BreastMNIST only) and one epoch, to check the
 #        pipeline in minutes; for a partial run: TARGETS (breastmnist,pneumoniamnist: which
 #        targets), LARGE=0 (skip MedNIST's 36000 and all cells), SUPERVISED (600,6k,all: which
@@ -145,7 +145,7 @@ for t in "${targets[@]}"; do
   timed "$bin/mae-train" sweep --train-samples "$([ "$smoke" = 1 ] && echo 40,80 || echo 100,all)" \
     --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
     --kinds finetune,linprobe --kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning" \
-    --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --blr 0.1 --batch-size ${LP_BATCH:-256}" \
+    --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --blr 0.1 --batch-size ${LP_BATCH:-64}" \
     --output-dir "$out/$name/sweep" -- "${arch[@]}" --data-path "$tree"
 done
 
