@@ -23,12 +23,13 @@ fi
 # echoscu/storescu as modalities and dicom3tools' dciodvfy as the validator. Each test starts
 # its own Orthanc on free ports, so the package's own service is not wanted.
 if ! command -v Orthanc >/dev/null || ! command -v storescu >/dev/null \
-    || ! command -v dciodvfy >/dev/null; then
-  say "installing Debian's dcmtk, orthanc and dicom3tools (for the DICOM node tests)"
+    || ! command -v dciodvfy >/dev/null \
+    || [ ! -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then
+  say "installing Debian's dcmtk, orthanc, orthanc-dicomweb and dicom3tools (for the DICOM node tests)"
   sudo_=""; [ "$(id -u)" = 0 ] || sudo_="sudo"
   export DEBIAN_FRONTEND=noninteractive
-  $sudo_ apt-get install -y -qq dcmtk orthanc dicom3tools >/dev/null 2>&1 \
-    || { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq dcmtk orthanc dicom3tools >/dev/null; }
+  $sudo_ apt-get install -y -qq dcmtk orthanc orthanc-dicomweb dicom3tools >/dev/null 2>&1 \
+    || { $sudo_ apt-get update -qq && $sudo_ apt-get install -y -qq dcmtk orthanc orthanc-dicomweb dicom3tools >/dev/null; }
   if command -v systemctl >/dev/null && systemctl is-enabled orthanc >/dev/null 2>&1; then
     $sudo_ systemctl disable --now orthanc >/dev/null 2>&1 || true
   elif [ -x /etc/init.d/orthanc ]; then

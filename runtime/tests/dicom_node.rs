@@ -97,19 +97,23 @@ impl Node {
         self.log.lock().unwrap().clone()
     }
 
-    /// The value of the series `series` (name and labels, as written) in the HTTP server's
-    /// `/metrics`, or `None` without it.
-    fn metric(&self, series: &str) -> Option<f64> {
+    /// The HTTP server's address, from the log.
+    fn http(&self) -> String {
         let start = Instant::now();
-        let http = loop {
+        loop {
             let log = self.log();
             if let Some(rest) = log.split("http://").nth(1) {
-                break rest.split_whitespace().next().unwrap().to_string();
+                return rest.split_whitespace().next().unwrap().to_string();
             }
             assert!(start.elapsed() < Duration::from_secs(10), "{log}");
             std::thread::sleep(Duration::from_millis(50));
-        };
-        let mut s = TcpStream::connect(&http).unwrap();
+        }
+    }
+
+    /// The value of the series `series` (name and labels, as written) in the HTTP server's
+    /// `/metrics`, or `None` without it.
+    fn metric(&self, series: &str) -> Option<f64> {
+        let mut s = TcpStream::connect(self.http()).unwrap();
         s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             .unwrap();
         let mut text = String::new();
@@ -125,6 +129,9 @@ impl Drop for Node {
         let _ = self.child.wait();
     }
 }
+
+/// Orthanc's DICOMweb plugin (Debian package `orthanc-dicomweb`), loaded when installed.
+const DICOMWEB_PLUGIN: &str = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so";
 
 /// An Orthanc child with its own storage, HTTP and DICOM ports, killed on drop.
 struct Orthanc {
@@ -148,7 +155,8 @@ impl Orthanc {
             "DicomAet": "ORTHANC",
             "RemoteAccessAllowed": false,
             "AuthenticationEnabled": false,
-            "Plugins": [],
+            "Plugins": if Path::new(DICOMWEB_PLUGIN).exists() { vec![DICOMWEB_PLUGIN] } else { vec![] },
+            "DicomWeb": {"Enable": true, "Root": "/dicom-web/"},
             "DicomModalities": {"mae": ["MAE", "127.0.0.1", node_port]},
         });
         let path = dir.join("orthanc.json");
@@ -960,4 +968,128 @@ fn a_data_set_in_the_wrong_vr_is_classified_with_a_warning() {
         SR_PROB_TOL,
     );
     assert_eq!(std::fs::read_dir(d.join("r")).unwrap().count(), 2);
+}
+
+/// DICOMweb both ways: dicomweb-client posts a study to mae-run's `POST /dicomweb/studies`
+/// (STOW-RS) with one instance of a class the node does not take; the response lists the
+/// images as stored and that instance as failed (0x0122), and each image's SR and Secondary
+/// Capture go on by STOW-RS (`--forward-stow`) into Orthanc's DICOMweb plugin. A body of
+/// another media type is answered 415, and the route needs the token when --api-keys is set.
+#[test]
+fn dicomweb_stow_in_and_out() {
+    use sha2::Digest;
+    require_python("dicomweb_client");
+    assert!(
+        Path::new(DICOMWEB_PLUGIN).exists(),
+        "Orthanc's DICOMweb plugin {DICOMWEB_PLUGIN} is missing: run scripts/setup.sh (Debian \
+         package orthanc-dicomweb)"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = fixtures().join("binary.onnx");
+    let files = study(&d.join("study"));
+    let (http, dicom) = (free_port(), free_port());
+    let stow = format!("http://127.0.0.1:{http}/dicom-web");
+    let keys = d.join("keys.txt");
+    let hash = sha2::Sha256::digest(b"s3cret-token-0123456789");
+    let hex: String = hash.iter().map(|b| format!("{b:02x}")).collect();
+    std::fs::write(&keys, format!("{hex} pacs\n")).unwrap();
+    let node = Node::start(
+        d,
+        &model,
+        &["--forward-stow", &stow, "--api-keys", p(&keys)],
+    );
+    let orthanc = Orthanc::start(d, http, dicom, node.port);
+    let url = format!("http://{}/dicomweb", node.http());
+
+    // Without the token: 401, as /v2.
+    let post = |auth: &str, content_type: &str, body: &[u8]| {
+        let mut s = TcpStream::connect(node.http()).unwrap();
+        let head = format!(
+            "POST /dicomweb/studies HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: {content_type}\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(body).unwrap();
+        let mut resp = String::new();
+        let _ = s.read_to_string(&mut resp);
+        resp
+    };
+    let resp = post("", "application/dicom", b"x");
+    assert!(resp.starts_with("HTTP/1.1 401"), "{resp}");
+    let auth = "Authorization: Bearer s3cret-token-0123456789\r\n";
+    let resp = post(auth, "application/dicom", b"x");
+    assert!(resp.starts_with("HTTP/1.1 415"), "{resp}");
+
+    // dicomweb-client, with the token in its session.
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/stow.py");
+    let wrapper = "import sys, requests\n\
+         s = requests.Session(); s.headers['Authorization'] = 'Bearer s3cret-token-0123456789'\n\
+         import dicomweb_client.api as api\n\
+         orig = api.DICOMwebClient.__init__\n\
+         api.DICOMwebClient.__init__ = lambda self, url: orig(self, url=url, session=s)\n\
+         sys.argv = sys.argv[1:]\n\
+         exec(open(sys.argv[0]).read())\n";
+    let out = Command::new(PYTHON)
+        .args(["-c", wrapper, script, &url])
+        .args(files.iter().map(|(f, _, _)| f))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}\n{}", stderr(&out), node.log());
+    let answer: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let mut stored: Vec<&str> = answer["stored"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    stored.sort();
+    let mut want: Vec<&str> = files.iter().map(|(_, uid, _)| uid.as_str()).collect();
+    want.sort();
+    assert_eq!(stored, want, "{answer}");
+    assert_eq!(
+        answer["failed"],
+        serde_json::json!([["1.2.826.0.1.3680043.8.498.99.1", 0x0122]]),
+        "{}",
+        node.log()
+    );
+
+    // Each image's SR and Secondary Capture reach Orthanc through its DICOMweb plugin.
+    let start = Instant::now();
+    while audit(d, "dicom-sent").len() < 2 * files.len() {
+        assert!(
+            start.elapsed() < Duration::from_secs(120),
+            "{} of {} results sent; mae-run's log:\n{}",
+            audit(d, "dicom-sent").len(),
+            2 * files.len(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let received = audit(d, "dicom-received");
+    assert_eq!(received.len(), files.len());
+    assert!(received.iter().all(|r| r["via"] == "stow-rs"));
+    let in_orthanc: std::collections::BTreeSet<String> = orthanc
+        .get("/instances?expand")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| {
+            i["MainDicomTags"]["SOPInstanceUID"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(in_orthanc.len(), 2 * files.len());
+    for record in audit(d, "dicom-classified") {
+        for key in ["sr_sop_instance_uid", "sc_sop_instance_uid"] {
+            let uid = record[key].as_str().unwrap();
+            assert!(in_orthanc.contains(uid), "{key} {uid} is not in Orthanc");
+        }
+    }
+    for sent in audit(d, "dicom-sent") {
+        assert_eq!(sent["destination"], stow.as_str());
+    }
 }

@@ -143,8 +143,13 @@ fn config(args: ServeArgs) -> anyhow::Result<Config> {
             let served = Arc::new(served);
             let listen = node.listen;
             let heat = crate::dicom::heatmap_method(node.heatmap, served.name(), served.meta())?;
-            let addr =
-                crate::dicom::start(node, Arc::new(Node(served.clone())), Arc::new(Node(served)))?;
+            let started = crate::dicom::start(
+                node,
+                Arc::new(Node(served.clone())),
+                Arc::new(Node(served.clone())),
+            )?;
+            served.set_ingest(Arc::new(Stow(started.intake)));
+            let addr = started.addr;
             let heat = heat.map_or("no heatmap".to_string(), |m| {
                 format!("Secondary Captures with the model's {} map", m.as_str())
             });
@@ -228,6 +233,22 @@ impl crate::dicom::Classify for Node {
             return Err("the model returned no probabilities".to_string());
         }
         Ok(scores)
+    }
+}
+
+/// STOW-RS bodies of the HTTP server, to the DICOM node's intake.
+#[derive(Debug)]
+struct Stow(Arc<crate::dicom::stow::Intake>);
+
+impl crate::serve::attach::Ingest for Stow {
+    fn stow(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        study: Option<&str>,
+        client: &str,
+    ) -> (u16, &'static str, Vec<u8>) {
+        self.0.stow(content_type, body, study, client)
     }
 }
 

@@ -9,8 +9,9 @@ use anyhow::bail;
 
 use super::callers::Callers;
 use super::codes::Codes;
-use super::queue::Retry;
+use super::queue::{Destination, Retry};
 use super::scu::{check_ae_title, Peer};
+use super::stow::StowUrl;
 use super::{uids, Limits, NodeConfig};
 
 /// Flags of the DICOM node (`mae-run serve --dicom-listen`).
@@ -20,7 +21,8 @@ pub struct DicomArgs {
     /// Also listen for DICOM associations on ADDR:PORT (C-ECHO; C-STORE of CR, DX, MG, CT, MR,
     /// US, XA and Secondary Capture images), classify every received image with the served
     /// model and write the results as DICOM (an SR and a Secondary Capture) into the source
-    /// study. Needs --dicom-spool and --results-dir or --forward.
+    /// study. Needs --dicom-spool and --results-dir, --forward or --forward-stow. The HTTP server then
+    /// also takes DICOMweb STOW-RS at POST /dicomweb/studies (same tokens as /v2).
     #[arg(long, value_name = "ADDR:PORT")]
     pub dicom_listen: Option<SocketAddr>,
     /// The node's AE title: callers must call it, and results are sent from it.
@@ -42,6 +44,10 @@ pub struct DicomArgs {
     /// retried until it is stored.
     #[arg(long, value_name = "AE@HOST:PORT", requires = "dicom_listen")]
     pub forward: Vec<String>,
+    /// Send each result by DICOMweb STOW-RS to URL/studies (repeatable; URL is the DICOMweb
+    /// root, e.g. http://pacs:8042/dicom-web), from a queue in the spool, retried until stored.
+    #[arg(long, value_name = "URL", requires = "dicom_listen")]
+    pub forward_stow: Vec<String>,
     /// Associations open at once at most; more are rejected (transiently, "local limit
     /// exceeded").
     #[arg(long, default_value_t = 16)]
@@ -118,13 +124,16 @@ impl DicomArgs {
         let Some(spool) = self.dicom_spool.clone() else {
             bail!("--dicom-listen needs --dicom-spool DIR, where received instances are kept");
         };
-        let forward = self
+        let mut forward = self
             .forward
             .iter()
-            .map(|s| s.parse::<Peer>())
+            .map(|s| s.parse::<Peer>().map(Destination::Dimse))
             .collect::<anyhow::Result<Vec<_>>>()?;
+        for s in &self.forward_stow {
+            forward.push(Destination::Stow(s.parse::<StowUrl>()?));
+        }
         if forward.is_empty() && self.results_dir.is_none() {
-            bail!("--dicom-listen needs --results-dir DIR or --forward AE@HOST:PORT: somewhere for the results to go");
+            bail!("--dicom-listen needs --results-dir DIR, --forward AE@HOST:PORT or --forward-stow URL: somewhere for the results to go");
         }
         if self.dicom_max_associations == 0 || self.dicom_workers == 0 {
             bail!("--dicom-max-associations and --dicom-workers must be at least 1");

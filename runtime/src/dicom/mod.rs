@@ -9,6 +9,8 @@
 //!                          │                  (the served model's workers), sr.rs, capture.rs
 //!                          ├──► --results-dir (atomic files)
 //!                          └──► queue.rs (SPOOL/outbox/DEST, retried) ──scu.rs──► PACS
+//!                                                                     └─stow.rs──► DICOMweb
+//!  POST /dicomweb/studies ──► stow.rs (Intake: checked, spooled as a C-STORE is)
 //! ```
 //!
 //! - `listener.rs`: associations through dicom-ul, C-ECHO and C-STORE SCP, the callers
@@ -16,7 +18,9 @@
 //!   transfer syntaxes taken.
 //! - `sr.rs`, `capture.rs`: the results, UIDs from `uids.rs`, class codes from `codes.rs`, the
 //!   source's Patient and Study from `source.rs`.
-//! - `queue.rs`: the outboxes of `--forward`; `scu.rs`: the SCU they and `mae-run dicom-echo`
+//! - `stow.rs`: DICOMweb STOW-RS, in (the HTTP server's `POST /dicomweb/studies`, through
+//!   [`Started::intake`]) and out (`--forward-stow`).
+//! - `queue.rs`: the outboxes of `--forward` and `--forward-stow`; `scu.rs`: the SCU they and `mae-run dicom-echo`
 //!   and `dicom-send` use.
 //!
 //! Every state change (received, classified, failed, sent, given up) is a record given to
@@ -35,6 +39,7 @@ pub mod scu;
 pub mod source;
 pub mod spool;
 pub mod sr;
+pub mod stow;
 pub mod tls;
 pub mod uids;
 
@@ -47,8 +52,7 @@ use tracing::info;
 
 use self::callers::Callers;
 use self::codes::Codes;
-use self::queue::{Outbox, Retry};
-use self::scu::Peer;
+use self::queue::{Destination, Outbox, Retry};
 use crate::engine::model::ModelMeta;
 use crate::engine::Scores;
 use crate::explain::Method;
@@ -102,7 +106,8 @@ pub struct NodeConfig {
     pub limits: Limits,
     pub spool: PathBuf,
     pub results_dir: Option<PathBuf>,
-    pub forward: Vec<Peer>,
+    /// `--forward` and `--forward-stow`, in that order.
+    pub forward: Vec<Destination>,
     pub retry: Retry,
     pub uid_root: String,
     pub codes: Codes,
@@ -127,13 +132,20 @@ pub struct Classified {
     pub probabilities: Vec<f32>,
 }
 
+/// A started node: the address it listens on, and where STOW-RS bodies go.
+#[derive(Debug)]
+pub struct Started {
+    pub addr: SocketAddr,
+    pub intake: Arc<stow::Intake>,
+}
+
 /// Starts the node: the spool, the outboxes, the processing threads (taking up what a
-/// previous run left in the spool) and the listener. Returns the address it listens on.
+/// previous run left in the spool) and the listener.
 pub fn start(
     cfg: NodeConfig,
     classifier: Arc<dyn Classify>,
     events: Arc<dyn Events>,
-) -> anyhow::Result<SocketAddr> {
+) -> anyhow::Result<Started> {
     cfg.codes.check_classes(&classifier.meta().class_names)?;
     let heatmap = heatmap_method(cfg.heatmap, classifier.name(), classifier.meta())?;
     let cfg = Arc::new(cfg);
@@ -180,7 +192,14 @@ pub fn start(
         heatmap,
     });
     processor.start(rx, tx.clone(), cfg.workers)?;
-    listener::start(cfg, spool, tx, events)
+    let intake = Arc::new(stow::Intake {
+        cfg: cfg.clone(),
+        spool: spool.clone(),
+        received: std::sync::Mutex::new(tx.clone()),
+        events: events.clone(),
+    });
+    let addr = listener::start(cfg, spool, tx, events)?;
+    Ok(Started { addr, intake })
 }
 
 /// The map `choice` gives with a model whose outputs are `meta.output_names`: `auto` takes

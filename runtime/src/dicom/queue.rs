@@ -1,7 +1,7 @@
-//! The outbox of one `--forward AE@HOST:PORT`: results wait as files in
+//! The outbox of one `--forward AE@HOST:PORT` or `--forward-stow URL`: results wait as files in
 //! `SPOOL/outbox/<destination>/` (written atomically) until the destination stores them, so
 //! they survive a restart or a crash of mae-run. One thread per destination sends what is due
-//! on one association, and retries a failure with exponential back-off
+//! on one association (or in one STOW-RS request), and retries a failure with exponential back-off
 //! (`--forward-retry-first-s` doubling up to `--forward-retry-max-s`); a result still unsent
 //! `--forward-give-up-s` after it was queued is moved to `failed/` beside it and the audit log
 //! says why.
@@ -20,7 +20,24 @@ use tracing::{info, warn};
 use super::dimse;
 use super::scu::{self, Client, Instance, Peer, Timeouts};
 use super::spool::{clear_partial, dicom_files, sync_dir, write_atomic};
+use super::stow::{self, StowUrl};
 use super::Events;
+
+/// Where an outbox sends: a DICOM node by C-STORE, or a DICOMweb server by STOW-RS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Dimse(Peer),
+    Stow(StowUrl),
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Dimse(p) => p.fmt(f),
+            Destination::Stow(u) => u.fmt(f),
+        }
+    }
+}
 
 /// How failed sends are retried.
 #[derive(Debug, Clone, Copy)]
@@ -44,13 +61,13 @@ const BATCH: usize = 64;
 /// The outbox of one destination.
 #[derive(Debug)]
 pub struct Outbox {
-    pub peer: Peer,
+    pub peer: Destination,
     pub dir: PathBuf,
     wake: Mutex<Sender<()>>,
 }
 
 /// The outbox folder of `peer` under the spool `spool`.
-pub fn outbox_dir(spool: &Path, peer: &Peer) -> PathBuf {
+pub fn outbox_dir(spool: &Path, peer: &Destination) -> PathBuf {
     spool.join("outbox").join(folder_name(peer))
 }
 
@@ -68,18 +85,22 @@ pub fn backlog(dir: &Path) -> (usize, Duration) {
     (files.len(), oldest)
 }
 
-/// The folder name of a destination: its AE title, host and port, other characters as `_`.
-fn folder_name(peer: &Peer) -> String {
-    format!("{}@{}_{}", peer.ae, peer.host, peer.port)
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || "@._-".contains(c) {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+/// The folder name of a destination: its AE title, host and port (or `stow_`, host, port and
+/// path), other characters as `_`.
+fn folder_name(peer: &Destination) -> String {
+    match peer {
+        Destination::Dimse(p) => format!("{}@{}_{}", p.ae, p.host, p.port),
+        Destination::Stow(u) => format!("stow_{}_{}{}", u.host, u.port, u.path),
+    }
+    .chars()
+    .map(|c| {
+        if c.is_ascii_alphanumeric() || "@._-".contains(c) {
+            c
+        } else {
+            '_'
+        }
+    })
+    .collect()
 }
 
 impl Outbox {
@@ -87,7 +108,7 @@ impl Outbox {
     /// `calling`.
     pub fn start(
         spool: &Path,
-        peer: Peer,
+        peer: Destination,
         calling: String,
         retry: Retry,
         events: Arc<dyn Events>,
@@ -178,7 +199,7 @@ impl Dispatcher {
         }
     }
 
-    /// Sends `due` on one association.
+    /// Sends `due` on one association, or in one STOW-RS request.
     fn send(&mut self, due: &[PathBuf]) {
         let mut items = Vec::new();
         for p in due {
@@ -193,13 +214,15 @@ impl Dispatcher {
         if items.is_empty() {
             return;
         }
+        let peer = match &self.outbox.peer {
+            Destination::Dimse(peer) => peer.clone(),
+            Destination::Stow(url) => {
+                let url = url.clone();
+                return self.post(&url, &items);
+            }
+        };
         let contexts = scu::contexts_for(items.iter().map(|(_, i)| i));
-        let mut client = match Client::open(
-            &self.outbox.peer,
-            &self.calling,
-            &contexts,
-            Timeouts::default(),
-        ) {
+        let mut client = match Client::open(&peer, &self.calling, &contexts, Timeouts::default()) {
             Ok(c) => c,
             Err(e) => {
                 let why = format!("{e:#}");
@@ -235,6 +258,31 @@ impl Dispatcher {
         if broken.is_none() {
             if let Err(e) = client.release() {
                 warn!("outbox {}: {e:#}", self.outbox.peer);
+            }
+        }
+    }
+
+    /// Posts `items` to a DICOMweb server in one STOW-RS request.
+    fn post(&mut self, url: &StowUrl, items: &[(PathBuf, Instance)]) {
+        let files: Vec<Vec<u8>> = items
+            .iter()
+            .map(|(p, _)| fs::read(p).unwrap_or_default())
+            .collect();
+        let refs: Vec<&[u8]> = files.iter().map(Vec::as_slice).collect();
+        match stow::post(url, &refs, Duration::from_secs(60)) {
+            Ok(outcomes) => {
+                for ((p, inst), failure) in items.iter().zip(outcomes) {
+                    match failure {
+                        None => self.sent(p, inst, 0),
+                        Some(why) => self.failed(p, &why),
+                    }
+                }
+            }
+            Err(e) => {
+                let why = format!("{e:#}");
+                for (p, _) in items {
+                    self.failed(p, &why);
+                }
             }
         }
     }

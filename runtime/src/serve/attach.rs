@@ -44,10 +44,28 @@ impl Served {
         &self.shared.metrics
     }
 
+    /// Gives `POST /dicomweb/studies` (STOW-RS) to `ingest`; until then the route answers 404.
+    pub fn set_ingest(&self, ingest: Arc<dyn Ingest>) {
+        let _ = self.shared.ingest.set(ingest);
+    }
+
     /// The server's `--audit-log`, if any.
     pub fn audit(&self) -> Option<&AuditLog> {
         self.shared.audit.as_ref()
     }
+}
+
+/// What takes DICOM instances posted to `POST /dicomweb/studies[/{study}]` (DICOMweb STOW-RS).
+pub trait Ingest: Send + Sync + std::fmt::Debug {
+    /// Answers one request with Content-Type `content_type` and body `body`, from `client`, to
+    /// the study `study` when the URL names one: (HTTP status, content type, body).
+    fn stow(
+        &self,
+        content_type: &str,
+        body: &[u8],
+        study: Option<&str>,
+        client: &str,
+    ) -> (u16, &'static str, Vec<u8>);
 }
 
 /// A service to start once the models serve.

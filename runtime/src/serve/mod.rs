@@ -259,6 +259,7 @@ fn start_models(
         next_id: AtomicU64::new(1),
         timeout: b.timeout,
         repository,
+        ingest: std::sync::OnceLock::new(),
     });
     let delay = b.delay;
     let mut threads = Vec::new();

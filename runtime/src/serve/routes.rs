@@ -23,6 +23,7 @@ pub fn route_label(path: &str) -> &'static str {
         "/v2/health/live" => "/v2/health/live",
         "/v2/health/ready" => "/v2/health/ready",
         "/v2/repository/index" => "/v2/repository/index",
+        p if p == "/dicomweb/studies" || p.starts_with("/dicomweb/studies/") => "/dicomweb/studies",
         p if p.starts_with("/v2/models/") => {
             if p.ends_with("/infer") {
                 "/v2/models/{name}/infer"
@@ -66,17 +67,54 @@ pub fn gate(
     Err(route_error(path, 401, msg).with_header("WWW-Authenticate", "Bearer"))
 }
 
-/// Whether a request's body is read: only the prediction routes and the repository index
-/// take one.
+/// Whether a request's body is read: only the prediction routes, the repository index and
+/// STOW-RS take one.
 pub fn takes_body(method: &Method, path: &str) -> bool {
     *method == Method::POST
-        && (path == "/v1/predict" || path.ends_with("/infer") || path == "/v2/repository/index")
+        && (path == "/v1/predict"
+            || path.ends_with("/infer")
+            || path == "/v2/repository/index"
+            || stow_study(path).is_some())
+}
+
+/// `Some(None)` for `/dicomweb/studies`, `Some(Some(uid))` for `/dicomweb/studies/{uid}`.
+fn stow_study(path: &str) -> Option<Option<&str>> {
+    let rest = path.strip_prefix("/dicomweb/studies")?;
+    match rest.strip_prefix('/') {
+        None if rest.is_empty() => Some(None),
+        Some(uid) if !uid.is_empty() && !uid.contains('/') => Some(Some(uid)),
+        _ => None,
+    }
+}
+
+/// `POST /dicomweb/studies[/{study}]`: STOW-RS, when a DICOM node takes it.
+fn stow(req: &Req, shared: &Shared, study: Option<&str>) -> Reply {
+    let Some(ingest) = shared.ingest.get() else {
+        return error_response(
+            404,
+            "DICOMweb STOW-RS is served with --dicom-listen (the DICOM node takes the instances)",
+        );
+    };
+    let client = req.caller.address.clone().unwrap_or_default();
+    let (code, content_type, body) = ingest.stow(
+        req.header("Content-Type").unwrap_or(""),
+        &req.body,
+        study,
+        &client,
+    );
+    Reply::new(code, content_type, body)
 }
 
 /// Answers a request whose token (if needed) has been checked and whose body has been read.
 pub fn handle(mut req: Req, shared: &Shared) -> Reply {
     if req.path == "/v2" || req.path.starts_with("/v2/") {
         return crate::serve::v2::route(&mut req, shared);
+    }
+    if let Some(study) = stow_study(&req.path) {
+        return match req.method {
+            Method::POST => stow(&req, shared, study),
+            _ => error_response(405, "method not allowed: STOW-RS is POST"),
+        };
     }
     match (&req.method, req.path.as_str()) {
         (&Method::POST, "/v1/predict") => crate::serve::v1::predict(&req, shared),

@@ -74,6 +74,8 @@ pub struct Shared {
     pub timeout: Duration,
     /// Serving a `--model-repository` (which adds Triton's repository index).
     pub repository: bool,
+    /// Where `POST /dicomweb/studies` goes, once a DICOM node is attached.
+    pub ingest: std::sync::OnceLock<std::sync::Arc<dyn crate::serve::attach::Ingest>>,
 }
 
 impl Shared {
