@@ -1093,3 +1093,188 @@ fn dicomweb_stow_in_and_out() {
         assert_eq!(sent["destination"], stow.as_str());
     }
 }
+
+/// Runs `tests/fixtures/scu.py ARGS` (pynetdicom) with its standard output piped, line by line.
+fn scu(args: &[&str]) -> (Child, std::io::Lines<BufReader<std::process::ChildStdout>>) {
+    require_python("pynetdicom");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/scu.py");
+    let mut child = Command::new(PYTHON)
+        .arg(script)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// mae-run killed with SIGKILL in the middle of an incoming study, with instances answered
+/// Success still waiting to be classified, and restarted on the same spool; the modality sends
+/// again what was not answered Success. Every image answered Success gets exactly one SR and
+/// one Secondary Capture in Orthanc (counted by SOP Instance UID), and nothing else arrives.
+#[test]
+fn sigkill_in_the_middle_of_a_study() {
+    require_tool("Orthanc", "orthanc");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let files = study(&d.join("study"));
+    let model = fixtures().join("binary.onnx");
+    let (http, dicom) = (free_port(), free_port());
+    let forward = format!("ORTHANC@127.0.0.1:{dicom}");
+    let orthanc = Orthanc::start(d, http, dicom, 1);
+    // Each classification waits 700 ms, so instances pile up in the spool.
+    let slow = [
+        "--forward",
+        &forward,
+        "--forward-retry-first-s",
+        "1",
+        "--debug-delay-ms",
+        "700",
+    ];
+    let node = Node::start(d, &model, &slow);
+    let port = node.port.to_string();
+    let mut send = vec!["send", &port, "0.3"];
+    send.extend(files.iter().map(|(f, _, _)| p(f)));
+    let (mut sender, mut lines) = scu(&send);
+    let mut stored = Vec::new();
+    while stored.len() < 3 {
+        let line = lines.next().expect("scu.py ended").unwrap();
+        let mut w = line.split_whitespace();
+        assert_eq!(w.next(), Some("OK"), "{line}\n{}", node.log());
+        stored.push(w.next().unwrap().to_string());
+    }
+    let classified_before = audit(d, "dicom-classified").len();
+    drop(node); // SIGKILL, in the middle of the association and of the spool
+    assert!(
+        classified_before < stored.len(),
+        "every stored instance was classified before the kill: nothing was in flight"
+    );
+    for line in lines.map_while(Result::ok) {
+        let mut w = line.split_whitespace();
+        match w.next() {
+            Some("OK") => stored.push(w.next().unwrap().to_string()),
+            Some("FAIL") => {}
+            _ => panic!("scu.py: {line}"),
+        }
+    }
+    let _ = sender.wait();
+    assert!(stored.len() < files.len(), "the kill ended no C-STORE");
+
+    // Restarted on the same spool; the modality sends again what was not stored.
+    let node = Node::start(d, &model, &["--forward", &forward]);
+    assert!(
+        node.log().contains("received before the last stop"),
+        "{}",
+        node.log()
+    );
+    let again: Vec<&(PathBuf, String, String)> = files
+        .iter()
+        .filter(|(_, uid, _)| !stored.contains(uid))
+        .collect();
+    let to = format!("MAE@127.0.0.1:{}", node.port);
+    let mut resend = vec!["dicom-send", "--to", &to];
+    resend.extend(again.iter().map(|(f, _, _)| p(f)));
+    let o = mae_run(d, &resend);
+    assert!(o.status.success(), "{}", text(&o));
+
+    let want = 2 * files.len();
+    let start = Instant::now();
+    let in_orthanc: Vec<String> = loop {
+        let got: Vec<String> = orthanc
+            .get("/instances?expand")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                i["MainDicomTags"]["SOPInstanceUID"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect();
+        if got.len() >= want && start.elapsed() > Duration::from_secs(2) {
+            break got;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "{} of {want} results in Orthanc:\n{}",
+            got.len(),
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // One SR and one SC per source image, by the UIDs the audit log gives them.
+    let mut expected = std::collections::BTreeSet::new();
+    for r in audit(d, "dicom-classified") {
+        for key in ["sr_sop_instance_uid", "sc_sop_instance_uid"] {
+            expected.insert(r[key].as_str().unwrap().to_string());
+        }
+    }
+    let sources: std::collections::BTreeSet<String> = audit(d, "dicom-classified")
+        .iter()
+        .map(|r| r["sop_instance_uid"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(sources.len(), files.len(), "every image classified");
+    assert_eq!(expected.len(), want, "two result UIDs per image");
+    let got: std::collections::BTreeSet<String> = in_orthanc.iter().cloned().collect();
+    assert_eq!(got.len(), in_orthanc.len(), "an instance twice in Orthanc");
+    assert_eq!(got, expected);
+}
+
+/// Limits: with `--dicom-max-associations 1`, a second caller is rejected transiently ("local
+/// limit exceeded") while the first holds its association, and let in once it is released; an
+/// association silent past `--dicom-idle-timeout-s` is aborted, with a log line that says so.
+#[test]
+fn the_association_limit_and_the_idle_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = fixtures().join("binary.onnx");
+    let node = Node::start(
+        d,
+        &model,
+        &[
+            "--results-dir",
+            p(&d.join("results")),
+            "--dicom-max-associations",
+            "1",
+            "--dicom-idle-timeout-s",
+            "2",
+        ],
+    );
+    let port = node.port.to_string();
+    let (mut first, mut first_lines) = scu(&["hold", &port, "1"]);
+    assert_eq!(first_lines.next().unwrap().unwrap(), "ASSOCIATED");
+    let (mut second, mut second_lines) = scu(&["hold", &port, "0"]);
+    let line = second_lines.next().unwrap().unwrap();
+    // Transient (2), service provider, presentation related (3), local limit exceeded (2).
+    assert_eq!(line, "REJECTED 2 3 2", "{}", node.log());
+    let _ = second.wait();
+    assert_eq!(first_lines.next().unwrap().unwrap(), "ECHO OK");
+    let _ = first.wait();
+    assert!(
+        node.log().contains("--dicom-max-associations"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(
+        node.metric("mae_dicom_associations_total{result=\"rejected\"}"),
+        Some(1.0)
+    );
+
+    // Silent for 4 s against a limit of 2 s: aborted, and the echo after it fails.
+    let start = Instant::now();
+    while node.metric("mae_dicom_associations_open") != Some(0.0) {
+        assert!(start.elapsed() < Duration::from_secs(10), "{}", node.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (mut idle, mut idle_lines) = scu(&["hold", &port, "4"]);
+    assert_eq!(idle_lines.next().unwrap().unwrap(), "ASSOCIATED");
+    assert_eq!(idle_lines.next().unwrap().unwrap(), "ECHO FAILED");
+    let _ = idle.wait();
+    assert!(
+        node.log().contains("idle for 2s (--dicom-idle-timeout-s)"),
+        "{}",
+        node.log()
+    );
+}
