@@ -147,7 +147,7 @@ fn compare(
 
 #[test]
 fn files_pydicom_cannot_read_end_in_an_answer() {
-    // 12-bit JPEG (which neither side decodes here) and damaged files of the pydicom wheel:
+    // Damaged files of the pydicom wheel (and any it cannot decode with the plugins at hand):
     // decoded or refused with the file named once, never a panic.
     let (dir, manifest) = corpus();
     let broken = manifest["broken"].as_array().unwrap();

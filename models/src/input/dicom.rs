@@ -10,8 +10,8 @@
 //! unless a frame is asked for ([`decode_frame`]). Compressed transfer syntaxes are decoded by
 //! dicom-rs' codecs (JPEG baseline/lossless, RLE, deflate, JPEG 2000 through OpenJPEG's Rust
 //! port, whose decoder undoes the YBR_RCT/YBR_ICT colour transforms, and JPEG-LS through
-//! CharLS), 8-bit JPEG by the `image` crate, 32-bit RLE here. 12-bit JPEG (extended, process 4)
-//! is refused: no decoder for it is at hand.
+//! CharLS), 8-bit JPEG by the `image` crate, 12-bit JPEG (extended, process 4) by libjpeg-turbo
+//! (`jpeg12.rs`), 32-bit RLE here.
 //!
 //! Before parsing, every declared element length is checked against the file's size
 //! (`dicom_lengths`), so a small file cannot make the parser reserve gigabytes.
@@ -158,13 +158,12 @@ fn decode_inner(bytes: &[u8], frame: u32, name: &Path) -> std::result::Result<Rg
     if let Some(img) = rle_32(&obj, frame)? {
         return Ok(img);
     }
-    let pixels = obj.decode_pixel_data_frame(frame).map_err(|e| {
-        if jpeg_precision(&obj, frame) == Some(12) {
-            "12-bit JPEG (extended, process 4) is not supported: no decoder for it".to_string()
-        } else {
-            format!("cannot decode the pixel data: {e}")
-        }
-    })?;
+    if jpeg_precision(&obj, frame) == Some(12) {
+        return jpeg_12(&obj, frame);
+    }
+    let pixels = obj
+        .decode_pixel_data_frame(frame)
+        .map_err(|e| format!("cannot decode the pixel data: {e}"))?;
     // Native big-endian 32-bit data reaches us in the file's word order.
     let big_endian = obj.meta().transfer_syntax().trim_end_matches('\0') == "1.2.840.10008.1.2.2";
     let (w, h) = (pixels.columns(), pixels.rows());
@@ -475,6 +474,63 @@ fn rle_32(
         .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
         .unwrap_or_default();
     grey_to_rgb(obj, &grey, w, h, &photometric).map(Some)
+}
+
+/// A frame of a 12-bit JPEG Extended (process 4) file, decoded by libjpeg-turbo
+/// ([`super::jpeg12`]): grey samples through the modality LUT (or Rescale Slope/Intercept)
+/// and the VOI as every grey file; colour keeps the top 8 of its 12 bits.
+fn jpeg_12(
+    obj: &dicom_object::DefaultDicomObject,
+    frame: u32,
+) -> std::result::Result<RgbImage, String> {
+    let int = |tag| obj.element(tag).ok().and_then(|e| e.to_int::<i64>().ok());
+    let bytes = jpeg_bytes(obj, frame).ok_or(
+        "a 12-bit JPEG frame split over several fragments of a multi-frame file is not supported",
+    )?;
+    let spp = int(tags::SAMPLES_PER_PIXEL).unwrap_or(1);
+    let f = super::jpeg12::decode(&bytes, spp == 1)?;
+    let (w, h) = (f.width, f.height);
+    if (int(tags::COLUMNS), int(tags::ROWS)) != (Some(i64::from(w)), Some(i64::from(h))) {
+        return Err(format!(
+            "the 12-bit JPEG stream is {w}×{h}, the file's Columns × Rows {:?}×{:?}",
+            int(tags::COLUMNS),
+            int(tags::ROWS)
+        ));
+    }
+    if f.components == 3 {
+        let px: Vec<u8> = f.samples.iter().map(|&v| (v >> 4) as u8).collect();
+        return RgbImage::from_raw(w, h, px).ok_or_else(|| "bad image size".into());
+    }
+    let signed = int(tags::PIXEL_REPRESENTATION) == Some(1);
+    let stored = int(tags::BITS_STORED).unwrap_or(12).clamp(1, 12) as u32;
+    let modality_lut = sequence_lut(obj, tags::MODALITY_LUT_SEQUENCE)?;
+    let float = |tag| obj.element(tag).ok().and_then(|e| e.to_float64().ok());
+    let (slope, intercept) = (
+        float(tags::RESCALE_SLOPE).unwrap_or(1.0),
+        float(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
+    );
+    let values: Vec<f64> = f
+        .samples
+        .iter()
+        .map(|&v| {
+            let v = i64::from(v) & ((1 << stored) - 1);
+            let v = if signed && v >= 1 << (stored - 1) {
+                v - (1 << stored)
+            } else {
+                v
+            } as f64;
+            match &modality_lut {
+                Some(lut) => lut.get(v),
+                None => v * slope + intercept,
+            }
+        })
+        .collect();
+    let photometric = obj
+        .element(tags::PHOTOMETRIC_INTERPRETATION)
+        .ok()
+        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
+        .unwrap_or_default();
+    grey_to_rgb(obj, &values, w, h, &photometric)
 }
 
 /// One RLE segment (PackBits) into `n` bytes.

@@ -10,6 +10,7 @@ pub mod dicom;
 mod dicom_lengths;
 pub mod folder;
 mod image;
+mod jpeg12;
 mod names;
 
 pub use self::decode::{decode, is_dicom_name, load};

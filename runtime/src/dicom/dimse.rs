@@ -65,9 +65,8 @@ pub const STORAGE_CLASSES: &[(&str, &str)] = &[
 ];
 
 /// The transfer syntaxes the input layer (`mae_models::input::dicom`) decodes, in the order
-/// the node prefers them when a caller proposes several: (UID, name). 12-bit JPEG (process 4)
-/// shares its UID with 8-bit JPEG Extended; such a file is accepted and then fails to decode,
-/// as it does in `mae-run predict`.
+/// the node prefers them when a caller proposes several: (UID, name). JPEG Extended covers
+/// both its 8-bit (process 2) and 12-bit (process 4) forms.
 pub const TRANSFER_SYNTAXES: &[(&str, &str)] = &[
     ("1.2.840.10008.1.2", "Implicit VR Little Endian"),
     (EXPLICIT_VR_LE, "Explicit VR Little Endian"),
