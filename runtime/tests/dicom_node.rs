@@ -1101,6 +1101,7 @@ fn scu(args: &[&str]) -> (Child, std::io::Lines<BufReader<std::process::ChildStd
     let mut child = Command::new(PYTHON)
         .arg(script)
         .args(args)
+        .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -1123,18 +1124,18 @@ fn sigkill_in_the_middle_of_a_study() {
     let (http, dicom) = (free_port(), free_port());
     let forward = format!("ORTHANC@127.0.0.1:{dicom}");
     let orthanc = Orthanc::start(d, http, dicom, 1);
-    // Each classification waits 700 ms, so instances pile up in the spool.
+    // Each classification waits 2 s, so instances pile up in the spool.
     let slow = [
         "--forward",
         &forward,
         "--forward-retry-first-s",
         "1",
         "--debug-delay-ms",
-        "700",
+        "2000",
     ];
     let node = Node::start(d, &model, &slow);
     let port = node.port.to_string();
-    let mut send = vec!["send", &port, "0.3"];
+    let mut send = vec!["send", &port, "0.5"];
     send.extend(files.iter().map(|(f, _, _)| p(f)));
     let (mut sender, mut lines) = scu(&send);
     let mut stored = Vec::new();
@@ -1243,13 +1244,15 @@ fn the_association_limit_and_the_idle_timeout() {
         ],
     );
     let port = node.port.to_string();
-    let (mut first, mut first_lines) = scu(&["hold", &port, "1"]);
+    // The first holds its association until told to go on.
+    let (mut first, mut first_lines) = scu(&["hold", &port, "stdin"]);
     assert_eq!(first_lines.next().unwrap().unwrap(), "ASSOCIATED");
     let (mut second, mut second_lines) = scu(&["hold", &port, "0"]);
     let line = second_lines.next().unwrap().unwrap();
     // Transient (2), service provider, presentation related (3), local limit exceeded (2).
     assert_eq!(line, "REJECTED 2 3 2", "{}", node.log());
     let _ = second.wait();
+    first.stdin.take().unwrap().write_all(b"go on\n").unwrap();
     assert_eq!(first_lines.next().unwrap().unwrap(), "ECHO OK");
     let _ = first.wait();
     assert!(

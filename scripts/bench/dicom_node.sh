@@ -6,7 +6,9 @@
 # from its receipt to both results stored (p50, p99). Beside them, in the same run and on the
 # same model: `mae-run bench` (the model alone, batch 1 and 8) and `mae-run predict` over the
 # same files (decode, preprocess, classify, no DICOM network); and Orthanc's own ingest rate
-# (storescu straight into Orthanc), the ceiling of a node that stores two results per image.
+# (storescu straight into Orthanc), the ceiling of a node that stores two results per image;
+# and the node again with dcmtk's storescp (files only, no index) as the receiver, to show the
+# node's own rate when the PACS does not bound it.
 # Models: the tiny test model (runtime/tests/fixtures/gen_models.py: the DICOM path dominates)
 # and a ViT-B/16 at 224 with random weights (scripts/bench/make_vit.py: the model dominates).
 # Figures go to $OUT (default runs/bench-dicom) as JSON and a table on standard output.
@@ -88,6 +90,29 @@ start_orthanc() { # DIR: a fresh Orthanc on free ports ($http, $dicom), pid in $
   echo "Orthanc did not start:" >&2; cat "$1/log.txt" >&2; exit 1
 }
 
+through_node() { # DIR MODEL PORT: storescu → mae-run serve --dicom-listen → the receiver on PORT
+  local d=$1 model=$2 port=$3 node
+  node=$(free_port)
+  mkdir -p "$d"
+  "$BIN/mae-run" serve --model "$model" --threads "$threads" --listen 127.0.0.1:0 \
+    --dicom-listen "127.0.0.1:$node" --dicom-spool "$d/spool" \
+    --forward "ORTHANC@127.0.0.1:$port" --audit-log "$d/audit.jsonl" > "$d/serve.log" 2>&1 &
+  node_pid=$!
+  for _ in $(seq 150); do
+    grep -q "DICOM node listening" "$d/serve.log" 2>/dev/null && break
+    sleep 0.2
+  done
+  grep -q "DICOM node listening" "$d/serve.log" || { cat "$d/serve.log" >&2; exit 1; }
+  storescu -aet STORESCU -aec MAE 127.0.0.1 "$node" "$out/run/study"/*.dcm
+  for _ in $(seq 3000); do
+    sent=$(grep -c '"event":"dicom-sent"' "$d/audit.jsonl" 2>/dev/null || true)
+    [ "${sent:-0}" -ge $((2 * n)) ] && break
+    sleep 0.2
+  done
+  kill "$node_pid" 2>/dev/null || true; wait "$node_pid" 2>/dev/null || true
+  node_pid=""
+}
+
 IFS=, read -ra names <<< "$models"
 for name in "${names[@]}"; do
   dir="$out/run/$name"
@@ -110,28 +135,20 @@ for name in "${names[@]}"; do
   "$py" -c "print($n / ($t1 - $t0))" > "$dir/orthanc_ingest.txt"
   say "$name: Orthanc, then mae-run serve --dicom-listen --forward ORTHANC"
   start_orthanc "$dir/orthanc"
-  node=$(free_port)
-  "$BIN/mae-run" serve --model "$model" --threads "$threads" --listen 127.0.0.1:0 \
-    --dicom-listen "127.0.0.1:$node" --dicom-spool "$dir/spool" \
-    --forward "ORTHANC@127.0.0.1:$dicom" --audit-log "$dir/audit.jsonl" > "$dir/serve.log" 2>&1 &
-  node_pid=$!
-  for _ in $(seq 150); do
-    grep -q "DICOM node listening" "$dir/serve.log" 2>/dev/null && break
-    sleep 0.2
-  done
-  grep -q "DICOM node listening" "$dir/serve.log" || { cat "$dir/serve.log" >&2; exit 1; }
-
-  say "$name: storescu → mae-run → Orthanc"
-  storescu -aet STORESCU -aec MAE 127.0.0.1 "$node" "$out/run/study"/*.dcm
-  for _ in $(seq 3000); do
-    sent=$(grep -c '"event":"dicom-sent"' "$dir/audit.jsonl" 2>/dev/null || true)
-    [ "${sent:-0}" -ge $((2 * n)) ] && break
-    sleep 0.2
-  done
+  through_node "$dir" "$model" "$dicom"
   in_orthanc=$(curl -sf "http://127.0.0.1:$http/statistics" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])')
-  kill "$node_pid" "$orthanc_pid" 2>/dev/null || true
-  wait "$node_pid" "$orthanc_pid" 2>/dev/null || true
-  node_pid="" orthanc_pid=""
+  kill "$orthanc_pid" 2>/dev/null || true; wait "$orthanc_pid" 2>/dev/null || true
+  orthanc_pid=""
+
+  say "$name: the same with dcmtk's storescp (files only, no index) as the receiver"
+  receiver=$(free_port)
+  mkdir -p "$dir/storescp/files"
+  storescp -aet ORTHANC -od "$dir/storescp/files" "$receiver" > "$dir/storescp/log.txt" 2>&1 &
+  orthanc_pid=$!
+  sleep 1
+  through_node "$dir/storescp" "$model" "$receiver"
+  kill "$orthanc_pid" 2>/dev/null || true; wait "$orthanc_pid" 2>/dev/null || true
+  orthanc_pid=""
 
   say "$name: mae-run bench and mae-run predict on the same model"
   for b in 1 8; do
@@ -147,22 +164,26 @@ import json, sys
 from datetime import datetime
 d, n, in_orthanc, start, end, name = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5]), sys.argv[6]
 t = lambda s: datetime.strptime(s, "%Y-%m-%dT%H:%M:%S.%fZ").timestamp()
-recs = [json.loads(l) for l in open(f"{d}/audit.jsonl")]
-received = {r["sop_instance_uid"]: t(r["time"]) for r in recs if r["event"] == "dicom-received"}
-sent = {r["sop_instance_uid"]: t(r["time"]) for r in recs if r["event"] == "dicom-sent"}
-lat = []
-for r in recs:
-    if r["event"] == "dicom-classified":
-        done = [sent.get(r["sr_sop_instance_uid"]), sent.get(r["sc_sop_instance_uid"])]
-        if None not in done:
-            lat.append(max(done) - received[r["sop_instance_uid"]])
-lat.sort()
-q = lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))] * 1000 if lat else float("nan")
-span = max(sent.values()) - min(received.values()) if sent and received else float("nan")
+def run(log):
+    recs = [json.loads(l) for l in open(log)]
+    received = {r["sop_instance_uid"]: t(r["time"]) for r in recs if r["event"] == "dicom-received"}
+    sent = {r["sop_instance_uid"]: t(r["time"]) for r in recs if r["event"] == "dicom-sent"}
+    lat = []
+    for r in recs:
+        if r["event"] == "dicom-classified":
+            done = [sent.get(r["sr_sop_instance_uid"]), sent.get(r["sc_sop_instance_uid"])]
+            if None not in done:
+                lat.append(max(done) - received[r["sop_instance_uid"]])
+    lat.sort()
+    q = lambda p: lat[min(len(lat) - 1, int(round(p * (len(lat) - 1))))] * 1000 if lat else float("nan")
+    span = max(sent.values()) - min(received.values()) if sent and received else float("nan")
+    ips = len(lat) / span if span == span and span > 0 else float("nan")
+    return received, sent, lat, q, ips
+received, sent, lat, q, node_ips = run(f"{d}/audit.jsonl")
+_, _, _, q_scp, scp_ips = run(f"{d}/storescp/audit.jsonl")
 bench = {b: json.load(open(f"{d}/bench-b{b}.json"))["batches"][0]["images_per_s"] for b in (1, 8)}
 predicted = sum(1 for _ in open(f"{d}/predict.jsonl"))
 ingest = float(open(f"{d}/orthanc_ingest.txt").read())
-node_ips = len(lat) / span if span == span and span > 0 else float("nan")
 print(json.dumps({
     "model": name, "images": n, "received": len(received), "results_sent": len(sent),
     "results_in_orthanc": in_orthanc, "complete": len(lat),
@@ -173,6 +194,8 @@ print(json.dumps({
     "node_over_predict": node_ips / (predicted / (end - start)),
     "orthanc_ingest_instances_per_s": ingest,
     "node_over_orthanc_ceiling": node_ips / (ingest / 2),
+    "storescp_node_images_per_s": scp_ips, "storescp_latency_p50_ms": q_scp(0.5),
+    "storescp_latency_p99_ms": q_scp(0.99), "storescp_node_over_bench_b1": scp_ips / bench[1],
 }))
 EOF
 done
@@ -180,11 +203,12 @@ done
 "$py" - "$out/run" "${names[@]}" <<'EOF'
 import json, sys
 rows = [json.load(open(f"{sys.argv[1]}/{m}/summary.json")) for m in sys.argv[2:]]
-print("| model | images | results in Orthanc | node img/s | p50 receipt → stored | p99 | bench b1 img/s | bench b8 img/s | predict img/s | Orthanc ingest inst/s | node / bench b1 | node / bench b8 | node / predict | node / Orthanc ceiling |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| model | images | results in Orthanc | node img/s | p50 receipt → stored | p99 | bench b1 img/s | bench b8 img/s | predict img/s | Orthanc ingest inst/s | node / bench b1 | node / bench b8 | node / predict | node / Orthanc ceiling | node → storescp img/s | its p50 | its p99 | node → storescp / bench b1 |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     print(f"| {r['model']} | {r['images']} | {r['results_in_orthanc']} | {r['node_images_per_s']:.1f} | {r['latency_p50_ms']:.0f} ms | {r['latency_p99_ms']:.0f} ms | "
           f"{r['bench_b1_images_per_s']:.1f} | {r['bench_b8_images_per_s']:.1f} | {r['predict_images_per_s']:.1f} | "
-          f"{r['orthanc_ingest_instances_per_s']:.1f} | {r['node_over_bench_b1']:.2f} | {r['node_over_bench_b8']:.2f} | {r['node_over_predict']:.2f} | {r['node_over_orthanc_ceiling']:.2f} |")
+          f"{r['orthanc_ingest_instances_per_s']:.1f} | {r['node_over_bench_b1']:.2f} | {r['node_over_bench_b8']:.2f} | {r['node_over_predict']:.2f} | {r['node_over_orthanc_ceiling']:.2f} | "
+          f"{r['storescp_node_images_per_s']:.1f} | {r['storescp_latency_p50_ms']:.0f} ms | {r['storescp_latency_p99_ms']:.0f} ms | {r['storescp_node_over_bench_b1']:.2f} |")
 json.dump(rows, open(f"{sys.argv[1]}/../dicom_node.json", "w"), indent=1)
 EOF

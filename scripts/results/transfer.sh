@@ -22,7 +22,10 @@
 #        MEDNIST (../shared/data/mednist.zip), PNEUMONIA, BREAST (../shared/data/medmnist/*.npz),
 #        PT_EPOCHS (40), PT_WARMUP (4), TARGET_PT_EPOCHS (100), CONTINUE_EPOCHS (20),
 #        FT_EPOCHS (10: MedNIST at 600 and 6000), FT_EPOCHS_LARGE (3: at 36000 and all),
-#        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_BATCH (64: at most the 100-label cells' images), SEEDS (0,1,2),
+#        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_LR (2: an absolute rate; the linear-scaling
+#        rule from base lr 0.1 at batch 64 gives 0.025, with which the LARS-trained probe
+#        learns only the class prior), LP_BATCH (64: at most the 100-label cells' images),
+#        SEEDS (0,1,2),
 #        SMOKE=1: every step on tiny subsets (BreastMNIST only) and one epoch, to check the
 #        pipeline in minutes; for a partial run: TARGETS (breastmnist,pneumoniamnist: which
 #        targets), LARGE=0 (skip MedNIST's 36000 and all cells), SUPERVISED (600,6k,all: which
@@ -145,7 +148,7 @@ for t in "${targets[@]}"; do
   timed "$bin/mae-train" sweep --train-samples "$([ "$smoke" = 1 ] && echo 40,80 || echo 100,all)" \
     --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
     --kinds finetune,linprobe --kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning" \
-    --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --blr 0.1 --batch-size ${LP_BATCH:-64}" \
+    --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --lr ${LP_LR:-2} --global-pool --batch-size ${LP_BATCH:-64}" \
     --output-dir "$out/$name/sweep" -- "${arch[@]}" --data-path "$tree"
 done
 
