@@ -9,6 +9,9 @@
 # (storescu straight into Orthanc), the ceiling of a node that stores two results per image;
 # and the node again with dcmtk's storescp (files only, no index) as the receiver, to show the
 # node's own rate when the PACS does not bound it.
+# dcmtk (storescu, storescp, and the DICOM layer of Orthanc) leaves Nagle's algorithm on unless
+# TCP_NODELAY=1 is in its environment, which costs ~40 ms a message (the delayed
+# acknowledgement); every dcmtk process here runs with it (NAGLE=1 runs them without).
 # Models: the tiny test model (runtime/tests/fixtures/gen_models.py: the DICOM path dominates)
 # and a ViT-B/16 at 224 with random weights (scripts/bench/make_vit.py: the model dominates).
 # Figures go to $OUT (default runs/bench-dicom) as JSON and a table on standard output.
@@ -31,6 +34,7 @@ for tool in Orthanc storescu; do
 done
 rm -rf "$out/run"
 mkdir -p "$out/run"
+[ "${NAGLE:-0}" = 1 ] || export TCP_NODELAY=1
 say() { printf '\033[1m[bench]\033[0m %s\n' "$*" >&2; }
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 

@@ -78,6 +78,10 @@ fn accept(ctx: &Arc<Ctx>, stream: TcpStream) {
     let peer = stream
         .peer_addr()
         .map_or_else(|_| "unknown".to_string(), |a| a.to_string());
+    // Answers go out without waiting on the caller's delayed acknowledgements.
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!("DICOM {peer}: cannot set TCP_NODELAY: {e}");
+    }
     let max = ctx.cfg.limits.max_associations;
     if ctx.active.fetch_add(1, Ordering::SeqCst) >= max {
         ctx.active.fetch_sub(1, Ordering::SeqCst);

@@ -147,9 +147,15 @@ impl Client {
         for (abs, ts) in contexts {
             options = options.with_presentation_context(abs.as_str(), vec![ts.as_str()]);
         }
-        let assoc = options
+        let mut assoc = options
             .establish(addr)
             .with_context(|| format!("cannot open an association with {peer}"))?;
+        // A PDU goes out in more than one write; without this, each small write after the
+        // first waits for the peer's delayed acknowledgement (tens of milliseconds a message).
+        assoc
+            .inner_stream()
+            .set_nodelay(true)
+            .with_context(|| format!("cannot set TCP_NODELAY towards {peer}"))?;
         Ok(Self {
             assoc,
             next_id: 1,
