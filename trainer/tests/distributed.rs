@@ -468,7 +468,9 @@ fn slurm_dry_run_writes_a_batch_script() {
     assert_eq!(directive("time"), "600");
     let srun = script.lines().find(|l| l.starts_with("srun ")).unwrap();
     let job = d.join("job").canonicalize().unwrap();
-    assert!(srun.contains(BIN), "{srun}");
+    // The script names the executable as the running process sees it (links resolved).
+    let bin = std::path::Path::new(BIN).canonicalize().unwrap();
+    assert!(srun.contains(&*bin.to_string_lossy()), "{srun}");
     assert!(
         srun.contains("pretrain --data-path '/data/chest x-rays' --model mae_vit_large_patch16"),
         "{srun}"
