@@ -20,6 +20,7 @@ pub mod cmd;
 pub mod dicom;
 pub mod engine;
 pub mod explain;
+pub mod heap;
 pub mod inputs;
 pub mod kernels;
 pub mod output;

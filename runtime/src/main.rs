@@ -3,6 +3,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    mae_runtime::heap::keep_freed_memory();
     mae_models::io::exit_quietly_on_broken_pipe();
     let cli = mae_runtime::Cli::parse();
     match mae_runtime::run(cli) {
