@@ -8,7 +8,8 @@
 # same files (decode, preprocess, classify, no DICOM network); and Orthanc's own ingest rate
 # (storescu straight into Orthanc), the ceiling of a node that stores two results per image;
 # and the node again with dcmtk's storescp (files only, no index) as the receiver, to show the
-# node's own rate when the PACS does not bound it.
+# node's own rate when the PACS does not bound it; and latency without a backlog, the same
+# images sent one at a time at a steady rate under the node's capacity (pynetdicom).
 # dcmtk (storescu, storescp, and the DICOM layer of Orthanc) leaves Nagle's algorithm on unless
 # TCP_NODELAY=1 is in its environment, which costs ~40 ms a message (the delayed
 # acknowledgement); every dcmtk process here runs with it (NAGLE=1 runs them without).
@@ -94,8 +95,9 @@ start_orthanc() { # DIR: a fresh Orthanc on free ports ($http, $dicom), pid in $
   echo "Orthanc did not start:" >&2; cat "$1/log.txt" >&2; exit 1
 }
 
-through_node() { # DIR MODEL PORT: storescu → mae-run serve --dicom-listen → the receiver on PORT
-  local d=$1 model=$2 port=$3 node
+through_node() { # DIR MODEL PORT [PAUSE]: storescu (or, with PAUSE, pynetdicom sending one
+  # image every PAUSE seconds) → mae-run serve --dicom-listen → the receiver on PORT
+  local d=$1 model=$2 port=$3 pause=${4:-} node
   node=$(free_port)
   mkdir -p "$d"
   "$BIN/mae-run" serve --model "$model" --threads "$threads" --listen 127.0.0.1:0 \
@@ -107,7 +109,12 @@ through_node() { # DIR MODEL PORT: storescu → mae-run serve --dicom-listen →
     sleep 0.2
   done
   grep -q "DICOM node listening" "$d/serve.log" || { cat "$d/serve.log" >&2; exit 1; }
-  storescu -aet STORESCU -aec MAE 127.0.0.1 "$node" "$out/run/study"/*.dcm
+  if [ -n "$pause" ]; then
+    "$py" "$root/runtime/tests/fixtures/scu.py" send "$node" "$pause" "$out/run/study"/*.dcm \
+      > "$d/sender.txt"
+  else
+    storescu -aet STORESCU -aec MAE 127.0.0.1 "$node" "$out/run/study"/*.dcm
+  fi
   for _ in $(seq 3000); do
     sent=$(grep -c '"event":"dicom-sent"' "$d/audit.jsonl" 2>/dev/null || true)
     [ "${sent:-0}" -ge $((2 * n)) ] && break
@@ -140,6 +147,11 @@ for name in "${names[@]}"; do
   say "$name: Orthanc, then mae-run serve --dicom-listen --forward ORTHANC"
   start_orthanc "$dir/orthanc"
   through_node "$dir" "$model" "$dicom"
+  # The same images at a steady rate under the node's capacity: latency without a backlog.
+  pace=$([ "$name" = tiny ] && echo "${PACE_TINY:-0.02}" || echo "${PACE:-0.2}")
+  say "$name: one image every ${pace}s (pynetdicom) → mae-run → Orthanc"
+  through_node "$dir/paced" "$model" "$dicom" "$pace"
+  echo "$pace" > "$dir/paced/pause.txt"
   in_orthanc=$(curl -sf "http://127.0.0.1:$http/statistics" | "$py" -c 'import json,sys; print(json.load(sys.stdin)["CountInstances"])')
   kill "$orthanc_pid" 2>/dev/null || true; wait "$orthanc_pid" 2>/dev/null || true
   orthanc_pid=""
@@ -185,6 +197,8 @@ def run(log):
     return received, sent, lat, q, ips
 received, sent, lat, q, node_ips = run(f"{d}/audit.jsonl")
 _, _, _, q_scp, scp_ips = run(f"{d}/storescp/audit.jsonl")
+_, _, _, q_paced, paced_ips = run(f"{d}/paced/audit.jsonl")
+pause = float(open(f"{d}/paced/pause.txt").read())
 bench = {b: json.load(open(f"{d}/bench-b{b}.json"))["batches"][0]["images_per_s"] for b in (1, 8)}
 predicted = sum(1 for _ in open(f"{d}/predict.jsonl"))
 ingest = float(open(f"{d}/orthanc_ingest.txt").read())
@@ -200,6 +214,8 @@ print(json.dumps({
     "node_over_orthanc_ceiling": node_ips / (ingest / 2),
     "storescp_node_images_per_s": scp_ips, "storescp_latency_p50_ms": q_scp(0.5),
     "storescp_latency_p99_ms": q_scp(0.99), "storescp_node_over_bench_b1": scp_ips / bench[1],
+    "paced_seconds_between_images": pause, "paced_latency_p50_ms": q_paced(0.5),
+    "paced_latency_p99_ms": q_paced(0.99),
 }))
 EOF
 done
@@ -207,12 +223,13 @@ done
 "$py" - "$out/run" "${names[@]}" <<'EOF'
 import json, sys
 rows = [json.load(open(f"{sys.argv[1]}/{m}/summary.json")) for m in sys.argv[2:]]
-print("| model | images | results in Orthanc | node img/s | p50 receipt → stored | p99 | bench b1 img/s | bench b8 img/s | predict img/s | Orthanc ingest inst/s | node / bench b1 | node / bench b8 | node / predict | node / Orthanc ceiling | node → storescp img/s | its p50 | its p99 | node → storescp / bench b1 |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+print("| model | images | results in Orthanc | node img/s | p50 receipt → stored | p99 | bench b1 img/s | bench b8 img/s | predict img/s | Orthanc ingest inst/s | node / bench b1 | node / bench b8 | node / predict | node / Orthanc ceiling | node → storescp img/s | its p50 | its p99 | node → storescp / bench b1 | paced: one image every | its p50 | its p99 |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 for r in rows:
     print(f"| {r['model']} | {r['images']} | {r['results_in_orthanc']} | {r['node_images_per_s']:.1f} | {r['latency_p50_ms']:.0f} ms | {r['latency_p99_ms']:.0f} ms | "
           f"{r['bench_b1_images_per_s']:.1f} | {r['bench_b8_images_per_s']:.1f} | {r['predict_images_per_s']:.1f} | "
           f"{r['orthanc_ingest_instances_per_s']:.1f} | {r['node_over_bench_b1']:.2f} | {r['node_over_bench_b8']:.2f} | {r['node_over_predict']:.2f} | {r['node_over_orthanc_ceiling']:.2f} | "
-          f"{r['storescp_node_images_per_s']:.1f} | {r['storescp_latency_p50_ms']:.0f} ms | {r['storescp_latency_p99_ms']:.0f} ms | {r['storescp_node_over_bench_b1']:.2f} |")
+          f"{r['storescp_node_images_per_s']:.1f} | {r['storescp_latency_p50_ms']:.0f} ms | {r['storescp_latency_p99_ms']:.0f} ms | {r['storescp_node_over_bench_b1']:.2f} | "
+          f"{r['paced_seconds_between_images']} s | {r['paced_latency_p50_ms']:.0f} ms | {r['paced_latency_p99_ms']:.0f} ms |")
 json.dump(rows, open(f"{sys.argv[1]}/../dicom_node.json", "w"), indent=1)
 EOF
