@@ -185,11 +185,7 @@ fn decode_inner(bytes: &[u8], frame: u32, name: &Path) -> std::result::Result<Rg
     // libjpeg's, as the readers clinics compare against do.
     // The photometric interpretation the file states (dicom-rs reports RGB for the YCbCr JPEG
     // it converted).
-    let stated = obj
-        .element(tags::PHOTOMETRIC_INTERPRETATION)
-        .ok()
-        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
-        .unwrap_or_else(|| photometric.clone());
+    let stated = stated_photometric(&obj).unwrap_or_else(|| photometric.clone());
     if let Some(bytes) = jpeg_bytes(&obj, frame).filter(|_| stated == "RGB" && spp == 3) {
         // An RGB-labelled JPEG holds RGB components, whatever its markers leave open (as
         // pydicom reads it): decoded without a colour transform.
@@ -454,25 +450,12 @@ fn rle_32(
         return Ok(RgbImage::from_raw(w, h, px));
     }
     let signed = int(tags::PIXEL_REPRESENTATION) == Some(1);
-    let slope = obj
-        .element(tags::RESCALE_SLOPE)
-        .ok()
-        .and_then(|e| e.to_float64().ok())
-        .unwrap_or(1.0);
-    let intercept = obj
-        .element(tags::RESCALE_INTERCEPT)
-        .ok()
-        .and_then(|e| e.to_float64().ok())
-        .unwrap_or(0.0);
+    let (slope, intercept) = rescale_of(obj);
     let grey: Vec<f64> = values
         .iter()
         .map(|&v| if signed { f64::from(v as i32) } else { f64::from(v) } * slope + intercept)
         .collect();
-    let photometric = obj
-        .element(tags::PHOTOMETRIC_INTERPRETATION)
-        .ok()
-        .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
-        .unwrap_or_default();
+    let photometric = stated_photometric(obj).unwrap_or_default();
     grey_to_rgb(obj, &grey, w, h, &photometric).map(Some)
 }
 
@@ -504,11 +487,7 @@ fn jpeg_12(
     let signed = int(tags::PIXEL_REPRESENTATION) == Some(1);
     let stored = int(tags::BITS_STORED).unwrap_or(12).clamp(1, 12) as u32;
     let modality_lut = sequence_lut(obj, tags::MODALITY_LUT_SEQUENCE)?;
-    let float = |tag| obj.element(tag).ok().and_then(|e| e.to_float64().ok());
-    let (slope, intercept) = (
-        float(tags::RESCALE_SLOPE).unwrap_or(1.0),
-        float(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
-    );
+    let (slope, intercept) = rescale_of(obj);
     let values: Vec<f64> = f
         .samples
         .iter()
@@ -525,12 +504,25 @@ fn jpeg_12(
             }
         })
         .collect();
-    let photometric = obj
-        .element(tags::PHOTOMETRIC_INTERPRETATION)
+    let photometric = stated_photometric(obj).unwrap_or_default();
+    grey_to_rgb(obj, &values, w, h, &photometric)
+}
+
+/// The Photometric Interpretation the file states, trimmed.
+fn stated_photometric(obj: &dicom_object::DefaultDicomObject) -> Option<String> {
+    obj.element(tags::PHOTOMETRIC_INTERPRETATION)
         .ok()
         .and_then(|e| e.to_str().ok().map(|s| s.trim().to_string()))
-        .unwrap_or_default();
-    grey_to_rgb(obj, &values, w, h, &photometric)
+}
+
+/// Rescale Slope and Intercept, 1 and 0 where the file has none, for the decoders here that
+/// dicom-rs does not convert for.
+fn rescale_of(obj: &dicom_object::DefaultDicomObject) -> (f64, f64) {
+    let float = |tag| obj.element(tag).ok().and_then(|e| e.to_float64().ok());
+    (
+        float(tags::RESCALE_SLOPE).unwrap_or(1.0),
+        float(tags::RESCALE_INTERCEPT).unwrap_or(0.0),
+    )
 }
 
 /// One RLE segment (PackBits) into `n` bytes.
