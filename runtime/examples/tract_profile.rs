@@ -52,10 +52,29 @@ fn main() -> anyhow::Result<()> {
     };
     let shape = tvec![b, 3.into(), (size as i64).into(), (size as i64).into()];
     model.set_input_fact(0, InferenceFact::dt_shape(f32::datum_type(), shape))?;
+    let model = model.into_typed()?;
+    // DECLUTTERED=pattern: the nodes of the decluttered graph (what the rewrites match) whose
+    // names hold it, with their inputs.
+    if let Ok(pat) = std::env::var("DECLUTTERED") {
+        let decluttered = model.clone().into_decluttered()?;
+        for node in decluttered.nodes().iter().filter(|n| n.name.contains(&pat)) {
+            let inputs: Vec<String> = node
+                .inputs
+                .iter()
+                .map(|i| format!("{}/{}", decluttered.node(i.node).name, i.slot))
+                .collect();
+            println!(
+                "#{} {} {}: {:?} <- {inputs:?}",
+                node.id,
+                node.op().name(),
+                node.name,
+                decluttered.outlet_fact(node.id.into())?
+            );
+        }
+    }
     let t = Instant::now();
     // With mae-run's load-time rewrites unless MAE_TRACT_REWRITES=none.
-    let (optimized, mut done) =
-        mae_runtime::accel::optimize(model.into_typed()?, rewrites, kernels)?;
+    let (optimized, mut done) = mae_runtime::accel::optimize(model, rewrites, kernels)?;
     done.integer_products = integer;
     println!("rewrites: {done:?}");
     if let Ok(pat) = std::env::var("FACTS") {

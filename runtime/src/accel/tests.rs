@@ -767,6 +767,38 @@ fn dynamic_int8_gelu(k: i64, n: i64) -> Vec<u8> {
     bytes
 }
 
+/// `dynamic_int8`'s layer of which only rows 1 to 4 are used, as the last block's products of
+/// a ViT whose head averages the patch tokens: tract multiplies those rows of the quantized
+/// input, quantized over all five.
+fn dynamic_int8_later_rows(k: i64, n: i64) -> Vec<u8> {
+    use prost::Message;
+    let mut proto = pb::ModelProto::decode(&dynamic_int8(k, n)[..]).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let last = graph.node.last_mut().unwrap();
+    last.output = vec!["all".into()];
+    last.name = "all".into();
+    graph.node.push(node(
+        "Slice",
+        &["all", "starts", "ends", "axes"],
+        "y",
+        vec![],
+    ));
+    let i64s = |name: &str, v: i64| pb::TensorProto {
+        name: name.into(),
+        dims: vec![1],
+        data_type: DataType::Int64 as i32,
+        int64_data: vec![v],
+        ..Default::default()
+    };
+    graph
+        .initializer
+        .extend([i64s("starts", 1), i64s("ends", 5), i64s("axes", 1)]);
+    graph.output = vec![value("y", &[Some(1), Some(4), Some(n)])];
+    let mut bytes = vec![];
+    proto.encode(&mut bytes).unwrap();
+    bytes
+}
+
 /// Inputs for a `[1, rows, k]` layer: a range that does not hold zero on one side, values
 /// exactly on the grid's half steps, and all zeros.
 fn int8_inputs(rows: usize, k: usize) -> Vec<Tensor> {
@@ -821,6 +853,29 @@ fn check_quant_products(tile: I8Tile) {
         let (a, b) = (run(ours.clone(), x), run(theirs.clone(), x));
         assert_close(&format!("{tile:?} GELU, case {case}"), &a, &b, 1e-5);
         assert!(a.iter().any(|v| v.abs() > 0.1), "outputs near zero");
+    }
+    // Only later rows of the quantized input multiplied: quantized over all of it.
+    let model = typed(&dynamic_int8_later_rows(k, n));
+    let ours = with_quant_products(model.clone(), tile, 1);
+    let info = ours
+        .nodes()
+        .iter()
+        .filter(|n| n.op_as::<QuantProduct>().is_some())
+        .flat_map(|n| n.op.info().unwrap())
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(
+        info.contains(&format!("rows from input value {k}")),
+        "{info}"
+    );
+    let (theirs, _) = optimize(model, Rewrites::None, auto()).unwrap();
+    for (case, x) in int8_inputs(5, k as usize).iter().enumerate() {
+        let (a, b) = (run(ours.clone(), x), run(theirs.clone(), x));
+        assert_eq!(a.len(), 4 * n as usize);
+        assert_eq!(
+            a, b,
+            "{tile:?} later rows, case {case}: not tract's numbers"
+        );
     }
     // Static: the file's QDQ product made integer, then on the packed kernel.
     use prost::Message;

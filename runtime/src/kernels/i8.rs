@@ -388,6 +388,8 @@ thread_local! {
     static WIDE: std::cell::RefCell<Vec<i16>> = const { std::cell::RefCell::new(Vec::new()) };
     /// One panel's quantized rows, on the thread that packs them.
     static ROWS: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+    /// One packed panel before it is widened (the AVX2 tile), on the thread that packs it.
+    static PANEL: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Packs rows `t·MR..` of the quantized `q` (`m × k` at strides `s`) into `panel`
@@ -440,6 +442,29 @@ pub fn quant_product(
     c_strides: Strides,
     tile: I8Tile,
 ) -> anyhow::Result<()> {
+    quant_window(a, 0, m, a_strides, w, c, c_strides, tile)
+}
+
+/// [`quant_product`] of the rows of `whole` from value `first` on (`m × w.k` at `a_strides`),
+/// quantized as all of `whole` is: a dynamic quantization takes the range of `whole`, as a
+/// graph that quantizes a tensor and then multiplies only some of its rows does.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_window(
+    whole: &[f32],
+    first: usize,
+    m: usize,
+    a_strides: Strides,
+    w: &PackedI8,
+    c: &mut [f32],
+    c_strides: Strides,
+    tile: I8Tile,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        first <= whole.len(),
+        "int8 product: rows from value {first} of an input of {}",
+        whole.len()
+    );
+    let a = &whole[first..];
     let (k, n) = (w.k, w.n);
     let (a_at, c_at) = ((a.len(), a_strides), (c.len(), c_strides));
     let Some(start) = driver::start("int8 product", a_at, c_at, (m, k, n), w.end.gelu)? else {
@@ -451,40 +476,26 @@ pub fn quant_product(
         "int8 product: weights not laid out for the {} tile",
         tile.name()
     );
-    let quantizer = Quantizer::of(a, w.quant, tile.vector());
+    let quantizer = Quantizer::of(whole, w.quant, tile.vector());
     let size = w.quads * MR * 4;
     let len = m.div_ceil(MR) * size;
     SCRATCH.with_borrow_mut(|(quantized, packed)| -> anyhow::Result<()> {
-        if packed.len() < len {
-            packed.resize(len, 0);
-        }
-        let packed = &mut packed[..len];
-        if a_strides.col == 1 {
-            // Rows contiguous: each panel quantizes its own rows, then packs them.
-            let one = |(t, panel): (usize, &mut [u8])| {
-                ROWS.with_borrow_mut(|rows| {
-                    let count = (m - t * MR).min(MR);
-                    if rows.len() < count * k {
-                        rows.resize(count * k, 0);
-                    }
-                    for r in 0..count {
-                        let x = &a[(t * MR + r) * a_strides.row..][..k];
-                        quantizer.run(x, &mut rows[r * k..(r + 1) * k]);
-                    }
-                    let s = Strides { row: k, col: 1 };
-                    pack_panel(&rows[..count * k], count, k, s, 0, panel);
-                })
-            };
-            driver::for_each_panel(packed, size, pool, one);
-        } else {
-            if quantized.len() < a.len() {
-                quantized.resize(a.len(), 0);
-            }
-            quantizer.run(a, &mut quantized[..a.len()]);
-            let q = &quantized[..a.len()];
-            let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
-            driver::for_each_panel(packed, size, pool, one);
-        }
+        // Rows contiguous: each panel quantizes its own rows, then packs them.
+        let contiguous = a_strides.col == 1;
+        let fill = |t: usize, panel: &mut [u8]| {
+            ROWS.with_borrow_mut(|rows| {
+                let count = (m - t * MR).min(MR);
+                if rows.len() < count * k {
+                    rows.resize(count * k, 0);
+                }
+                for r in 0..count {
+                    let x = &a[(t * MR + r) * a_strides.row..][..k];
+                    quantizer.run(x, &mut rows[r * k..(r + 1) * k]);
+                }
+                let s = Strides { row: k, col: 1 };
+                pack_panel(&rows[..count * k], count, k, s, 0, panel);
+            })
+        };
         let (zero, factor) = (quantizer.zero, quantizer.factor);
         #[cfg(target_arch = "x86_64")]
         if let I8Tile::Avx2(cpu) = tile {
@@ -493,10 +504,36 @@ pub fn quant_product(
                     wide.resize(len, 0);
                 }
                 let wide = &mut wide[..len];
-                let packed = &*packed;
-                driver::for_each_panel(wide, size, pool, |(t, p)| {
-                    widen_quads(&packed[t * size..(t + 1) * size], p, MR)
-                });
+                if contiguous {
+                    // Each panel quantized, packed and widened on the thread that fills it.
+                    driver::for_each_panel(wide, size, pool, |(t, p)| {
+                        PANEL.with_borrow_mut(|panel| {
+                            if panel.len() < size {
+                                panel.resize(size, 0);
+                            }
+                            fill(t, &mut panel[..size]);
+                            widen_quads(&panel[..size], p, MR)
+                        })
+                    });
+                } else {
+                    if packed.len() < len {
+                        packed.resize(len, 0);
+                    }
+                    let packed = &mut packed[..len];
+                    quantize_and_pack(
+                        a,
+                        quantizer,
+                        quantized,
+                        packed,
+                        (m, k, size),
+                        a_strides,
+                        pool,
+                    );
+                    let packed = &*packed;
+                    driver::for_each_panel(wide, size, pool, |(t, p)| {
+                        widen_quads(&packed[t * size..(t + 1) * size], p, MR)
+                    });
+                }
                 let tiles = Wide {
                     w,
                     cpu,
@@ -505,6 +542,23 @@ pub fn quant_product(
                 };
                 driver::run_panels(&tiles, wide, (m, n), erf, c, c_strides, pool)
             });
+        }
+        if packed.len() < len {
+            packed.resize(len, 0);
+        }
+        let packed = &mut packed[..len];
+        if contiguous {
+            driver::for_each_panel(packed, size, pool, |(t, panel)| fill(t, panel));
+        } else {
+            quantize_and_pack(
+                a,
+                quantizer,
+                quantized,
+                packed,
+                (m, k, size),
+                a_strides,
+                pool,
+            );
         }
         let tiles = Panels {
             w,
@@ -516,10 +570,33 @@ pub fn quant_product(
     })
 }
 
-/// [`quant_product`] as a new tensor of `shape`, which holds the product's `m × w.n` values at
-/// `c_strides` and nothing else.
-pub fn quant_product_tensor(
+/// Quantizes all of `a` into `quantized` (grown as needed), then packs its `m × k` at
+/// `a_strides` into `packed`, in panels of `size` values: for inputs whose rows are not
+/// contiguous.
+fn quantize_and_pack(
     a: &[f32],
+    quantizer: Quantizer,
+    quantized: &mut Vec<u8>,
+    packed: &mut [u8],
+    (m, k, size): (usize, usize, usize),
+    a_strides: Strides,
+    pool: Option<&rayon::ThreadPool>,
+) {
+    if quantized.len() < a.len() {
+        quantized.resize(a.len(), 0);
+    }
+    quantizer.run(a, &mut quantized[..a.len()]);
+    let q = &quantized[..a.len()];
+    let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
+    driver::for_each_panel(packed, size, pool, one);
+}
+
+/// [`quant_window`] as a new tensor of `shape`, which holds the product's `m × w.n` values at
+/// `c_strides` and nothing else.
+#[allow(clippy::too_many_arguments)]
+pub fn quant_product_tensor(
+    whole: &[f32],
+    first: usize,
     m: usize,
     a_strides: Strides,
     w: &PackedI8,
@@ -528,6 +605,6 @@ pub fn quant_product_tensor(
     tile: I8Tile,
 ) -> anyhow::Result<tract_onnx::prelude::Tensor> {
     driver::output_tensor("int8 product", shape, m * w.n, |c| {
-        quant_product(a, m, a_strides, w, c, c_strides, tile)
+        quant_window(whole, first, m, a_strides, w, c, c_strides, tile)
     })
 }

@@ -32,10 +32,13 @@ pub trait Packed: std::fmt::Debug + Clone + PartialEq + Send + Sync + 'static {
     fn detail(&self) -> Option<String>;
     /// The bias and GELU folded into the tiles.
     fn end(&mut self) -> &mut Ending;
-    /// The product of `xs` (`m × k` at `a`) as a tensor of `shape` holding `m × n` at `c`.
+    /// The product of `xs` from value `first` on (`m × k` at `a`) as a tensor of `shape`
+    /// holding `m × n` at `c`; a dynamic quantization takes the range of all of `xs`.
+    #[allow(clippy::too_many_arguments)]
     fn run(
         &self,
         xs: &[f32],
+        first: usize,
         m: usize,
         a: Strides,
         shape: &[usize],
@@ -63,12 +66,16 @@ impl Packed for PackedWeights {
     fn run(
         &self,
         xs: &[f32],
+        first: usize,
         m: usize,
         a: Strides,
         shape: &[usize],
         c: Strides,
         tile: F32Tile,
     ) -> anyhow::Result<Tensor> {
+        let Some(xs) = xs.get(first..) else {
+            anyhow::bail!("dense product: rows from value {first} of {}", xs.len())
+        };
         crate::kernels::f32::product_tensor(xs, m, a, self, shape, c, tile)
     }
 }
@@ -92,13 +99,14 @@ impl Packed for PackedI8 {
     fn run(
         &self,
         xs: &[f32],
+        first: usize,
         m: usize,
         a: Strides,
         shape: &[usize],
         c: Strides,
         tile: I8Tile,
     ) -> anyhow::Result<Tensor> {
-        crate::kernels::i8::quant_product_tensor(xs, m, a, self, shape, c, tile)
+        crate::kernels::i8::quant_product_tensor(xs, first, m, a, self, shape, c, tile)
     }
 }
 
@@ -112,6 +120,9 @@ pub struct Product<W: Packed> {
     output_shape: TVec<usize>,
     /// The output's axis of the weights' columns (`n`).
     n_axis: usize,
+    /// The first input value of the rows multiplied (non-zero where the graph multiplies only
+    /// later rows of what it quantized).
+    first: usize,
     m: usize,
     a: Strides,
     c: Strides,
@@ -130,6 +141,7 @@ impl<W: Packed> PartialEq for Product<W> {
                 &self.input_shape,
                 &self.output_shape,
                 self.n_axis,
+                self.first,
                 self.m,
                 self.a,
                 self.c,
@@ -138,6 +150,7 @@ impl<W: Packed> PartialEq for Product<W> {
                 &other.input_shape,
                 &other.output_shape,
                 other.n_axis,
+                other.first,
                 other.m,
                 other.a,
                 other.c,
@@ -158,8 +171,12 @@ impl<W: Packed> Op for Product<W> {
             .weights
             .detail()
             .map_or(String::new(), |d| format!(", {d}"));
+        let rows = match self.first {
+            0 => String::new(),
+            f => format!(" (rows from input value {f})"),
+        };
         Ok(vec![format!(
-            "{}×{k}×{n}{detail}, {:?} tile",
+            "{}×{k}×{n}{detail}, {:?} tile{rows}",
             self.m, self.tile
         )])
     }
@@ -180,9 +197,15 @@ impl<W: Packed> EvalOp for Product<W> {
         );
         let ram = x.try_as_plain_ram()?;
         let xs = ram.as_slice::<f32>()?;
-        let out = self
-            .weights
-            .run(xs, self.m, self.a, &self.output_shape, self.c, self.tile)?;
+        let out = self.weights.run(
+            xs,
+            self.first,
+            self.m,
+            self.a,
+            &self.output_shape,
+            self.c,
+            self.tile,
+        )?;
         Ok(tvec!(out.into_tvalue()))
     }
 }
@@ -214,6 +237,7 @@ impl<W: Packed> Product<W> {
             input_shape: xs.into(),
             output_shape: out_shape.into(),
             n_axis: axes.n_out,
+            first: 0,
             m: axes.m,
             a: axes.a,
             c: axes.c,
@@ -409,12 +433,16 @@ mod q_inputs {
 fn match_quantizer(
     model: &TypedModel,
     node: &TypedNode,
-) -> Option<(OutletId, ActivationQuant, usize)> {
+) -> Option<(OutletId, ActivationQuant, usize, Option<Rows>)> {
     use q_inputs::{A, A_ZERO};
     let i = &node.inputs;
-    let q = model.node(i[A].node);
-    if graph::is_dynamic_quantizer(q) && i[A].slot == 0 && i[A_ZERO] == OutletId::new(q.id, 2) {
-        return Some((q.inputs[0], ActivationQuant::Dynamic, q.id));
+    let (a, rows) = match rows_of(model, i[A]) {
+        Some((whole, rows)) => (whole, Some(rows)),
+        None => (i[A], None),
+    };
+    let q = model.node(a.node);
+    if graph::is_dynamic_quantizer(q) && a.slot == 0 && i[A_ZERO] == OutletId::new(q.id, 2) {
+        return Some((q.inputs[0], ActivationQuant::Dynamic, q.id, rows));
     }
     let ql = q
         .op_as::<ElementWiseOp>()
@@ -427,7 +455,43 @@ fn match_quantizer(
         inv_scale: ql.scale,
         zero_point,
     };
-    Some((q.inputs[0], quant, q.id))
+    Some((q.inputs[0], quant, q.id, rows))
+}
+
+/// Rows `start..` of a tensor, `len` of them, along an axis with only axes of length one
+/// before it: one block of its values.
+#[derive(Debug, Clone, Copy)]
+struct Rows {
+    /// The tensor's shape.
+    whole: [usize; 3],
+    /// The first value of the block.
+    first: usize,
+}
+
+/// Where `outlet` is a `Slice` of concrete bounds of a tensor along an axis with only axes of
+/// length one before it (as tract makes of a layer whose later consumers need only some
+/// tokens): the sliced tensor and where the block starts.
+fn rows_of(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, Rows)> {
+    use tract_onnx::tract_core::ops::array::Slice;
+    let node = model.node(outlet.node);
+    let slice = node.op_as::<Slice>()?;
+    let whole = *node.inputs.first()?;
+    let shape = model.outlet_fact(whole).ok()?.shape.as_concrete()?.to_vec();
+    let start = slice.start.to_usize().ok()?;
+    let axis = slice.axis;
+    if axis >= shape.len() || shape[..axis].iter().any(|&d| d != 1) || shape.len() > 3 {
+        return None;
+    }
+    let mut padded = [1usize; 3];
+    padded[3 - shape.len()..].copy_from_slice(&shape);
+    let stride: usize = shape[axis + 1..].iter().product();
+    Some((
+        whole,
+        Rows {
+            whole: padded,
+            first: start * stride,
+        },
+    ))
 }
 
 /// The columns' scales a quantized layer's output is multiplied by (`scales`, the other input
@@ -515,14 +579,22 @@ fn match_quant(
     {
         return Ok(None);
     }
-    let Some((x, quant, q)) = match_quantizer(model, node) else {
+    let Some((x, quant, q, rows)) = match_quantizer(model, node) else {
         return Ok(None);
     };
     let x_fact = model.outlet_fact(x)?;
-    let (Some(xs), Some(out_shape)) = (x_fact.shape.as_concrete(), out_fact.shape.as_concrete())
-    else {
+    // The product's own input: the quantized tensor, or the rows of it that it multiplies.
+    let a_fact = model.outlet_fact(i[q_inputs::A])?;
+    let (Some(whole), Some(xs), Some(out_shape)) = (
+        x_fact.shape.as_concrete(),
+        a_fact.shape.as_concrete(),
+        out_fact.shape.as_concrete(),
+    ) else {
         return Ok(None);
     };
+    if rows.is_some_and(|r| r.whole[3 - whole.len()..] != *whole) {
+        return Ok(None);
+    }
     if x_fact.datum_type != f32::datum_type() || model.node(q).inputs.len() != 1 {
         return Ok(None);
     }
@@ -559,7 +631,8 @@ fn match_quant(
         quant,
     )?
     .prepare(tile);
-    let op = Product::new(packed, &axes, xs, out_shape, tile);
+    let mut op = Product::new(packed, &axes, whole, out_shape, tile);
+    op.first = rows.map_or(0, |r| r.first);
     Ok(Some((x, op, mul.id)))
 }
 
