@@ -141,6 +141,21 @@ struct Orthanc {
 }
 
 impl Orthanc {
+    /// The SOP Instance UIDs of every instance Orthanc holds.
+    fn sop_instance_uids(&self) -> Vec<String> {
+        self.get("/instances?expand")
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                i["MainDicomTags"]["SOPInstanceUID"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    }
+
     /// Starts Orthanc (AE ORTHANC) knowing mae-run as modality `mae` (AE MAE on `node_port`).
     fn start(dir: &Path, http: u16, dicom: u16, node_port: u16) -> Orthanc {
         require_tool("Orthanc", "orthanc");
@@ -741,18 +756,7 @@ fn queued_results_survive_a_pacs_outage_and_sigkill() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let mut got: Vec<String> = orthanc
-        .get("/instances?expand")
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            i["MainDicomTags"]["SOPInstanceUID"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let mut got = orthanc.sop_instance_uids();
     got.sort();
     let mut want = want;
     want.sort();
@@ -1070,18 +1074,8 @@ fn dicomweb_stow_in_and_out() {
     let received = audit(d, "dicom-received");
     assert_eq!(received.len(), files.len());
     assert!(received.iter().all(|r| r["via"] == "stow-rs"));
-    let in_orthanc: std::collections::BTreeSet<String> = orthanc
-        .get("/instances?expand")
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|i| {
-            i["MainDicomTags"]["SOPInstanceUID"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let in_orthanc: std::collections::BTreeSet<String> =
+        orthanc.sop_instance_uids().into_iter().collect();
     assert_eq!(in_orthanc.len(), 2 * files.len());
     for record in audit(d, "dicom-classified") {
         for key in ["sr_sop_instance_uid", "sc_sop_instance_uid"] {
@@ -1182,18 +1176,7 @@ fn sigkill_in_the_middle_of_a_study() {
     let want = 2 * files.len();
     let start = Instant::now();
     let in_orthanc: Vec<String> = loop {
-        let got: Vec<String> = orthanc
-            .get("/instances?expand")
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|i| {
-                i["MainDicomTags"]["SOPInstanceUID"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect();
+        let got: Vec<String> = orthanc.sop_instance_uids();
         if got.len() >= want && start.elapsed() > Duration::from_secs(2) {
             break got;
         }
