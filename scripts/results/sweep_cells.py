@@ -12,6 +12,7 @@ for f in glob.glob(f"{root}/cells/**/cell.json", recursive=True):
 order = ["scratch", "mae_own", "mae_mednist", "mae_mednist_then_own", "mednist_ft_600", "mednist_ft_6k", "mednist_ft_all"]
 print("| kind | init | labels | seeds | test AUC | test ACC |")
 print("|---|---|---|---:|---|---|")
+order += sorted({init for _, init, _ in rows} - set(order))
 for kind in ["finetune", "linprobe"]:
     for size in ["100", "all"]:
         for init in order:

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The recipe search of issue 29 (item 4), one lever at a time: fine-tuning on a target's
+# ImageFolder tree (written by transfer.sh) from one pretraining, with the sweep's recipe and
+# one change per recipe, each a `mae-train sweep` of its own (so it resumes where it stopped),
+# then one table of test AUC and ACC per recipe against the base.
+#
+# usage: scripts/results/recipes.sh
+#        env TARGET (breastmnist), INIT (a checkpoint: MedNIST's MAE continued on the target,
+#        as transfer.sh writes it), SEEDS (0), RECIPES (names from the list below, comma-
+#        separated; all by default), BIN (target/release), OUT (runs/results-transfer)
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+bin=${BIN:-"$root/target/release"}
+out=${OUT:-"$root/runs/results-transfer"}
+target=${TARGET:-breastmnist}
+init=${INIT:-"$out/$target/pt-continued/checkpoint-19.safetensors"}
+seeds=${SEEDS:-0}
+tree="$out/$target/eval_data"
+say() { printf '\033[1m[recipes %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*"; }
+[ -d "$tree" ] || { echo "no $tree: run scripts/results/transfer.sh first" >&2; exit 2; }
+[ -f "$init" ] || { echo "no checkpoint $init (INIT)" >&2; exit 2; }
+
+# The base: transfer.sh's fine-tuning recipe. Each recipe changes some of these flags.
+declare -A base=(
+  [epochs]=16 [warmup-epochs]=1 [batch-size]=32 [lr]=3e-4 [drop-path]=0.05
+  [layer-decay]=0.75 [min-crop-scale]=0.6 [aa]=none [mixup]=0 [cutmix]=0 [reprob]=0
+  [smoothing]=0.1
+)
+# name: the flags it changes (flag=value ...), and what it tries.
+recipes=(
+  "base:"
+  "epochs50:epochs=50 warmup-epochs=3"
+  "lr1e-3:lr=1e-3"
+  "decay0.9:layer-decay=0.9"
+  "mix50:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0"
+)
+flags() { # the recipe's changes -> the whole flag string
+  declare -A f
+  for k in "${!base[@]}"; do f[$k]=${base[$k]}; done
+  for kv in $1; do f[${kv%%=*}]=${kv#*=}; done
+  local s="--balance-classes"
+  for k in "${!f[@]}"; do s+=" --$k ${f[$k]}"; done
+  echo "$s"
+}
+
+for r in "${recipes[@]}"; do
+  name=${r%%:*}
+  changes=${r#*:}
+  if [ -n "${RECIPES:-}" ] && [[ ",$RECIPES," != *",$name,"* ]]; then continue; fi
+  say "$target · $name (${changes:-unchanged}) · seeds $seeds"
+  start=$(date +%s)
+  "$bin/mae-train" sweep --train-samples all --seeds "$seeds" --init "ft=$init" \
+    --kinds finetune --kind-args "finetune=$(flags "$changes")" \
+    --output-dir "$out/$target/recipes/$name" -- --model vit_tiny_patch8_64 --depth 6 \
+    --input-size 64 --data-path "$tree"
+  say "   took $(($(date +%s) - start)) s"
+done
+
+say "test AUC and ACC per recipe"
+echo "| recipe | changes | seeds | test AUC | test ACC |"
+echo "|---|---|---:|---|---|"
+for r in "${recipes[@]}"; do
+  name=${r%%:*}
+  dir="$out/$target/recipes/$name"
+  ls "$dir"/cells/*/*/*/cell.json >/dev/null 2>&1 || continue
+  row=$("$root/.venv/bin/python" "$root/scripts/results/sweep_cells.py" "$dir" | tail -1)
+  # sweep_cells.py's row: | kind | init | labels | seeds | AUC | ACC |
+  IFS='|' read -r _ _ _ _ s auc acc _ <<<"$row"
+  echo "| $name | ${r#*:} | ${s// /} | ${auc# } | ${acc# } |"
+done
