@@ -33,6 +33,10 @@ recipes=(
   "lr1e-3:lr=1e-3"
   "decay0.9:layer-decay=0.9"
   "mix50:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0"
+  "crop0.35:min-crop-scale=0.35"
+  "droppath0.1:drop-path=0.1"
+  "nosmooth:smoothing=0"
+  "batch16:batch-size=16"
 )
 flags() { # the recipe's changes -> the whole flag string
   declare -A f
