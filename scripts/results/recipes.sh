@@ -7,7 +7,8 @@
 # usage: scripts/results/recipes.sh
 #        env TARGET (breastmnist), INIT (a checkpoint: MedNIST's MAE continued on the target,
 #        as transfer.sh writes it), SEEDS (0), RECIPES (names from the list below, comma-
-#        separated; all by default), BIN (target/release), OUT (runs/results-transfer)
+#        separated; all by default), BIN (target/release), OUT (runs/results-transfer),
+#        TABLE=1 (only the table of the cells finished so far)
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 bin=${BIN:-"$root/target/release"}
@@ -37,6 +38,7 @@ recipes=(
   "droppath0.1:drop-path=0.1"
   "nosmooth:smoothing=0"
   "batch16:batch-size=16"
+  "mix50decay0.9:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0 layer-decay=0.9"
 )
 flags() { # the recipe's changes -> the whole flag string
   declare -A f
@@ -51,6 +53,7 @@ for r in "${recipes[@]}"; do
   name=${r%%:*}
   changes=${r#*:}
   if [ -n "${RECIPES:-}" ] && [[ ",$RECIPES," != *",$name,"* ]]; then continue; fi
+  [ "${TABLE:-0}" = 1 ] && continue
   say "$target · $name (${changes:-unchanged}) · seeds $seeds"
   start=$(date +%s)
   "$bin/mae-train" sweep --train-samples all --seeds "$seeds" --init "ft=$init" \
@@ -70,5 +73,6 @@ for r in "${recipes[@]}"; do
   row=$("$root/.venv/bin/python" "$root/scripts/results/sweep_cells.py" "$dir" | tail -1)
   # sweep_cells.py's row: | kind | init | labels | seeds | AUC | ACC |
   IFS='|' read -r _ _ _ _ s auc acc _ <<<"$row"
-  echo "| $name | ${r#*:} | ${s// /} | ${auc# } | ${acc# } |"
+  changes=${r#*:}
+  echo "| $name | ${changes:-none} | ${s// /} | ${auc# } | ${acc# } |"
 done
