@@ -140,6 +140,14 @@ struct Orthanc {
     dir: PathBuf,
 }
 
+/// The SOP Instance UID of an instance as Orthanc's REST API describes it.
+fn sop_instance_uid(instance: &serde_json::Value) -> String {
+    instance["MainDicomTags"]["SOPInstanceUID"]
+        .as_str()
+        .unwrap()
+        .to_string()
+}
+
 impl Orthanc {
     /// The SOP Instance UIDs of every instance Orthanc holds.
     fn sop_instance_uids(&self) -> Vec<String> {
@@ -147,12 +155,7 @@ impl Orthanc {
             .as_array()
             .unwrap()
             .iter()
-            .map(|i| {
-                i["MainDicomTags"]["SOPInstanceUID"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
+            .map(sop_instance_uid)
             .collect()
     }
 
@@ -394,15 +397,7 @@ fn orthanc_sends_a_study_and_gets_the_results_back() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| {
-            (
-                i["MainDicomTags"]["SOPInstanceUID"]
-                    .as_str()
-                    .unwrap()
-                    .to_string(),
-                i["ID"].as_str().unwrap().to_string(),
-            )
-        })
+        .map(|i| (sop_instance_uid(i), i["ID"].as_str().unwrap().to_string()))
         .collect();
     // Orthanc may store the last result before mae-run has logged it as sent.
     while audit(d, "dicom-sent").len() < 2 * files.len() {

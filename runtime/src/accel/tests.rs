@@ -752,48 +752,50 @@ fn gelu_constants() -> Vec<pb::TensorProto> {
 
 /// `dynamic_int8`'s layer, then a bias and the exact GELU.
 fn dynamic_int8_gelu(k: i64, n: i64) -> Vec<u8> {
-    use prost::Message;
-    let mut proto = pb::ModelProto::decode(&dynamic_int8(k, n)[..]).unwrap();
-    let graph = proto.graph.as_mut().unwrap();
-    let last = graph.node.last_mut().unwrap();
-    last.output = vec!["lin".into()];
-    last.name = "lin".into();
-    graph.node.push(node("Add", &["lin", "b"], "fc", vec![]));
-    graph.node.extend(gelu_nodes("fc", "y"));
-    graph.initializer.push(init("b", &[n], 41));
-    graph.initializer.extend(gelu_constants());
-    let mut bytes = vec![];
-    proto.encode(&mut bytes).unwrap();
-    bytes
+    edited(&dynamic_int8(k, n), |graph| {
+        let last = graph.node.last_mut().unwrap();
+        last.output = vec!["lin".into()];
+        last.name = "lin".into();
+        graph.node.push(node("Add", &["lin", "b"], "fc", vec![]));
+        graph.node.extend(gelu_nodes("fc", "y"));
+        graph.initializer.push(init("b", &[n], 41));
+        graph.initializer.extend(gelu_constants());
+    })
 }
 
 /// `dynamic_int8`'s layer of which only rows 1 to 4 are used, as the last block's products of
 /// a ViT whose head averages the patch tokens: tract multiplies those rows of the quantized
 /// input, quantized over all five.
 fn dynamic_int8_later_rows(k: i64, n: i64) -> Vec<u8> {
+    edited(&dynamic_int8(k, n), |graph| {
+        let last = graph.node.last_mut().unwrap();
+        last.output = vec!["all".into()];
+        last.name = "all".into();
+        graph.node.push(node(
+            "Slice",
+            &["all", "starts", "ends", "axes"],
+            "y",
+            vec![],
+        ));
+        let i64s = |name: &str, v: i64| pb::TensorProto {
+            name: name.into(),
+            dims: vec![1],
+            data_type: DataType::Int64 as i32,
+            int64_data: vec![v],
+            ..Default::default()
+        };
+        graph
+            .initializer
+            .extend([i64s("starts", 1), i64s("ends", 5), i64s("axes", 1)]);
+        graph.output = vec![value("y", &[Some(1), Some(4), Some(n)])];
+    })
+}
+
+/// The ONNX file `bytes` with its graph changed by `edit`.
+fn edited(bytes: &[u8], edit: impl FnOnce(&mut pb::GraphProto)) -> Vec<u8> {
     use prost::Message;
-    let mut proto = pb::ModelProto::decode(&dynamic_int8(k, n)[..]).unwrap();
-    let graph = proto.graph.as_mut().unwrap();
-    let last = graph.node.last_mut().unwrap();
-    last.output = vec!["all".into()];
-    last.name = "all".into();
-    graph.node.push(node(
-        "Slice",
-        &["all", "starts", "ends", "axes"],
-        "y",
-        vec![],
-    ));
-    let i64s = |name: &str, v: i64| pb::TensorProto {
-        name: name.into(),
-        dims: vec![1],
-        data_type: DataType::Int64 as i32,
-        int64_data: vec![v],
-        ..Default::default()
-    };
-    graph
-        .initializer
-        .extend([i64s("starts", 1), i64s("ends", 5), i64s("axes", 1)]);
-    graph.output = vec![value("y", &[Some(1), Some(4), Some(n)])];
+    let mut proto = pb::ModelProto::decode(bytes).unwrap();
+    edit(proto.graph.as_mut().unwrap());
     let mut bytes = vec![];
     proto.encode(&mut bytes).unwrap();
     bytes

@@ -201,6 +201,15 @@ pub fn current_pool() -> Option<std::sync::Arc<rayon::ThreadPool>> {
     }
 }
 
+/// The first `len` values of a scratch buffer, grown with zeros as needed (what it held before
+/// is kept, not cleared).
+pub fn grown<T: Clone + Default>(buffer: &mut Vec<T>, len: usize) -> &mut [T] {
+    if buffer.len() < len {
+        buffer.resize(len, T::default());
+    }
+    &mut buffer[..len]
+}
+
 /// Calls `f((t, panel))` on each panel `t` of `size` values of `packed`: spread over `pool`
 /// when there is one and more than one panel, else in turn on this thread.
 pub fn for_each_panel<T: Send>(

@@ -208,9 +208,7 @@ fn pack_rows(
     pool: Option<&rayon::ThreadPool>,
 ) {
     let len = m.div_ceil(MR) * k * MR;
-    if packed.len() < len {
-        packed.resize(len, 0.0);
-    }
+    driver::grown(packed, len);
     let size = k * MR;
     if size == 0 {
         return;

@@ -485,51 +485,44 @@ pub fn quant_window(
         let fill = |t: usize, panel: &mut [u8]| {
             ROWS.with_borrow_mut(|rows| {
                 let count = (m - t * MR).min(MR);
-                if rows.len() < count * k {
-                    rows.resize(count * k, 0);
-                }
-                for r in 0..count {
-                    let x = &a[(t * MR + r) * a_strides.row..][..k];
-                    quantizer.run(x, &mut rows[r * k..(r + 1) * k]);
+                let rows = driver::grown(rows, count * k);
+                for (r, row) in rows.chunks_exact_mut(k.max(1)).enumerate() {
+                    quantizer.run(&a[(t * MR + r) * a_strides.row..][..k], row);
                 }
                 let s = Strides { row: k, col: 1 };
-                pack_panel(&rows[..count * k], count, k, s, 0, panel);
+                pack_panel(rows, count, k, s, 0, panel);
             })
+        };
+        // The uint8 panels of the whole input, quantized and packed.
+        let mut pack_all = |packed: &mut Vec<u8>| {
+            let packed = driver::grown(packed, len);
+            if contiguous {
+                driver::for_each_panel(packed, size, pool, |(t, panel)| fill(t, panel));
+            } else {
+                let q = driver::grown(quantized, a.len());
+                quantizer.run(a, q);
+                let q = &*q;
+                let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
+                driver::for_each_panel(packed, size, pool, one);
+            }
         };
         let (zero, factor) = (quantizer.zero, quantizer.factor);
         #[cfg(target_arch = "x86_64")]
         if let I8Tile::Avx2(cpu) = tile {
             return WIDE.with_borrow_mut(|wide| {
-                if wide.len() < len {
-                    wide.resize(len, 0);
-                }
-                let wide = &mut wide[..len];
+                let wide = driver::grown(wide, len);
                 if contiguous {
                     // Each panel quantized, packed and widened on the thread that fills it.
                     driver::for_each_panel(wide, size, pool, |(t, p)| {
                         PANEL.with_borrow_mut(|panel| {
-                            if panel.len() < size {
-                                panel.resize(size, 0);
-                            }
-                            fill(t, &mut panel[..size]);
-                            widen_quads(&panel[..size], p, MR)
+                            let panel = driver::grown(panel, size);
+                            fill(t, panel);
+                            widen_quads(panel, p, MR)
                         })
                     });
                 } else {
-                    if packed.len() < len {
-                        packed.resize(len, 0);
-                    }
-                    let packed = &mut packed[..len];
-                    quantize_and_pack(
-                        a,
-                        quantizer,
-                        quantized,
-                        packed,
-                        (m, k, size),
-                        a_strides,
-                        pool,
-                    );
-                    let packed = &*packed;
+                    pack_all(packed);
+                    let packed = &packed[..len];
                     driver::for_each_panel(wide, size, pool, |(t, p)| {
                         widen_quads(&packed[t * size..(t + 1) * size], p, MR)
                     });
@@ -543,52 +536,15 @@ pub fn quant_window(
                 driver::run_panels(&tiles, wide, (m, n), erf, c, c_strides, pool)
             });
         }
-        if packed.len() < len {
-            packed.resize(len, 0);
-        }
-        let packed = &mut packed[..len];
-        if contiguous {
-            driver::for_each_panel(packed, size, pool, |(t, panel)| fill(t, panel));
-        } else {
-            quantize_and_pack(
-                a,
-                quantizer,
-                quantized,
-                packed,
-                (m, k, size),
-                a_strides,
-                pool,
-            );
-        }
+        pack_all(packed);
         let tiles = Panels {
             w,
             tile,
             zero,
             factor,
         };
-        driver::run_panels(&tiles, packed, (m, n), erf, c, c_strides, pool)
+        driver::run_panels(&tiles, &packed[..len], (m, n), erf, c, c_strides, pool)
     })
-}
-
-/// Quantizes all of `a` into `quantized` (grown as needed), then packs its `m × k` at
-/// `a_strides` into `packed`, in panels of `size` values: for inputs whose rows are not
-/// contiguous.
-fn quantize_and_pack(
-    a: &[f32],
-    quantizer: Quantizer,
-    quantized: &mut Vec<u8>,
-    packed: &mut [u8],
-    (m, k, size): (usize, usize, usize),
-    a_strides: Strides,
-    pool: Option<&rayon::ThreadPool>,
-) {
-    if quantized.len() < a.len() {
-        quantized.resize(a.len(), 0);
-    }
-    quantizer.run(a, &mut quantized[..a.len()]);
-    let q = &quantized[..a.len()];
-    let one = |(t, p): (usize, &mut [u8])| pack_panel(q, m, k, a_strides, t, p);
-    driver::for_each_panel(packed, size, pool, one);
 }
 
 /// [`quant_window`] as a new tensor of `shape`, which holds the product's `m × w.n` values at

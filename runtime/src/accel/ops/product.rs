@@ -433,16 +433,13 @@ mod q_inputs {
 fn match_quantizer(
     model: &TypedModel,
     node: &TypedNode,
-) -> Option<(OutletId, ActivationQuant, usize, Option<Rows>)> {
+) -> Option<(OutletId, ActivationQuant, usize, usize)> {
     use q_inputs::{A, A_ZERO};
     let i = &node.inputs;
-    let (a, rows) = match rows_of(model, i[A]) {
-        Some((whole, rows)) => (whole, Some(rows)),
-        None => (i[A], None),
-    };
+    let (a, first) = rows_of(model, i[A]).unwrap_or((i[A], 0));
     let q = model.node(a.node);
     if graph::is_dynamic_quantizer(q) && a.slot == 0 && i[A_ZERO] == OutletId::new(q.id, 2) {
-        return Some((q.inputs[0], ActivationQuant::Dynamic, q.id, rows));
+        return Some((q.inputs[0], ActivationQuant::Dynamic, q.id, first));
     }
     let ql = q
         .op_as::<ElementWiseOp>()
@@ -455,23 +452,14 @@ fn match_quantizer(
         inv_scale: ql.scale,
         zero_point,
     };
-    Some((q.inputs[0], quant, q.id, rows))
+    Some((q.inputs[0], quant, q.id, first))
 }
 
-/// Rows `start..` of a tensor, `len` of them, along an axis with only axes of length one
-/// before it: one block of its values.
-#[derive(Debug, Clone, Copy)]
-struct Rows {
-    /// The tensor's shape.
-    whole: [usize; 3],
-    /// The first value of the block.
-    first: usize,
-}
-
-/// Where `outlet` is a `Slice` of concrete bounds of a tensor along an axis with only axes of
-/// length one before it (as tract makes of a layer whose later consumers need only some
-/// tokens): the sliced tensor and where the block starts.
-fn rows_of(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, Rows)> {
+/// Where `outlet` is a `Slice` of concrete bounds of a tensor of rank 3 at most, along an axis
+/// with only axes of length one before it (as tract makes of a layer whose later consumers
+/// need only some tokens), so one block of the tensor's values: the sliced tensor and the
+/// block's first value.
+fn rows_of(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, usize)> {
     use tract_onnx::tract_core::ops::array::Slice;
     let node = model.node(outlet.node);
     let slice = node.op_as::<Slice>()?;
@@ -482,16 +470,8 @@ fn rows_of(model: &TypedModel, outlet: OutletId) -> Option<(OutletId, Rows)> {
     if axis >= shape.len() || shape[..axis].iter().any(|&d| d != 1) || shape.len() > 3 {
         return None;
     }
-    let mut padded = [1usize; 3];
-    padded[3 - shape.len()..].copy_from_slice(&shape);
     let stride: usize = shape[axis + 1..].iter().product();
-    Some((
-        whole,
-        Rows {
-            whole: padded,
-            first: start * stride,
-        },
-    ))
+    Some((whole, start * stride))
 }
 
 /// The columns' scales a quantized layer's output is multiplied by (`scales`, the other input
@@ -579,7 +559,7 @@ fn match_quant(
     {
         return Ok(None);
     }
-    let Some((x, quant, q, rows)) = match_quantizer(model, node) else {
+    let Some((x, quant, q, first)) = match_quantizer(model, node) else {
         return Ok(None);
     };
     let x_fact = model.outlet_fact(x)?;
@@ -592,9 +572,6 @@ fn match_quant(
     ) else {
         return Ok(None);
     };
-    if rows.is_some_and(|r| r.whole[3 - whole.len()..] != *whole) {
-        return Ok(None);
-    }
     if x_fact.datum_type != f32::datum_type() || model.node(q).inputs.len() != 1 {
         return Ok(None);
     }
@@ -632,7 +609,7 @@ fn match_quant(
     )?
     .prepare(tile);
     let mut op = Product::new(packed, &axes, whole, out_shape, tile);
-    op.first = rows.map_or(0, |r| r.first);
+    op.first = first;
     Ok(Some((x, op, mul.id)))
 }
 
