@@ -46,6 +46,13 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   say "installing requirements.txt into $venv (torch is large: a few GB)"
+  # The virtualenv takes about 6 GB, and the test build several more: say so up front when
+  # the disk holds less than 10 GB, so that a failed install is read for what it is.
+  free_kb=$(df -Pk "$root" | awk 'NR == 2 { print $4 }')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt $((10 * 1024 * 1024)) ]; then
+    say "warning: only $((free_kb / 1024 / 1024)) GB free on $(df -P "$root" | awk 'NR == 2 { print $6 }');" \
+      "the virtualenv alone takes about 6 GB and the test build several more"
+  fi
   "$venv/bin/python" -m pip install --quiet --no-cache-dir --upgrade pip
   "$venv/bin/python" -m pip install --quiet --no-cache-dir -r requirements.txt
   echo "$want" > "$stamp"
