@@ -39,12 +39,16 @@ recipes=(
   "nosmooth:smoothing=0"
   "batch16:batch-size=16"
   "mix50decay0.9:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0 layer-decay=0.9"
+  "ema0.99:model-ema model-ema-decay=0.99"
+  "mix50ema:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0 model-ema model-ema-decay=0.995"
 )
-flags() { # the recipe's changes -> the whole flag string
+flags() { # the recipe's changes (flag=value, or a switch alone) -> the whole flag string
   declare -A f
-  for k in "${!base[@]}"; do f[$k]=${base[$k]}; done
-  for kv in $1; do f[${kv%%=*}]=${kv#*=}; done
   local s="--balance-classes"
+  for k in "${!base[@]}"; do f[$k]=${base[$k]}; done
+  for kv in $1; do
+    if [[ $kv == *=* ]]; then f[${kv%%=*}]=${kv#*=}; else s+=" --$kv"; fi
+  done
   for k in "${!f[@]}"; do s+=" --$k ${f[$k]}"; done
   echo "$s"
 }

@@ -375,6 +375,15 @@ pub struct FinetuneArgs {
     /// Train on a seeded, class-stratified subset of this many images.
     #[arg(long, alias = "train_samples")]
     pub train_samples: Option<usize>,
+    /// Keep an exponential moving average of the weights (timm's model EMA), updated after
+    /// every optimizer step; validation, the best checkpoint and every saved checkpoint use the
+    /// average (the training weights travel in the optimizer state, for --resume).
+    #[arg(long, alias = "model_ema")]
+    pub model_ema: bool,
+    /// Decay of --model-ema, warmed up as timm's: min(DECAY, (1 + n) / (10 + n)) at step n.
+    /// Short runs want less than the default, e.g. 0.99 for a few hundred steps.
+    #[arg(long, alias = "model_ema_decay", default_value_t = 0.9998, value_parser = ema_decay)]
+    pub model_ema_decay: f64,
     #[command(flatten)]
     #[serde(flatten)]
     pub run: RunArgs,
@@ -909,4 +918,16 @@ pub struct SlurmArgs {
     /// The training command (after `--`).
     #[arg(required = true, allow_hyphen_values = true, value_name = "COMMAND")]
     pub command: Vec<String>,
+}
+
+/// A decay of `--model-ema-decay`: in [0, 1).
+fn ema_decay(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if (0.0..1.0).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!(
+            "{v} is outside [0, 1): the average would not follow the weights"
+        ))
+    }
 }

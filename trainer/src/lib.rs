@@ -4,6 +4,7 @@ pub mod chart;
 pub mod cli;
 pub mod cmd;
 pub mod data;
+pub mod ema;
 pub mod engine;
 pub mod explain;
 pub mod model;

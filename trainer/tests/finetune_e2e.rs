@@ -165,6 +165,91 @@ fn imagefolder_run_stops_resumes_and_evaluates() {
     assert!(meta.probe.is_some());
 }
 
+/// With --model-ema the checkpoints hold the moving average, the optimizer state beside them
+/// the training weights, which are those of the same run without it (the average never feeds
+/// back into training); a stopped and resumed run saves the same average as an uninterrupted
+/// one, and `eval` reproduces the metrics of the average.
+#[test]
+fn model_ema_run_saves_the_average_and_resumes_exactly() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mae_train_synth(d);
+    let ema: Vec<&str> = TRAIN
+        .iter()
+        .copied()
+        .chain(["--model-ema", "--model-ema-decay", "0.9"])
+        .collect();
+    stop_resume_eval(d, &ema);
+    let plain: Vec<&str> = TRAIN
+        .iter()
+        .copied()
+        .chain(["--output-dir", "plain"])
+        .collect();
+    mae_train(d, &plain);
+    let averaged = checkpoint::load(&d.join("full/checkpoint-3.safetensors")).unwrap();
+    let trained = checkpoint::load(&d.join("plain/checkpoint-3.safetensors")).unwrap();
+    let (state, _) =
+        checkpoint::safetensors::read(&d.join("full/checkpoint-3.optim.safetensors")).unwrap();
+    let mut differs = 0f32;
+    for (name, t) in &trained.tensors {
+        let train = state[&format!("ema_train.{name}")].to_f32_vec();
+        let worst = t
+            .to_f32_vec()
+            .iter()
+            .zip(&train)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(worst <= 1e-6, "{name}: training weights differ by {worst}");
+        let avg = averaged.tensors[name].to_f32_vec();
+        differs = t
+            .to_f32_vec()
+            .iter()
+            .zip(&avg)
+            .map(|(x, y)| (x - y).abs())
+            .fold(differs, f32::max);
+    }
+    // The last steps of the cosine schedule move the weights little, so the average lies close
+    // to them, but well beyond the 1e-6 to which the training weights agree.
+    assert!(
+        differs > 1e-5,
+        "the saved weights are not an average ({differs})"
+    );
+    // Resuming a run saved without the average is refused, naming the reason.
+    let resumed: Vec<&str> = ema
+        .iter()
+        .copied()
+        .chain([
+            "--output-dir",
+            "plain",
+            "--resume",
+            "plain/checkpoint-2.safetensors",
+        ])
+        .collect();
+    let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+        .args(&resumed)
+        .current_dir(d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("without --model-ema"), "{err}");
+    // A decay outside [0, 1) is refused before anything runs.
+    let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+        .args(TRAIN)
+        .args([
+            "--model-ema",
+            "--model-ema-decay",
+            "1.5",
+            "--output-dir",
+            "bad",
+        ])
+        .current_dir(d)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("outside [0, 1)"));
+}
+
 #[test]
 #[cfg_attr(
     not(has_shared_data),

@@ -197,7 +197,11 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     setup.dist.broadcast_vars(&vs)?;
 
     // The optimiser: AdamW over layer-decayed groups.
-    let mut opt = optimizer(&vs, &cfg, a);
+    let mut opt = crate::ema::Averaged::new(
+        optimizer(&vs, &cfg, a),
+        &vs,
+        a.model_ema.then_some(a.model_ema_decay),
+    );
     let (start_epoch, mut best) = setup.restore(&vs, &mut opt, &run)?;
     println!(
         "model {} ({n_parameters} parameters), {} classes ({}), {} train / {} val images, device {device:?}",
@@ -270,14 +274,18 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
             }
         })?;
         let scaler = sched.scaler_state();
-        end.finish(
+        // With --model-ema the average is validated and saved, then trained on no further.
+        opt.swap();
+        let finished = end.finish(
             epoch,
             stats,
             &model,
             &mut best,
             state_dict(&vs),
             (&opt, scaler.as_ref()),
-        )?;
+        );
+        opt.swap();
+        finished?;
     }
     vs.freeze();
     println!(
