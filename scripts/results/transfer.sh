@@ -25,6 +25,9 @@
 #        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_LR (2: an absolute rate; the linear-scaling
 #        rule from base lr 0.1 at batch 64 gives 0.025, with which the LARS-trained probe
 #        learns only the class prior), LP_BATCH (64: at most the 100-label cells' images),
+#        ALL_EPOCHS (pneumoniamnist=5: per target, the epochs of its all-label cells, fine-tune
+#        and linear probe, through the sweep's --size-args; a target not named keeps
+#        TARGET_EPOCHS and LP_EPOCHS, as BreastMNIST's 546 images do),
 #        SEEDS (0,1,2),
 #        SMOKE=1: every step on tiny subsets (BreastMNIST only) and one epoch, to check the
 #        pipeline in minutes; for a partial run: TARGETS (breastmnist,pneumoniamnist: which
@@ -145,7 +148,12 @@ for t in "${targets[@]}"; do
   inits="scratch,mae_own=$own,mae_mednist=$mae_mednist,mae_mednist_then_own=$continued"
   for s in "${sup[@]}"; do inits+=",mednist_ft_${s%%=*}=$(classifier "${s#*=}")"; done
   say "5. $name: fine-tuning (100 and all labels) and linear probing, from every pretraining"
-  timed "$bin/mae-train" sweep --train-samples "$([ "$smoke" = 1 ] && echo 40,80 || echo 100,all)" \
+  sizes=$([ "$smoke" = 1 ] && echo 40,80 || echo 100,all)
+  size_args=()
+  for te in ${ALL_EPOCHS-pneumoniamnist=5}; do
+    [ "${te%%=*}" = "$name" ] && size_args=(--size-args "${sizes#*,}=--epochs ${te#*=} --warmup-epochs 1")
+  done
+  timed "$bin/mae-train" sweep --train-samples "$sizes" "${size_args[@]}" \
     --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
     --kinds finetune,linprobe --kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning" \
     --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --lr ${LP_LR:-2} --global-pool --batch-size ${LP_BATCH:-64}" \

@@ -845,6 +845,12 @@ pub struct SweepArgs {
     /// that kind's cells; repeat for several kinds.
     #[arg(long = "kind-args", alias = "kind_args", value_name = "KIND=FLAGS")]
     pub kind_args: Vec<String>,
+    /// Flags of one training-set size's cells, every kind, `SIZE=FLAGS` (e.g. 'all=--epochs 4
+    /// --warmup-epochs 1'): fewer epochs where the images are many, so a large size costs about
+    /// as many steps as a small one. They replace the same flags given shared or in
+    /// --kind-args; an init's --init-args still come last. Repeat for several sizes.
+    #[arg(long = "size-args", alias = "size_args", value_name = "SIZE=FLAGS")]
+    pub size_args: Vec<String>,
     /// Folder of the sweep: its cells, sweep.csv, sweep.md and sweep.png.
     #[arg(long, alias = "output_dir")]
     pub output_dir: PathBuf,

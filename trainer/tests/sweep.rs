@@ -483,6 +483,89 @@ fn sweep_refuses_a_flag_a_kind_does_not_take_before_running_anything() {
     assert!(!d.join("sw").exists(), "nothing ran");
 }
 
+/// `--size-args` gives one size's cells of every kind their own flags, over the shared and
+/// the kind's; a size not swept and a flag the sweep sets are refused before anything runs.
+#[test]
+fn sweep_size_args_reach_that_size_only() {
+    let d = tmp_dir("sweep-size-args");
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    mae_train(&d, &["synth", "--output", "data", "--per-class", "12"]);
+    let args = |size_args: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "sweep",
+            "--dry-run",
+            "--train-samples",
+            "8,all",
+            "--init",
+            "scratch",
+            "--kinds",
+            "finetune,linprobe",
+            "--kind-args",
+            "linprobe=--epochs 5",
+            "--output-dir",
+            "sw",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        v.extend(size_args.iter().map(|s| s.to_string()));
+        v.extend(["--", "--data-path", "data", "--epochs", "3"].map(String::from));
+        v
+    };
+    let a = args(&["--size-args", "all=--epochs 1 --warmup-epochs 0"]);
+    let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+    let out = mae_train(&d, &a);
+    let line = |cell: &str| {
+        out.lines()
+            .find(|l| !l.starts_with('#') && l.contains(" --output-dir ") && l.contains(cell))
+            .unwrap_or_else(|| panic!("no command for {cell} in\n{out}"))
+            .to_string()
+    };
+    let ft8 = line("cells/scratch/n8/seed0");
+    let lp8 = line("cells/scratch/linprobe/n8/seed0");
+    let ft_all = line("cells/scratch/nall/seed0");
+    let lp_all = line("cells/scratch/linprobe/nall/seed0");
+    assert!(
+        ft8.contains("--epochs 3") && !ft8.contains("--warmup-epochs"),
+        "{ft8}"
+    );
+    assert!(
+        lp8.contains("--epochs 5") && !lp8.contains("--epochs 3"),
+        "{lp8}"
+    );
+    for l in [&ft_all, &lp_all] {
+        assert!(
+            l.contains("--epochs 1 --warmup-epochs 0")
+                && !l.contains("--epochs 3")
+                && !l.contains("--epochs 5"),
+            "{l}"
+        );
+    }
+    let refused = |size_args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_mae-train"))
+            .current_dir(&d)
+            .args(args(size_args))
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = refused(&["--size-args", "100=--epochs 1"]);
+    assert!(
+        err.contains("'100' is not among --train-samples (8,all)"),
+        "{err}"
+    );
+    let err = refused(&["--size-args", "all=--seed 2"]);
+    assert!(err.contains("--seed is set by the sweep"), "{err}");
+    let err = refused(&["--size-args", "all=--aa none"]);
+    assert!(
+        err.contains("linprobe flags are not valid") && err.contains("--aa"),
+        "{err}"
+    );
+    assert!(!d.join("sw").exists(), "nothing ran");
+}
+
 /// The seed's step 5: an ImageNet-head checkpoint (1000 classes, official `.pth` layout) on a
 /// data set of a few classes stops with a clear message and prints no metrics.
 #[test]

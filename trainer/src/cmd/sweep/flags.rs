@@ -1,5 +1,6 @@
 //! The flags of a sweep cell, in layers: the shared flags (after `--`), then its kind's
-//! (`--kind-args`), then its init's (`--init-args`, fine-tune cells only). A flag of a later
+//! (`--kind-args`), its size's (`--size-args`), then its init's (`--init-args`, fine-tune cells
+//! only). A flag of a later
 //! layer replaces the same flag of an earlier one, so a kind's recipe is written once and an
 //! init's exception once; flags are matched as the kind's command knows them (long name or
 //! alias, `--batch_size` is `--batch-size`).

@@ -2,8 +2,9 @@
 //!
 //! A sweep is a grid of cells, training-set size × seed × initialisation × kind. A cell of kind
 //! `finetune` is one `mae-train finetune`, of kind `linprobe` one `mae-train linprobe`, with the
-//! shared flags, its kind's and (fine-tune cells) its init's (`flags.rs`), plus the cell's own
-//! `--train-samples`, `--seed`, `--finetune` and `--output-dir`; then one `mae-train eval` of
+//! shared flags, its kind's, its size's and (fine-tune cells) its init's (`flags.rs`), plus the
+//! cell's own `--train-samples`, `--seed`, `--finetune` and `--output-dir`; then one
+//! `mae-train eval` of
 //! its best checkpoint on the test split. Cells run as child processes of this same binary,
 //! each in its own folder with its log, so a failing cell names its log and a finished one is
 //! never run again: a cell is done when its `cell.json` exists, which is written last and
@@ -69,14 +70,8 @@ pub struct Cell {
 pub fn parse_sizes(items: &[String]) -> anyhow::Result<Vec<Size>> {
     let mut sizes = Vec::new();
     for s in items {
-        let size = match s.trim() {
-            "all" => Size::All,
-            t => match t.parse::<usize>() {
-                Ok(0) | Err(_) => {
-                    bail!("--train-samples: '{s}' is neither a positive count nor 'all'")
-                }
-                Ok(n) => Size::Count(n),
-            },
+        let Some(size) = parse_size(s) else {
+            bail!("--train-samples: '{s}' is neither a positive count nor 'all'")
         };
         if sizes.contains(&size) {
             bail!("--train-samples: '{s}' is given twice");
@@ -88,6 +83,45 @@ pub fn parse_sizes(items: &[String]) -> anyhow::Result<Vec<Size>> {
     }
     sizes.sort();
     Ok(sizes)
+}
+
+/// One size: `all` or a positive count.
+fn parse_size(s: &str) -> Option<Size> {
+    match s.trim() {
+        "all" => Some(Size::All),
+        t => match t.parse::<usize>() {
+            Ok(n) if n > 0 => Some(Size::Count(n)),
+            _ => None,
+        },
+    }
+}
+
+/// Gathers each `--size-args SIZE=FLAGS` by its size, which must be one of `sizes`.
+pub fn parse_size_args(
+    sizes: &[Size],
+    size_args: &[String],
+) -> anyhow::Result<Vec<(Size, Vec<String>)>> {
+    let mut out: Vec<(Size, Vec<String>)> = Vec::new();
+    for spec in size_args {
+        let Some((label, flags)) = spec.split_once('=') else {
+            bail!("--size-args '{spec}': expected SIZE=FLAGS, e.g. 'all=--epochs 4'");
+        };
+        let size = parse_size(label).filter(|s| sizes.contains(s));
+        let Some(size) = size else {
+            let labels: Vec<String> = sizes.iter().map(|s| s.label()).collect();
+            bail!(
+                "--size-args '{spec}': '{label}' is not among --train-samples ({})",
+                labels.join(",")
+            );
+        };
+        let words = shlex::split(flags)
+            .with_context(|| format!("--size-args '{spec}': unbalanced quotes"))?;
+        match out.iter_mut().find(|(s, _)| *s == size) {
+            Some((_, extra)) => extra.extend(words),
+            None => out.push((size, words)),
+        }
+    }
+    Ok(out)
 }
 
 /// Parses the `--init` list (`scratch`, `PATH`, `NAME=PATH`) and attaches each
@@ -321,6 +355,7 @@ fn plan(a: &SweepArgs) -> anyhow::Result<Plan> {
     let sizes = parse_sizes(&a.train_samples)?;
     let inits = parse_inits(&a.init, &a.init_args)?;
     let kinds = parse_kinds(&a.kinds, &a.kind_args)?;
+    let size_args = parse_size_args(&sizes, &a.size_args)?;
     if a.seeds.is_empty() {
         bail!("--seeds: give at least one seed");
     }
@@ -331,6 +366,9 @@ fn plan(a: &SweepArgs) -> anyhow::Result<Plan> {
     for init in &inits {
         flags::check_own_flags(&init.extra, &format!("--init-args of '{}'", init.name))?;
     }
+    for (size, extra) in &size_args {
+        flags::check_own_flags(extra, &format!("--size-args of '{}'", size.label()))?;
+    }
     let has_finetune = kinds.iter().any(|(k, _)| *k == SweepKind::Finetune);
     if !a.init_args.is_empty() && !has_finetune {
         bail!("--init-args gives fine-tune flags, but --kinds has no finetune");
@@ -340,12 +378,16 @@ fn plan(a: &SweepArgs) -> anyhow::Result<Plan> {
     let mut cells = Vec::new();
     for &seed in &a.seeds {
         for &size in &sizes {
+            let size_extra: &[String] = size_args
+                .iter()
+                .find(|(s, _)| *s == size)
+                .map_or(&[], |(_, extra)| extra);
             for init in &inits {
                 for (kind, extra) in &kinds {
                     cells.push(new_cell(
                         &a.output_dir,
                         &a.shared,
-                        (*kind, extra),
+                        (*kind, extra, size_extra),
                         init,
                         size,
                         seed,
@@ -396,17 +438,17 @@ fn plan(a: &SweepArgs) -> anyhow::Result<Plan> {
 fn new_cell(
     out: &Path,
     shared: &[String],
-    (kind, kind_extra): (SweepKind, &[String]),
+    (kind, kind_extra, size_extra): (SweepKind, &[String], &[String]),
     init: &Init,
     size: Size,
     seed: u64,
 ) -> Cell {
     let mut dir = out.join("cells").join(&init.name);
     let flags = match kind {
-        SweepKind::Finetune => flags::layered(kind, &[shared, kind_extra, &init.extra]),
+        SweepKind::Finetune => flags::layered(kind, &[shared, kind_extra, size_extra, &init.extra]),
         SweepKind::Linprobe => {
             dir.push(kind.command());
-            flags::layered(kind, &[shared, kind_extra])
+            flags::layered(kind, &[shared, kind_extra, size_extra])
         }
     };
     dir.push(format!("n{}", size.label()));
@@ -652,7 +694,7 @@ mod tests {
         let cell = new_cell(
             Path::new("out"),
             &shared,
-            (SweepKind::Finetune, &[]),
+            (SweepKind::Finetune, &[], &[]),
             &init,
             Size::Count(600),
             2,
@@ -696,7 +738,7 @@ mod tests {
         let cell = new_cell(
             Path::new("out"),
             &shared,
-            (SweepKind::Linprobe, &lp),
+            (SweepKind::Linprobe, &lp, &[]),
             &init,
             Size::All,
             0,
