@@ -8,7 +8,11 @@
 #        env TARGET (breastmnist), INIT (a checkpoint: MedNIST's MAE continued on the target,
 #        as transfer.sh writes it), SEEDS (0), RECIPES (names from the list below, comma-
 #        separated; all by default), BIN (target/release), OUT (runs/results-transfer),
-#        TABLE=1 (only the table of the cells finished so far)
+#        TABLE=1 (only the table of the cells finished so far), RUN (a name for a second set of
+#        recipes from another INIT: its folders are recipes-RUN/ instead of recipes/),
+#        CONTINUE=N: first continue MedNIST's MAE (MEDNIST_MAE, transfer.sh's by default) for N
+#        epochs of MAE on the target's training images (resumable), and start the recipes from
+#        that, in recipes-continuedN/ unless RUN is given
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 bin=${BIN:-"$root/target/release"}
@@ -17,8 +21,31 @@ target=${TARGET:-breastmnist}
 init=${INIT:-"$out/$target/pt-continued/checkpoint-19.safetensors"}
 seeds=${SEEDS:-0}
 tree="$out/$target/eval_data"
+recipes_dir="$out/$target/recipes${RUN:+-$RUN}"
 say() { printf '\033[1m[recipes %s]\033[0m %s\n' "$(date +%H:%M:%S)" "$*"; }
 [ -d "$tree" ] || { echo "no $tree: run scripts/results/transfer.sh first" >&2; exit 2; }
+if [ -n "${CONTINUE:-}" ]; then
+  # The pretraining-length lever: MedNIST's MAE continued longer on the target than
+  # transfer.sh's 20 epochs, with its recipe otherwise.
+  mednist_mae=${MEDNIST_MAE:-"$out/pt-mednist/checkpoint-15.safetensors"}
+  cont="$out/$target/pt-continued-$CONTINUE"
+  init="$cont/checkpoint-$((CONTINUE - 1)).safetensors"
+  recipes_dir="$out/$target/recipes-${RUN:-continued$CONTINUE}"
+  if [ ! -f "$init" ] && [ "${TABLE:-0}" != 1 ]; then
+    [ -f "$mednist_mae" ] || { echo "no MedNIST MAE checkpoint $mednist_mae (MEDNIST_MAE)" >&2; exit 2; }
+    from=(--init "$mednist_mae")
+    newest=$(ls "$cont"/checkpoint-[0-9]*.safetensors 2>/dev/null | grep -v optim | sort -V | tail -1 || true)
+    [ -n "$newest" ] && from=(--resume "$newest")
+    say "$target · MedNIST's MAE continued for $CONTINUE epochs on the target's images"
+    start=$(date +%s)
+    "$bin/mae-train" pretrain --model mae_vit_tiny_patch8_64 --depth 6 --input-size 64 \
+      --data-path "$tree" --output-dir "$cont" --epochs "$CONTINUE" --warmup-epochs 5 \
+      --batch-size 64 --blr 1.5e-4 --weight-decay 0.05 --mask-ratio 0.75 --norm-pix-loss \
+      --seed 0 "${from[@]}"
+    say "   took $(($(date +%s) - start)) s"
+  fi
+fi
+
 [ -f "$init" ] || { echo "no checkpoint $init (INIT)" >&2; exit 2; }
 
 # The base: transfer.sh's fine-tuning recipe. Each recipe changes some of these flags.
@@ -62,7 +89,7 @@ for r in "${recipes[@]}"; do
   start=$(date +%s)
   "$bin/mae-train" sweep --train-samples all --seeds "$seeds" --init "ft=$init" \
     --kinds finetune --kind-args "finetune=$(flags "$changes")" \
-    --output-dir "$out/$target/recipes/$name" -- --model vit_tiny_patch8_64 --depth 6 \
+    --output-dir "$recipes_dir/$name" -- --model vit_tiny_patch8_64 --depth 6 \
     --input-size 64 --data-path "$tree"
   say "   took $(($(date +%s) - start)) s"
 done
@@ -72,7 +99,7 @@ echo "| recipe | changes | seeds | test AUC | test ACC |"
 echo "|---|---|---:|---|---|"
 for r in "${recipes[@]}"; do
   name=${r%%:*}
-  dir="$out/$target/recipes/$name"
+  dir="$recipes_dir/$name"
   ls "$dir"/cells/*/*/*/cell.json >/dev/null 2>&1 || continue
   row=$("$root/.venv/bin/python" "$root/scripts/results/sweep_cells.py" "$dir" | tail -1)
   # sweep_cells.py's row: | kind | init | labels | seeds | AUC | ACC |
