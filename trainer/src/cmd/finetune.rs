@@ -197,10 +197,12 @@ pub fn finetune(a: &FinetuneArgs) -> anyhow::Result<ExitCode> {
     setup.dist.broadcast_vars(&vs)?;
 
     // The optimiser: AdamW over layer-decayed groups.
+    // With --model-ema, the moving average of the weights. `--eval` evaluates the weights a
+    // checkpoint holds, which for a run with the average are the average.
     let mut opt = crate::ema::Averaged::new(
         optimizer(&vs, &cfg, a),
         &vs,
-        a.model_ema.then_some(a.model_ema_decay),
+        (a.model_ema && !a.eval).then_some(a.model_ema_decay),
     );
     let (start_epoch, mut best) = setup.restore(&vs, &mut opt, &run)?;
     println!(

@@ -4,12 +4,11 @@
 //! `finetune` is one `mae-train finetune`, of kind `linprobe` one `mae-train linprobe`, with the
 //! shared flags, its kind's, its size's and (fine-tune cells) its init's (`flags.rs`), plus the
 //! cell's own `--train-samples`, `--seed`, `--finetune` and `--output-dir`; then one
-//! `mae-train eval` of
-//! its best checkpoint on the test split. Cells run as child processes of this same binary,
-//! each in its own folder with its log, so a failing cell names its log and a finished one is
-//! never run again: a cell is done when its `cell.json` exists, which is written last and
-//! atomically. After every cell the summary (`sweep.csv`, `sweep.md`, `sweep.png`) is written
-//! anew from the finished cells.
+//! `mae-train eval` of its best checkpoint on the test split. Cells run as child processes of
+//! this same binary, each in its own folder with its log, so a failing cell names its log and a
+//! finished one is never run again: a cell is done when its `cell.json` exists, which is written
+//! last and atomically. After every cell the summary (`sweep.csv`, `sweep.md`, `sweep.png`) is
+//! written anew from the finished cells.
 
 mod chart;
 mod flags;
