@@ -21,7 +21,8 @@
 #   env: OUT (runs/results-transfer), BIN (target/release if built, else target/debug),
 #        MEDNIST (../shared/data/mednist.zip), PNEUMONIA, BREAST (../shared/data/medmnist/*.npz),
 #        PT_EPOCHS (40), PT_WARMUP (4), TARGET_PT_EPOCHS (100), CONTINUE_EPOCHS (20),
-#        FT_EPOCHS (10: MedNIST at 600 and 6000), FT_EPOCHS_LARGE (3: at 36000 and all),
+#        FT_EPOCHS (10: MedNIST at 600 and 6000), FT_EPOCHS_LARGE (1: at 36000 and all, with
+#        a warm-up of WARMUP_LARGE, 0.2 epochs: 1125 and 1473 steps, against 1875 at 6000),
 #        TARGET_EPOCHS (16), LP_EPOCHS (30), LP_LR (2: an absolute rate; the linear-scaling
 #        rule from base lr 0.1 at batch 64 gives 0.025, with which the LARS-trained probe
 #        learns only the class prior), LP_BATCH (64: at most the 100-label cells' images),
@@ -118,8 +119,9 @@ timed "$bin/mae-train" sweep --train-samples "$small" --seeds "$seeds" \
 [ "${LARGE:-1}" = 0 ] && say "   (LARGE=0: $large left out)" || \
 timed "$bin/mae-train" sweep --train-samples "$large" --seeds 0 \
   --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
-  --output-dir "$out/mednist-large" -- "${arch[@]}" $tuning --data-path "$mednist" \
-  --epochs "${FT_EPOCHS_LARGE:-3}"
+  --output-dir "$out/mednist-large" -- "${arch[@]}" \
+  ${tuning/--warmup-epochs 1/--warmup-epochs ${WARMUP_LARGE:-0.2}} --data-path "$mednist" \
+  --epochs "${FT_EPOCHS_LARGE:-1}"
 classifier() { # size: the MedNIST classifier fine-tuned from MAE on that many images, seed 0
   local sweep=mednist-small
   case ",$large," in *",$1,"*) sweep=mednist-large ;; esac
