@@ -8,7 +8,7 @@
 //! restores both: the checkpoint's weights become the averages again and the saved training
 //! weights the live ones, and a resumed run continues exactly as an uninterrupted one.
 
-use crate::model::load::{from_tensor, to_tensor};
+use crate::model::load::from_tensor;
 use crate::optim::Optimizer;
 use mae_models::checkpoint::StateDict;
 use tch::Tensor;
@@ -151,16 +151,9 @@ impl<O: Optimizer> Optimizer for Averaged<O> {
                          holds no training weights to continue from"
                     )
                 })?;
-                let src = to_tensor(src);
-                if src.size() != live.size() {
-                    return Err(format!(
-                        "{key} has shape {:?}, expected {:?}",
-                        src.size(),
-                        live.size()
-                    ));
-                }
+                let src = crate::optim::saved_like(&key, src, live)?;
                 avg.copy_(live);
-                live.copy_(&src.to_device(live.device()));
+                live.copy_(&src);
             }
             Ok(())
         })
@@ -234,7 +227,7 @@ mod tests {
         let live = values(&w);
         opt.swap();
         assert_eq!(values(&w), values(&Tensor::from_slice(&expect)));
-        let saved = to_tensor(&opt.state()["ema_train.w"]);
+        let saved = crate::model::load::to_tensor(&opt.state()["ema_train.w"]);
         assert_eq!(values(&saved), live);
         opt.swap();
         assert_eq!(values(&w), live);

@@ -190,22 +190,32 @@ impl AdamW {
                     (format!("exp_avg_sq.{name}"), &s.exp_avg_sq),
                 ] {
                     let src = sd.get(&key).ok_or_else(|| format!("missing {key}"))?;
-                    let src = to_tensor(src);
-                    if src.size() != dst.size() {
-                        return Err(format!(
-                            "{key} has shape {:?}, expected {:?}",
-                            src.size(),
-                            dst.size()
-                        ));
-                    }
-                    dst.shallow_clone().copy_(&src.to_device(dst.device()));
+                    dst.shallow_clone().copy_(&saved_like(&key, src, dst)?);
                 }
             }
-            Ok(())
+            Ok::<(), String>(())
         })?;
         self.step = step;
         Ok(())
     }
+}
+
+/// The saved tensor `key` (`src`) on `like`'s device; fails naming the key when its shape is
+/// not `like`'s.
+pub(crate) fn saved_like(
+    key: &str,
+    src: &mae_models::TensorData,
+    like: &Tensor,
+) -> Result<Tensor, String> {
+    let src = to_tensor(src);
+    if src.size() != like.size() {
+        return Err(format!(
+            "{key} has shape {:?}, expected {:?}",
+            src.size(),
+            like.size()
+        ));
+    }
+    Ok(src.to_device(like.device()))
 }
 
 /// What the epoch loop and the checkpoint writer need of an optimizer.
@@ -378,17 +388,10 @@ impl Optimizer for Lars {
         tch::no_grad(|| {
             for (name, (_, mu)) in self.params.iter_mut() {
                 let key = format!("mu.{name}");
-                let src = to_tensor(sd.get(&key).ok_or_else(|| format!("missing {key}"))?);
-                if src.size() != mu.size() {
-                    return Err(format!(
-                        "{key} has shape {:?}, expected {:?}",
-                        src.size(),
-                        mu.size()
-                    ));
-                }
-                mu.copy_(&src.to_device(mu.device()));
+                let src = sd.get(&key).ok_or_else(|| format!("missing {key}"))?;
+                mu.copy_(&saved_like(&key, src, mu)?);
             }
-            Ok(())
+            Ok::<(), String>(())
         })?;
         self.step = step;
         Ok(())
