@@ -13,7 +13,8 @@
 #      from (a) scratch, (b) MAE on the target's images, (c) MAE on MedNIST, (d) the MedNIST
 #      classifiers of (2) at 600, 6000 and all (seed 0, from MAE), (e) (c) continued on the
 #      target;
-#   6. tables, plots and pretraining logs to docs/results/transfer/.
+#   6. tables, plots and pretraining logs to docs/results/transfer/ (each target's from every
+#      finished cell in its sweep's folder).
 # Interrupted, it resumes: pretraining from its last checkpoint, each sweep at its first
 # unfinished cell. Each step prints its wall time.
 #
@@ -29,11 +30,18 @@
 #        ALL_EPOCHS (pneumoniamnist=5: per target, the epochs of its all-label cells, fine-tune
 #        and linear probe, through the sweep's --size-args; a target not named keeps
 #        TARGET_EPOCHS and LP_EPOCHS, as BreastMNIST's 546 images do),
-#        SEEDS (0,1,2),
+#        INITS (scratch,mae_own,mae_mednist,mae_mednist_then_own,mednist_ft_*: which inits the
+#        targets' sweeps run; a pretraining no init named needs is not run),
+#        SEEDS (0,1,2), KINDS (finetune,linprobe: the targets' cell kinds; KINDS=finetune
+#        first, then a run with both, has every fine-tune cell before the first probe),
+#        RESTORE=1: before each target's sweep, the cells that docs/results/transfer/*-sweep.csv
+#        hold get their cell.json back from it (scripts/results/restore_cells.py), so a run
+#        continued on a fresh machine runs only the cells not measured yet (not with SMOKE=1),
 #        SMOKE=1: every step on tiny subsets (BreastMNIST only) and one epoch, to check the
 #        pipeline in minutes; for a partial run: TARGETS (breastmnist,pneumoniamnist: which
 #        targets), LARGE=0 (skip MedNIST's 36000 and all cells), SUPERVISED (600,6k,all: which
-#        MedNIST classifiers are (d)); a later full run adds only the cells left out
+#        MedNIST classifiers are (d)), CURVE=0 (of the size curve, only the cells that are (d):
+#        seed 0, from MAE); a later full run adds only the cells left out
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 shared="$root/../shared/data"
@@ -111,29 +119,49 @@ say "1. MAE pretraining on MedNIST's training images, $pt_epochs epochs"
 timed pretrain "$pt_mednist" "$pt_epochs" --data-path "$mednist" --warmup-epochs "${PT_WARMUP:-4}"
 mae_mednist="$pt_mednist/checkpoint-$((pt_epochs - 1)).safetensors"
 
-say "2. the MedNIST size curve: $small × seeds $seeds, $large × seed 0"
-timed "$bin/mae-train" sweep --train-samples "$small" --seeds "$seeds" \
-  --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
-  --output-dir "$out/mednist-small" -- "${arch[@]}" $tuning --data-path "$mednist" \
-  --epochs "${FT_EPOCHS:-10}"
-[ "${LARGE:-1}" = 0 ] && say "   (LARGE=0: $large left out)" || \
-timed "$bin/mae-train" sweep --train-samples "$large" --seeds 0 \
-  --init "scratch,mae=$mae_mednist" --init-args 'scratch=--layer-decay 1.0' \
-  --output-dir "$out/mednist-large" -- "${arch[@]}" \
-  ${tuning/--warmup-epochs 1/--warmup-epochs ${WARMUP_LARGE:-0.2}} --data-path "$mednist" \
-  --epochs "${FT_EPOCHS_LARGE:-1}"
 classifier() { # size: the MedNIST classifier fine-tuned from MAE on that many images, seed 0
   local sweep=mednist-small
   case ",$large," in *",$1,"*) sweep=mednist-large ;; esac
   echo "$out/$sweep/cells/mae/n$1/seed0/checkpoint-best.safetensors"
 }
 if [ "$smoke" = 1 ]; then sup=(600=60 all=120); else sup=(600=600 6k=6000 all=all); fi
-if [ -n "${SUPERVISED:-}" ]; then
-  keep=()
-  for s in "${sup[@]}"; do [[ ",$SUPERVISED," == *",${s%%=*},"* ]] && keep+=("$s"); done
-  sup=("${keep[@]}")
-fi
+# Whether the targets' sweeps run this init (INITS).
+wanted() { [ -z "${INITS:-}" ] || [[ ",$INITS," == *",$1,"* ]]; }
+keep=()
+for s in "${sup[@]}"; do
+  [[ -z "${SUPERVISED:-}" || ",$SUPERVISED," == *",${s%%=*},"* ]] || continue
+  ! wanted "mednist_ft_${s%%=*}" || keep+=("$s")
+done
+sup=("${keep[@]}")
 
+curve_small=(--train-samples "$small" --seeds "$seeds" --init "scratch,mae=$mae_mednist"
+  --init-args 'scratch=--layer-decay 1.0')
+curve_large=(--train-samples "$large" --seeds 0 --init "scratch,mae=$mae_mednist"
+  --init-args 'scratch=--layer-decay 1.0')
+what="$small × seeds $seeds, $large × seed 0"
+if [ "${CURVE:-1}" = 0 ]; then
+  # Only the classifiers (d) needs: the same cells (and folders) as in the whole curve.
+  need_small=() need_large=()
+  for s in "${sup[@]}"; do
+    case ",$large," in *",${s#*=},"*) need_large+=("${s#*=}") ;; *) need_small+=("${s#*=}") ;; esac
+  done
+  small=$(IFS=,; echo "${need_small[*]}")
+  large=$(IFS=,; echo "${need_large[*]}")
+  curve_small=(--train-samples "$small" --seeds 0 --init "mae=$mae_mednist")
+  curve_large=(--train-samples "$large" --seeds 0 --init "mae=$mae_mednist")
+  [ -n "$large" ] || LARGE=0
+  what="CURVE=0, only the classifiers of (d): ${small:-none} and ${large:-none}, seed 0, from MAE"
+fi
+say "2. the MedNIST size curve: $what"
+[ -z "$small" ] || \
+timed "$bin/mae-train" sweep "${curve_small[@]}" \
+  --output-dir "$out/mednist-small" -- "${arch[@]}" $tuning --data-path "$mednist" \
+  --epochs "${FT_EPOCHS:-10}"
+[ "${LARGE:-1}" = 0 ] || \
+timed "$bin/mae-train" sweep "${curve_large[@]}" \
+  --output-dir "$out/mednist-large" -- "${arch[@]}" \
+  ${tuning/--warmup-epochs 1/--warmup-epochs ${WARMUP_LARGE:-0.2}} --data-path "$mednist" \
+  --epochs "${FT_EPOCHS_LARGE:-1}"
 for t in "${targets[@]}"; do
   name=${t%%=*}
   npz=${t#*=}
@@ -141,24 +169,38 @@ for t in "${targets[@]}"; do
   tree="$out/$name/eval_data"
   [ -d "$tree" ] || "$bin/mae-train" export-npz --data-path "$npz" --output "$tree"
   say "4. MAE on $name's training images, and MedNIST's MAE continued on them"
-  timed pretrain "$out/$name/pt-own" "${TARGET_PT_EPOCHS:-100}" --data-path "$tree" \
-    --warmup-epochs "$([ "$smoke" = 1 ] && echo 0 || echo 10)"
-  timed pretrain "$out/$name/pt-continued" "${CONTINUE_EPOCHS:-20}" --data-path "$tree" \
+  ! wanted mae_own || timed pretrain "$out/$name/pt-own" "${TARGET_PT_EPOCHS:-100}" \
+    --data-path "$tree" --warmup-epochs "$([ "$smoke" = 1 ] && echo 0 || echo 10)"
+  ! wanted mae_mednist_then_own || timed pretrain "$out/$name/pt-continued" \
+    "${CONTINUE_EPOCHS:-20}" --data-path "$tree" \
     --warmup-epochs "$([ "$smoke" = 1 ] && echo 0 || echo 2)" --init "$mae_mednist"
   own="$out/$name/pt-own/checkpoint-$((${TARGET_PT_EPOCHS:-100} - 1)).safetensors"
   continued="$out/$name/pt-continued/checkpoint-$((${CONTINUE_EPOCHS:-20} - 1)).safetensors"
-  inits="scratch,mae_own=$own,mae_mednist=$mae_mednist,mae_mednist_then_own=$continued"
-  for s in "${sup[@]}"; do inits+=",mednist_ft_${s%%=*}=$(classifier "${s#*=}")"; done
+  all_inits=("scratch" "mae_own=$own" "mae_mednist=$mae_mednist" "mae_mednist_then_own=$continued")
+  for s in "${sup[@]}"; do all_inits+=("mednist_ft_${s%%=*}=$(classifier "${s#*=}")"); done
+  inits=
+  for i in "${all_inits[@]}"; do ! wanted "${i%%=*}" || inits+="${inits:+,}$i"; done
+  [ -n "$inits" ] || { echo "INITS=$INITS names none of the inits" >&2; exit 2; }
+  if [ "${RESTORE:-0}" = 1 ] && [ "$smoke" != 1 ] \
+      && [ -f "$root/docs/results/transfer/$name-sweep.csv" ]; then
+    "$py" "$root/scripts/results/restore_cells.py" "$root/docs/results/transfer/$name-sweep.csv" \
+      "$out/$name/sweep"
+  fi
   say "5. $name: fine-tuning (100 and all labels) and linear probing, from every pretraining"
   sizes=$([ "$smoke" = 1 ] && echo 40,80 || echo 100,all)
   size_args=()
   for te in ${ALL_EPOCHS-pneumoniamnist=5}; do
     [ "${te%%=*}" = "$name" ] && size_args=(--size-args "${sizes#*,}=--epochs ${te#*=} --warmup-epochs 1")
   done
+  kinds=${KINDS:-finetune,linprobe}
+  kind_args=()
+  [[ ",$kinds," != *",finetune,"* ]] || \
+    kind_args+=(--kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning")
+  [[ ",$kinds," != *",linprobe,"* ]] || kind_args+=(--kind-args \
+    "linprobe=--epochs ${LP_EPOCHS:-30} --lr ${LP_LR:-2} --global-pool --batch-size ${LP_BATCH:-64}")
   timed "$bin/mae-train" sweep --train-samples "$sizes" "${size_args[@]}" \
     --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
-    --kinds finetune,linprobe --kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning" \
-    --kind-args "linprobe=--epochs ${LP_EPOCHS:-30} --lr ${LP_LR:-2} --global-pool --batch-size ${LP_BATCH:-64}" \
+    --kinds "$kinds" "${kind_args[@]}" \
     --output-dir "$out/$name/sweep" -- "${arch[@]}" --data-path "$tree"
 done
 
@@ -166,13 +208,23 @@ say "6. results to docs/results/transfer/"
 if [ "$smoke" = 1 ]; then say "   (smoke run: nothing copied)"; exit 0; fi
 dst="$root/docs/results/transfer"
 mkdir -p "$dst"
-for d in mednist-small mednist-large; do
-  for f in sweep.csv sweep.md sweep.png; do [ ! -f "$out/$d/$f" ] || cp "$out/$d/$f" "$dst/$d-$f"; done
-done
+if [ "${CURVE:-1}" = 0 ]; then
+  say "   (CURVE=0: the MedNIST size curve's files are left as they are)"
+else
+  for d in mednist-small mednist-large; do
+    for f in sweep.csv sweep.md sweep.png; do [ ! -f "$out/$d/$f" ] || cp "$out/$d/$f" "$dst/$d-$f"; done
+  done
+fi
 cp "$pt_mednist/log.txt" "$dst/pretrain-mednist-log.txt"
 for t in "${targets[@]}"; do
   name=${t%%=*}
-  for f in sweep.csv sweep.md sweep.png; do cp "$out/$name/sweep/$f" "$dst/$name-$f"; done
+  # Every finished cell in the sweep's folder, restored ones included, not only those of the
+  # last command's inits.
+  table=$("$py" "$root/scripts/results/sweep_cells.py" "$out/$name/sweep" --csv "$dst/$name-sweep.csv" \
+    --png "$dst/$name-sweep.png" --title "$name: test AUC and ACC against labels, per pretraining")
+  printf '# %s: every cell, mean ± sd over seeds\n\nBy `scripts/results/transfer.sh`; the sweep'"'"'s last command:\n\n```\n%s\n```\n\n%s\n' \
+    "$name" "$(cat "$out/$name/sweep/sweep.command.txt")" "$table" > "$dst/$name-sweep.md.tmp"
+  mv "$dst/$name-sweep.md.tmp" "$dst/$name-sweep.md"
   cp "$out/$name/pt-own/log.txt" "$dst/pretrain-$name-log.txt"
   cp "$out/$name/pt-continued/log.txt" "$dst/pretrain-mednist-then-$name-log.txt"
 done
