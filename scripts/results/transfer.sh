@@ -225,6 +225,8 @@ for t in "${targets[@]}"; do
   printf '# %s: every cell, mean ± sd over seeds\n\nBy `scripts/results/transfer.sh`; the sweep'"'"'s last command:\n\n```\n%s\n```\n\n%s\n' \
     "$name" "$(cat "$out/$name/sweep/sweep.command.txt")" "$table" > "$dst/$name-sweep.md.tmp"
   mv "$dst/$name-sweep.md.tmp" "$dst/$name-sweep.md"
-  cp "$out/$name/pt-own/log.txt" "$dst/pretrain-$name-log.txt"
-  cp "$out/$name/pt-continued/log.txt" "$dst/pretrain-mednist-then-$name-log.txt"
+  # (a pretraining that INITS left out has no log here)
+  [ ! -f "$out/$name/pt-own/log.txt" ] || cp "$out/$name/pt-own/log.txt" "$dst/pretrain-$name-log.txt"
+  [ ! -f "$out/$name/pt-continued/log.txt" ] ||
+    cp "$out/$name/pt-continued/log.txt" "$dst/pretrain-mednist-then-$name-log.txt"
 done
