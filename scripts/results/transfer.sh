@@ -43,6 +43,8 @@
 #        MedNIST classifiers are (d)), CURVE=0 (of the size curve, only the cells that are (d):
 #        seed 0, from MAE); a later full run adds only the cells left out
 set -euo pipefail
+# Whether the comma-separated list $1 holds the item $2.
+listed() { [[ ",$1," == *",$2,"* ]]; }
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 shared="$root/../shared/data"
 mednist=${MEDNIST:-"$shared/mednist.zip"}
@@ -63,7 +65,7 @@ if [ "$smoke" = 1 ]; then
 fi
 if [ -n "${TARGETS:-}" ]; then
   keep=()
-  for t in "${targets[@]}"; do [[ ",$TARGETS," == *",${t%%=*},"* ]] && keep+=("$t"); done
+  for t in "${targets[@]}"; do ! listed "$TARGETS" "${t%%=*}" || keep+=("$t"); done
   targets=("${keep[@]}")
 fi
 pt_epochs=${PT_EPOCHS:-40}
@@ -121,15 +123,15 @@ mae_mednist="$pt_mednist/checkpoint-$((pt_epochs - 1)).safetensors"
 
 classifier() { # size: the MedNIST classifier fine-tuned from MAE on that many images, seed 0
   local sweep=mednist-small
-  case ",$large," in *",$1,"*) sweep=mednist-large ;; esac
+  ! listed "$large" "$1" || sweep=mednist-large
   echo "$out/$sweep/cells/mae/n$1/seed0/checkpoint-best.safetensors"
 }
 if [ "$smoke" = 1 ]; then sup=(600=60 all=120); else sup=(600=600 6k=6000 all=all); fi
 # Whether the targets' sweeps run this init (INITS).
-wanted() { [ -z "${INITS:-}" ] || [[ ",$INITS," == *",$1,"* ]]; }
+wanted() { [ -z "${INITS:-}" ] || listed "$INITS" "$1"; }
 keep=()
 for s in "${sup[@]}"; do
-  [[ -z "${SUPERVISED:-}" || ",$SUPERVISED," == *",${s%%=*},"* ]] || continue
+  [ -z "${SUPERVISED:-}" ] || listed "$SUPERVISED" "${s%%=*}" || continue
   ! wanted "mednist_ft_${s%%=*}" || keep+=("$s")
 done
 sup=("${keep[@]}")
@@ -143,7 +145,7 @@ if [ "${CURVE:-1}" = 0 ]; then
   # Only the classifiers (d) needs: the same cells (and folders) as in the whole curve.
   need_small=() need_large=()
   for s in "${sup[@]}"; do
-    case ",$large," in *",${s#*=},"*) need_large+=("${s#*=}") ;; *) need_small+=("${s#*=}") ;; esac
+    if listed "$large" "${s#*=}"; then need_large+=("${s#*=}"); else need_small+=("${s#*=}"); fi
   done
   small=$(IFS=,; echo "${need_small[*]}")
   large=$(IFS=,; echo "${need_large[*]}")
@@ -194,9 +196,9 @@ for t in "${targets[@]}"; do
   done
   kinds=${KINDS:-finetune,linprobe}
   kind_args=()
-  [[ ",$kinds," != *",finetune,"* ]] || \
+  ! listed "$kinds" finetune || \
     kind_args+=(--kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning")
-  [[ ",$kinds," != *",linprobe,"* ]] || kind_args+=(--kind-args \
+  ! listed "$kinds" linprobe || kind_args+=(--kind-args \
     "linprobe=--epochs ${LP_EPOCHS:-30} --lr ${LP_LR:-2} --global-pool --batch-size ${LP_BATCH:-64}")
   timed "$bin/mae-train" sweep --train-samples "$sizes" "${size_args[@]}" \
     --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
