@@ -200,8 +200,11 @@ for t in "${targets[@]}"; do
     kind_args+=(--kind-args "finetune=--epochs ${TARGET_EPOCHS:-16} $tuning")
   ! listed "$kinds" linprobe || kind_args+=(--kind-args \
     "linprobe=--epochs ${LP_EPOCHS:-30} --lr ${LP_LR:-2} --global-pool --batch-size ${LP_BATCH:-64}")
+  # (the sweep refuses --init-args for an init it does not run)
+  scratch_args=()
+  ! wanted scratch || scratch_args=(--init-args 'scratch=--layer-decay 1.0')
   timed "$bin/mae-train" sweep --train-samples "$sizes" "${size_args[@]}" \
-    --seeds "$seeds" --init "$inits" --init-args 'scratch=--layer-decay 1.0' \
+    --seeds "$seeds" --init "$inits" "${scratch_args[@]}" \
     --kinds "$kinds" "${kind_args[@]}" \
     --output-dir "$out/$name/sweep" -- "${arch[@]}" --data-path "$tree"
 done
