@@ -8,7 +8,9 @@
 #        env TARGET (breastmnist), INIT (a checkpoint: MedNIST's MAE continued on the target,
 #        as transfer.sh writes it), SEEDS (0), RECIPES (names from the list below, comma-
 #        separated; all by default), BIN (target/release), OUT (runs/results-transfer),
-#        TABLE=1 (only the table of the cells finished so far), RUN (a name for a second set of
+#        BASE (flag=value changes to the base recipe for this target, e.g. BASE="epochs=5" for
+#        PneumoniaMNIST, whose all-label sweep cells run 5 epochs: the base is then the sweep's
+#        cell), TABLE=1 (only the table of the cells finished so far), RUN (a name for a second set of
 #        recipes from another INIT: its folders are recipes-RUN/ instead of recipes/),
 #        CONTINUE=N: first continue MedNIST's MAE (MEDNIST_MAE, transfer.sh's by default) for N
 #        epochs of MAE on the target's training images (resumable), and start the recipes from
@@ -54,6 +56,11 @@ declare -A base=(
   [layer-decay]=0.75 [min-crop-scale]=0.6 [aa]=none [mixup]=0 [cutmix]=0 [reprob]=0
   [smoothing]=0.1
 )
+for kv in ${BASE:-}; do
+  [[ $kv == *=* ]] || { echo "BASE: '$kv' is not flag=value" >&2; exit 2; }
+  [ -n "${base[${kv%%=*}]:-}" ] || { echo "BASE: no base flag --${kv%%=*}" >&2; exit 2; }
+  base[${kv%%=*}]=${kv#*=}
+done
 # name: the flags it changes (flag=value ...), and what it tries.
 recipes=(
   "base:"
@@ -68,6 +75,10 @@ recipes=(
   "mix50decay0.9:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0 layer-decay=0.9"
   "ema0.99:model-ema model-ema-decay=0.99"
   "mix50ema:epochs=50 warmup-epochs=3 mixup=0.8 cutmix=1.0 model-ema model-ema-decay=0.995"
+  # for a BASE with fewer epochs (PneumoniaMNIST's 5)
+  "epochs10:epochs=10"
+  "epochs16:epochs=16"
+  "mix16:epochs=16 mixup=0.8 cutmix=1.0"
 )
 flags() { # the recipe's changes (flag=value, or a switch alone) -> the whole flag string
   declare -A f
@@ -85,7 +96,7 @@ for r in "${recipes[@]}"; do
   changes=${r#*:}
   if [ -n "${RECIPES:-}" ] && [[ ",$RECIPES," != *",$name,"* ]]; then continue; fi
   [ "${TABLE:-0}" = 1 ] && continue
-  say "$target · $name (${changes:-unchanged}) · seeds $seeds"
+  say "$target · $name (${changes:-unchanged}${BASE:+, on a base with $BASE}) · seeds $seeds"
   start=$(date +%s)
   "$bin/mae-train" sweep --train-samples all --seeds "$seeds" --init "ft=$init" \
     --kinds finetune --kind-args "finetune=$(flags "$changes")" \
